@@ -1,0 +1,1 @@
+"""Evaluation suite: OCR metrics, reports, compression study, markdown output, tesseract baseline, plots."""
