@@ -1,0 +1,301 @@
+"""Image modes of DeepSeek-OCR: loading, resize/pad/tile, normalisation and placeholder counts.
+
+Implements ../shared/spec/architecture.md section 3, following the public DeepSeek-OCR
+processor (`process/image_process.py`: `dynamic_preprocess`, `find_closest_aspect_ratio`,
+`ImageOps.pad` global views, `tokenize_with_images` placeholder layout):
+
+- Tiny 512 / Small 640: the whole image is stretched to a square (no aspect kept).
+- Base 1024 / Large 1280: the image is fitted into the square keeping its aspect, the
+  rest filled with the pad colour (127, 127, 127).
+- Gundam: local tiles of 640 on a w x h grid chosen by the closest-aspect-ratio rule
+  (2 <= w*h <= max_tiles), plus a global view padded to 1024; images whose both sides
+  are <= 640 get no tiles (the Base layout).
+
+Every view is a square of side S (a multiple of 64) and becomes a q x q grid of features,
+q = S / 64 (patch 16, 16x token compressor). In the text it occupies q*(q+1) placeholders
+(a newline after each row); tiles form one stitched (h*q) x (w*q) grid with a newline per
+stitched row; each image ends with one view-separator placeholder.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.batch import ImageViews
+
+VIEW_DOWNSAMPLE = 64  # pixels per feature-grid cell: patch 16 x 4 (two stride-2 convs)
+PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel, the release's background colour
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb limit of `load_image`
+DEFAULT_MAX_ASPECT = 100.0  # longest side / shortest side allowed by `load_image`
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One image mode.
+
+    base_size: side of the global view. image_size: side of the local tiles (crop modes) and,
+    for resize modes, the side the image is stretched to. crop: Gundam-style tiling.
+    pad: keep the aspect ratio and pad the global view (False = stretch to a square).
+    """
+
+    name: str
+    base_size: int
+    image_size: int
+    crop: bool = False
+    pad: bool = False
+
+    def __post_init__(self) -> None:
+        for field_name in ("base_size", "image_size"):
+            side = getattr(self, field_name)
+            if side <= 0 or side % VIEW_DOWNSAMPLE:
+                raise ValueError(
+                    f"mode {self.name!r}: {field_name}={side} must be a positive multiple of {VIEW_DOWNSAMPLE}"
+                )
+        if not self.crop and self.base_size != self.image_size:
+            raise ValueError(
+                f"mode {self.name!r}: without crop there is a single view, so base_size "
+                f"({self.base_size}) must equal image_size ({self.image_size})"
+            )
+        if self.crop and not self.pad:
+            raise ValueError(f"mode {self.name!r}: crop modes pad their global view; set pad=True")
+
+    @property
+    def global_grid(self) -> int:
+        """Feature-grid side q of the global view."""
+        return self.base_size // VIEW_DOWNSAMPLE
+
+    @property
+    def tile_grid(self) -> int:
+        """Feature-grid side q of one local tile."""
+        return self.image_size // VIEW_DOWNSAMPLE
+
+
+MODES: dict[str, ModeSpec] = {
+    "tiny": ModeSpec("tiny", 512, 512, crop=False, pad=False),
+    "small": ModeSpec("small", 640, 640, crop=False, pad=False),
+    "base": ModeSpec("base", 1024, 1024, crop=False, pad=True),
+    "large": ModeSpec("large", 1280, 1280, crop=False, pad=True),
+    "gundam": ModeSpec("gundam", 1024, 640, crop=True, pad=True),
+    # CPU-sized modes for the embedded default and tests (same rules, smaller sides).
+    "debug": ModeSpec("debug", 128, 128, crop=False, pad=False),
+    "debug-pad": ModeSpec("debug-pad", 128, 128, crop=False, pad=True),
+    "debug-gundam": ModeSpec("debug-gundam", 128, 64, crop=True, pad=True),
+}
+
+
+def get_mode(mode: str | ModeSpec) -> ModeSpec:
+    """Resolve a mode name (or pass a ModeSpec through)."""
+    if isinstance(mode, ModeSpec):
+        return mode
+    if mode not in MODES:
+        raise ValueError(f"unknown image mode {mode!r}; known modes: {sorted(MODES)}")
+    return MODES[mode]
+
+
+def num_placeholders(mode: str | ModeSpec, grid: tuple[int, int] = (1, 1)) -> int:
+    """`<image>` placeholders of one image: global q*(q+1) + 1 separator (+ tiles (q*w+1)*(q*h))."""
+    spec = get_mode(mode)
+    w, h = grid
+    if w < 1 or h < 1:
+        raise ValueError(f"tile grid must be at least (1, 1), got {grid}")
+    q = spec.global_grid
+    count = q * (q + 1) + 1
+    if (w, h) != (1, 1):
+        if not spec.crop:
+            raise ValueError(f"mode {spec.name!r} has no tiles, got grid {grid}")
+        t = spec.tile_grid
+        count += (t * w + 1) * (t * h)
+    return count
+
+
+def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """All (w, h) tile grids with min_tiles <= w*h <= max_tiles, stably ordered by tile count.
+
+    Within one tile count the order is the release's: it builds a Python set with this exact
+    generator and sorts it by w*h, so ties in the closest-aspect rule resolve by CPython's
+    (deterministic, for small int tuples) set iteration order. We reproduce that construction.
+    """
+    if min_tiles < 1 or max_tiles < min_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min={min_tiles} max={max_tiles}")
+    grids = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(
+    width: int, height: int, tile_size: int, *, min_tiles: int = 2, max_tiles: int = 9
+) -> tuple[int, int]:
+    """Closest-aspect-ratio tile grid (w, h) (InternVL rule used by DeepSeek-OCR).
+
+    On an exact tie of |W/H - w/h| the later candidate wins only if the image area exceeds half
+    the area the candidate's tiles cover.
+    """
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for w, h in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - w / h)
+        if diff < best_diff:
+            best_diff, best = diff, (w, h)
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * w * h:
+            best = (w, h)
+    return best
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32, ToTensor then Normalize(mean=std=0.5)."""
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    pixels = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _check_size(image: Image.Image, source: str) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{source}: image has zero pixels (size {width}x{height})")
+
+
+def process_image(
+    image: Image.Image,
+    mode: str | ModeSpec,
+    *,
+    min_tiles: int = 2,
+    max_tiles: int = 9,
+    source: str = "image",
+) -> ImageViews:
+    """Turn one (EXIF-transposed) image into the views of `mode`; see the module docstring."""
+    spec = get_mode(mode)
+    _check_size(image, source)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+
+    tiles = None
+    grid = (1, 1)
+    if spec.crop and (width > spec.image_size or height > spec.image_size):
+        grid = choose_grid(width, height, spec.image_size, min_tiles=min_tiles, max_tiles=max_tiles)
+        w, h = grid
+        side = spec.image_size
+        resized = image.resize((side * w, side * h), resample=Image.Resampling.BICUBIC)
+        crops = [
+            resized.crop((col * side, row * side, (col + 1) * side, (row + 1) * side))
+            for row in range(h)
+            for col in range(w)
+        ]
+        tiles = torch.stack([to_tensor(c) for c in crops])  # (w*h, 3, side, side), row-major
+
+    side = spec.base_size
+    if spec.pad:
+        global_image = ImageOps.pad(image, (side, side), method=Image.Resampling.BICUBIC, color=PAD_COLOR)
+    else:
+        global_image = image.resize((side, side), resample=Image.Resampling.BICUBIC)
+    return ImageViews(
+        global_view=to_tensor(global_image),
+        tiles=tiles,
+        grid=grid,
+        num_placeholders=num_placeholders(spec, grid),
+    )
+
+
+def load_image(
+    data: bytes | str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    source: str | None = None,
+) -> Image.Image:
+    """Decode an image file (path or bytes): EXIF transpose, RGB, fully loaded.
+
+    Raises ValueError naming the source for unreadable or truncated files, zero-pixel
+    images, images above `max_pixels` (checked from the header, before decoding) and
+    aspect ratios above `max_aspect`.
+    """
+    if source is None:
+        source = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} bytes>"
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ValueError(f"{source}: image has zero pixels (size {width}x{height})")
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"{source}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
+                    "(decompression-bomb limit; raise max_pixels if the image is genuine)"
+                )
+            if max(width, height) / min(width, height) > max_aspect:
+                raise ValueError(f"{source}: aspect ratio {width}x{height} exceeds max_aspect={max_aspect}")
+            if ImageFile.LOAD_TRUNCATED_IMAGES:
+                warnings.warn(
+                    "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files are not detected",
+                    stacklevel=2,
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{source}: rejected as a decompression bomb by PIL ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:
+        raise ValueError(f"{source}: unreadable or truncated image ({type(err).__name__}: {err})") from err
+    return rgb
+
+
+class _Random(Protocol):
+    def random(self) -> float: ...
+
+
+def select_mode(rng: _Random, weights: Mapping[str, float]) -> str:
+    """Sample a mode name with probability proportional to `weights` (random.Random or numpy Generator)."""
+    if not weights:
+        raise ValueError("mode weights are empty")
+    for name, weight in weights.items():
+        get_mode(name)
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"mode weight for {name!r} must be finite and >= 0, got {weight}")
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise ValueError(f"mode weights sum to {total}; at least one must be positive")
+    threshold = rng.random() * total
+    cumulative = 0.0
+    last_positive = None
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        last_positive = name
+        cumulative += weight
+        if threshold < cumulative:
+            return name
+    assert last_positive is not None
+    return last_positive  # rounding at the top end
+
+
+def valid_image_tokens(mode: str | ModeSpec, width: int, height: int) -> int:
+    """Tokens of a padded global view that cover the image (reporting only, spec section 3)."""
+    spec = get_mode(mode)
+    n = spec.global_grid**2
+    if not spec.pad:
+        return n
+    long, short = max(width, height), min(width, height)
+    return math.ceil(n * (1 - (long - short) / long))
