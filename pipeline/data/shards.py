@@ -1,0 +1,146 @@
+"""Shard discovery, tar indexing and random-access sample reads for the streaming loader.
+
+Shards are uncompressed webdataset tars (data_tools/README.md): members `<key>.<ext>`
+grouped into one sample per run of consecutive members sharing a key, with the key
+taken up to the first dot of the basename (webdataset's `base_plus_ext` convention).
+
+Instead of streaming a tar front to back (webdataset), a shard is *indexed*: its
+headers are scanned once (tarfile seeks over the payloads) into a list of
+`SampleEntry(key, {ext: (offset, size)})`. A sample is then one `seek` + `read` per
+file. This is what makes the loader's position exactly resumable and lets the
+sample order inside a shard be a seeded permutation rather than a shuffle buffer
+whose contents cannot be checkpointed (see `pipeline.data.stream`).
+
+Bad input is never fatal here: a missing or unreadable shard and a truncated tar
+(the entries before the damage are kept) are counted in a `SkipCounter` and logged
+with the shard path.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from typing import NamedTuple
+
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/k.seg.png" -> ("dir/k", "seg.png")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class SampleEntry(NamedTuple):
+    """One sample of a shard: its key and, per extension, (payload offset, payload size)."""
+
+    key: str
+    files: dict[str, tuple[int, int]]
+
+
+class ShardReadError(Exception):
+    """A sample's bytes could not be read (short read: the tar is truncated inside a payload)."""
+
+
+class SkipCounter:
+    """Counts skipped inputs by reason and logs each with its shard and key.
+
+    `counts` is a plain dict so it can travel in a loader state_dict and be summed
+    across DataLoader workers and data-parallel ranks.
+    """
+
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        self.counts: Counter[str] = Counter(counts or {})
+
+    def skip(self, reason: str, shard: str, key: str = "", detail: str = "") -> None:
+        self.counts[reason] += 1
+        where = f"shard={shard}" + (f" key={key}" if key else "")
+        log.warning("skipped sample (%s): %s%s", reason, where, f": {detail}" if detail else "")
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+def expand_shards(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand brace patterns (`data-{000..099}.tar`) and globs into a sorted list of paths.
+
+    A literal path is kept even if it does not exist (the reader counts it as a
+    missing shard, so one deleted file does not stop a run); a glob that matches
+    nothing is a configuration error.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    paths: set[str] = set()
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            expanded = os.path.expanduser(expanded)
+            if _GLOB_CHARS.search(expanded):
+                matches = glob.glob(expanded)
+                if not matches:
+                    raise ValueError(f"shard pattern {expanded!r} (from {pattern!r}) matches no file")
+                paths.update(matches)
+            else:
+                paths.add(expanded)
+    if not paths:
+        raise ValueError(f"shard patterns {patterns!r} expand to no path")
+    for path in paths:
+        if path.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
+            raise ValueError(f"shard {path!r} is compressed; the loader reads uncompressed .tar shards")
+    return sorted(paths)
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """`dir/k.seg.png` -> (`dir/k`, `seg.png`); None for names without an extension."""
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def index_shard(path: str, skips: SkipCounter) -> list[SampleEntry]:
+    """Scan the tar headers of `path` into sample entries (in file order).
+
+    A missing/unreadable shard yields [] and counts `missing_shard`/`bad_shard`; a
+    truncated tar keeps the entries read before the damage and counts `truncated_shard`.
+    """
+    entries: list[SampleEntry] = []
+    try:
+        tar = tarfile.open(path, mode="r:")  # noqa: SIM115 (closed by the `with` below)
+    except FileNotFoundError:
+        skips.skip("missing_shard", path)
+        return entries
+    except (OSError, tarfile.TarError) as err:
+        skips.skip("bad_shard", path, detail=repr(err))
+        return entries
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = split_key(member.name)
+                if parts is None:
+                    continue
+                key, ext = parts
+                if not entries or entries[-1].key != key or ext in entries[-1].files:
+                    entries.append(SampleEntry(key, {}))
+                entries[-1].files[ext] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError) as err:
+            skips.skip("truncated_shard", path, detail=f"{err!r} after {len(entries)} samples")
+    return entries
+
+
+def read_files(path: str, files: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """Read the payloads of one sample; ShardReadError if the shard ends inside one."""
+    out: dict[str, bytes] = {}
+    try:
+        with open(path, "rb") as handle:
+            for ext, (offset, size) in files.items():
+                handle.seek(offset)
+                data = handle.read(size)
+                if len(data) != size:
+                    raise ShardReadError(f"{ext}: read {len(data)} of {size} bytes (truncated shard)")
+                out[ext] = data
+    except OSError as err:
+        raise ShardReadError(repr(err)) from err
+    return out

@@ -1,0 +1,241 @@
+"""Deterministic, resumable sample order for one source and the weighted mixture of sources.
+
+Why not webdataset's pipeline: its node/worker splitting reads the *global* rank from
+RANK/WORLD_SIZE (wrong under pipeline parallelism, where every stage of one pipeline
+must see the same batch: ../shared/spec/engine_notes.md), and its shuffle buffer and
+resampled shard iterator carry state that cannot be saved, so a resumed run would
+skip or repeat samples. Here the order is a pure function of (seed, source, epoch):
+
+- epoch e of a source = its shards in a seeded permutation, and inside each shard its
+  samples in a seeded permutation (tar random access, `pipeline.data.shards`);
+- the stream is split over `num_consumers = dp_world * num_workers` consumers,
+  consumer `c = dp_rank * num_workers + worker`. `split="shard"` gives consumer c the
+  shards at permuted positions p % num_consumers == c (reads only its own shards);
+  `split="sample"` walks all shards and keeps the samples at epoch positions
+  g % num_consumers == c (for sources with fewer shards than consumers). "auto" picks
+  "shard" when a source has at least as many shards as consumers. Either way the
+  consumers of an epoch see disjoint samples that together cover it;
+- the position is (epoch, shard_pos, sample_pos, base): resuming re-indexes one
+  shard and continues with exactly the next sample. Infinite streams start a new
+  permutation each epoch (resampling); finite streams stop after epoch 0.
+
+`MixtureStream` draws a source for each sample with weights from a counter-based
+RNG (draw n of consumer c is seeded by (seed, c, n)), so its state is one integer
+per consumer. A failed sample is retried from the *same* source, so the mixture
+proportions hold over valid samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from pipeline.batch import Example
+from pipeline.data.config import LoaderConfig
+from pipeline.data.shards import SampleEntry, SkipCounter, expand_shards, index_shard
+
+
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from the parts' string forms (independent of PYTHONHASHSEED)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class SampleRef:
+    """Where one sample lives: enough to re-read and re-decode it identically."""
+
+    source: int
+    shard: str
+    key: str
+    files: dict[str, tuple[int, int]]
+    epoch: int
+
+    def to_state(self) -> dict:
+        return {
+            "source": self.source,
+            "shard": self.shard,
+            "key": self.key,
+            "files": {ext: list(pos) for ext, pos in self.files.items()},
+            "epoch": self.epoch,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> SampleRef:
+        files = {ext: (int(pos[0]), int(pos[1])) for ext, pos in state["files"].items()}
+        return cls(int(state["source"]), state["shard"], state["key"], files, int(state["epoch"]))
+
+
+class SourceStream:
+    """The sample references of one source that belong to one consumer, in epoch order."""
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        shards: list[str],
+        *,
+        seed: int,
+        consumer: int,
+        num_consumers: int,
+        shuffle: bool,
+        infinite: bool,
+        split: str,
+        skips: SkipCounter,
+    ) -> None:
+        if not 0 <= consumer < num_consumers:
+            raise ValueError(f"consumer {consumer} out of range for {num_consumers} consumers")
+        self.index, self.name, self.shards = index, name, shards
+        self.seed, self.consumer, self.num_consumers = seed, consumer, num_consumers
+        self.shuffle, self.infinite, self.skips = shuffle, infinite, skips
+        if split == "auto":
+            split = "shard" if len(shards) >= num_consumers else "sample"
+        self.split = split
+        self.epoch = self.shard_pos = self.sample_pos = self.base = 0
+        self._cached: tuple[tuple[int, int], list[SampleEntry]] | None = None
+
+    def _epoch_shards(self, epoch: int) -> list[str]:
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(stable_seed(self.seed, self.name, epoch, "shards")).shuffle(order)
+        if self.split == "shard":
+            order = order[self.consumer :: self.num_consumers]
+        return order
+
+    def _entries(self, shard: str) -> list[SampleEntry]:
+        where = (self.epoch, self.shard_pos)
+        if self._cached is None or self._cached[0] != where:
+            entries = index_shard(shard, self.skips)
+            if self.shuffle:
+                random.Random(stable_seed(self.seed, self.name, self.epoch, shard)).shuffle(entries)
+            self._cached = (where, entries)
+        return self._cached[1]
+
+    def next(self) -> SampleRef | None:
+        """The next reference of this consumer, or None when a finite stream is exhausted."""
+        boundaries = 0
+        while True:
+            shards = self._epoch_shards(self.epoch)
+            if self.shard_pos >= len(shards):
+                if not self.infinite:
+                    return None
+                boundaries += 1
+                if boundaries >= 2:
+                    raise ValueError(
+                        f"source {self.name!r} has no readable sample for consumer {self.consumer} of "
+                        f"{self.num_consumers} in a whole epoch ({len(self.shards)} shards, split="
+                        f"{self.split!r}); check the shard paths or use fewer workers/ranks"
+                    )
+                self.epoch, self.shard_pos, self.sample_pos, self.base = self.epoch + 1, 0, 0, 0
+                continue
+            shard = shards[self.shard_pos]
+            entries = self._entries(shard)
+            while self.sample_pos < len(entries):
+                position = self.base + self.sample_pos
+                entry = entries[self.sample_pos]
+                self.sample_pos += 1
+                if self.split == "sample" and position % self.num_consumers != self.consumer:
+                    continue
+                return SampleRef(self.index, shard, entry.key, dict(entry.files), self.epoch)
+            self.base += len(entries)
+            self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "sample_pos": self.sample_pos,
+            "base": self.base,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
+        self.sample_pos, self.base = int(state["sample_pos"]), int(state["base"])
+        self._cached = None
+
+
+@dataclass
+class MixtureStream:
+    """Weighted draws over the sources of `config`; decodes each reference into an Example.
+
+    `decode(ref)` returns None for a bad sample (it counts and logs the reason); the
+    stream then takes the next sample of the same source.
+    """
+
+    config: LoaderConfig
+    decode: Callable[[SampleRef], Example | None]
+    consumer: int
+    num_consumers: int
+    skips: SkipCounter
+    draws: int = 0
+    sources: list[SourceStream] = field(init=False)
+    exhausted: set[int] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.sources = [
+            SourceStream(
+                i,
+                spec.name,
+                expand_shards(spec.shards),
+                seed=cfg.seed,
+                consumer=self.consumer,
+                num_consumers=self.num_consumers,
+                shuffle=cfg.shuffle,
+                infinite=cfg.infinite,
+                split=cfg.split,
+                skips=self.skips,
+            )
+            for i, spec in enumerate(cfg.sources)
+        ]
+
+    def _draw(self, active: list[int]) -> int:
+        weights = list(accumulate(self.config.sources[i].weight for i in active))
+        u = random.Random(stable_seed(self.config.seed, "mixture", self.consumer, self.draws)).random()
+        self.draws += 1
+        return active[min(bisect.bisect_right(weights, u * weights[-1]), len(active) - 1)]
+
+    def next(self) -> tuple[Example, SampleRef] | None:
+        """The next valid example and its reference, or None when every finite source is exhausted."""
+        while True:
+            active = [i for i in range(len(self.sources)) if i not in self.exhausted]
+            if not active:
+                return None
+            source = self.sources[self._draw(active)]
+            start_epoch = source.epoch
+            while True:
+                ref = source.next()
+                if ref is None:
+                    self.exhausted.add(source.index)
+                    break
+                example = self.decode(ref)
+                if example is not None:
+                    return example, ref
+                if source.epoch > start_epoch + 1:
+                    raise ValueError(
+                        f"source {source.name!r}: no valid sample in a whole epoch for consumer "
+                        f"{self.consumer} (skip counts: {self.skips.as_dict()})"
+                    )
+
+    def state_dict(self) -> dict:
+        return {
+            "draws": self.draws,
+            "exhausted": sorted(self.exhausted),
+            "sources": {s.name: s.state_dict() for s in self.sources},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {s.name for s in self.sources}
+        if set(state["sources"]) != names:
+            raise ValueError(
+                f"data state has sources {sorted(state['sources'])}, the config has {sorted(names)}; "
+                "resuming with a different mixture cannot continue the saved position"
+            )
+        self.draws = int(state["draws"])
+        self.exhausted = set(state["exhausted"])
+        for source in self.sources:
+            source.load_state_dict(state["sources"][source.name])
