@@ -2,7 +2,7 @@
 
 config (LoaderConfig, SourceSpec, paper_mixture), shards (tar indexing, skip counts),
 stream (deterministic resumable order, dp-rank/worker split, mixture), samples
-(decode one sample), packing (first-fit rows, collates), loader (StreamingLoader).
+(decode one sample), packing (best-fit rows, collates), loader (StreamingLoader).
 """
 
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config, paper_mixture

@@ -96,7 +96,7 @@ class LoaderConfig:
     seq_len: row length (8192 stage 2, 4096 stage 1); longer samples are skipped.
     batch_size: rows per micro-batch. packing: pack several samples per row (training);
       False gives one sample per row padded to the batch max (evaluation, generation).
-    pack_buffer: samples held for first-fit packing. seed: order, mixture and modes.
+    pack_buffer: samples held for best-fit packing. seed: order, mixture and modes.
     shuffle: seeded shard/sample permutations per epoch (False: file order).
     infinite: start a new epoch (new permutation) when a source ends; False stops
       after one pass over every source (evaluation).

@@ -1,11 +1,14 @@
 """Packing tokenized Examples into fixed-length rows, and the two collates to PackedBatch.
 
-Training rows (`Packer` + `collate_packed`): first-fit over a small look-ahead buffer.
-A row is opened with the oldest buffered sample (so no sample waits forever), then
-repeatedly takes the first buffered sample that still fits, topping the buffer up
-after each take; it closes when no buffered sample fits. Each document keeps its own
-position_ids (0..n-1) and a per-row doc_id (0, 1, ...); the free space at the end of
-a row is padding (pad id, label -100, doc_id -1, position 0), as `PackedBatch`
+Training rows (`Packer` + `collate_packed`): greedy best-fit over a small look-ahead
+buffer. A row is opened with the oldest buffered sample (so no sample waits forever),
+then repeatedly takes the longest buffered sample that still fits (the oldest on
+ties), topping the buffer up after each take; it closes when no buffered sample fits.
+On uniform 1..100-token documents in 128-token rows a 16-sample buffer fills 97% of
+the slots (first-fit: 93%, no look-ahead: 74%; tests/pipeline/test_data_packing.py).
+
+Each document keeps its own position_ids (0..n-1) and a per-row doc_id (0, 1, ...);
+the free space at the end of a row is padding (pad id, label -100, doc_id -1, position 0), as `PackedBatch`
 defines. A row's images are its documents' images in order, so placeholders and
 images stay aligned. Labels are aligned with input_ids (the model shifts them); the
 first label of every document is forced to -100 so the shift across a document
@@ -57,7 +60,7 @@ class PackingStats:
 
 
 class Packer(Generic[T]):
-    """First-fit row builder over a buffer of `buffer_size` items pulled from a stream.
+    """Best-fit row builder over a buffer of `buffer_size` items pulled from a stream.
 
     `length(item)` gives an item's token count (<= seq_len). `pull()` returns the next
     item or None at the end of a finite stream. The buffer is public so a caller can
@@ -85,15 +88,16 @@ class Packer(Generic[T]):
         self._fill(pull)
         if not self.buffer:
             return None
-        row, space = [], self.seq_len
+        row, space, take = [], self.seq_len, 0  # the oldest item opens the row
         while True:
-            take = next((i for i, item in enumerate(self.buffer) if self.length(item) <= space), None)
-            if take is None:
-                return row
             item = self.buffer.pop(take)
             row.append(item)
             space -= self.length(item)
             self._fill(pull)
+            fits = [(self.length(x), -i) for i, x in enumerate(self.buffer) if self.length(x) <= space]
+            if not fits:
+                return row
+            take = -max(fits)[1]  # longest that fits, oldest on ties
 
 
 def collate_packed(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -> PackedBatch:
