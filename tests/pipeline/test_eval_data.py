@@ -1,0 +1,72 @@
+"""Eval-set readers: JSONL, CSV, webdataset shards; strict errors; lazy image decoding."""
+
+import json
+
+import pytest
+
+from pipeline.data.testing import png_bytes, sample_members, write_tar
+from pipeline.eval.data import TarMember, read_eval_set, references_of
+
+pytestmark = pytest.mark.unit
+
+
+def test_jsonl_and_csv(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png_bytes(32, 24, seed=1))
+    rows = [
+        {"key": "a", "image": "img/a.png", "answer": "alpha"},
+        {"key": "b", "image": "missing.png", "text": "beta"},
+    ]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    samples = read_eval_set(tmp_path / "set.jsonl")
+    assert references_of(samples) == {"a": "alpha", "b": "beta"}
+    assert samples[0].load_image().size == (32, 24)
+    with pytest.raises(ValueError, match="missing.png"):
+        samples[1].load_image()
+    (tmp_path / "set.csv").write_text("key,image,answer\na,img/a.png,alpha\nc,,gamma\n")
+    csv_samples = read_eval_set(tmp_path / "set.csv")
+    assert [(s.key, s.reference) for s in csv_samples] == [("a", "alpha"), ("c", "gamma")]
+    assert csv_samples[1].image is None
+    assert read_eval_set(tmp_path / "set.csv", limit=1)[0].key == "a"
+
+
+def test_shards(tmp_path):
+    write_tar(
+        tmp_path / "s-000.tar",
+        sample_members("p0", "first page", png_bytes(40, 30, seed=0))
+        + sample_members("p1", "second", b"not a png"),
+    )
+    write_tar(tmp_path / "s-001.tar", sample_members("p2", "third", None))
+    for spec in (tmp_path, str(tmp_path / "s-*.tar"), str(tmp_path / "s-{000..001}.tar")):
+        samples = read_eval_set(spec)
+        assert [s.key for s in samples] == ["p0", "p1", "p2"]
+    p0, p1, p2 = samples
+    assert isinstance(p0.image, TarMember) and p0.load_image().size == (40, 30)
+    assert p0.image_bytes() == png_bytes(40, 30, seed=0)
+    with pytest.raises(ValueError, match="p1"):
+        p1.load_image()
+    with pytest.raises(ValueError, match="no image"):
+        p2.load_image()
+
+
+def test_strict_errors(tmp_path):
+    write_tar(
+        tmp_path / "dup.tar", sample_members("k", "x") + sample_members("k2", "y") + sample_members("k", "z")
+    )
+    with pytest.raises(ValueError, match="duplicate key 'k'"):
+        read_eval_set(tmp_path / "dup.tar")
+    write_tar(tmp_path / "empty_ref.tar", sample_members("k", "  "))
+    with pytest.raises(ValueError, match="empty reference"):
+        read_eval_set(tmp_path / "empty_ref.tar")
+    (tmp_path / "bad.jsonl").write_text('{"key": "a", "answer": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_eval_set(tmp_path / "bad.jsonl")
+    (tmp_path / "nokey.jsonl").write_text('{"answer": "x"}\n')
+    with pytest.raises(ValueError, match="key"):
+        read_eval_set(tmp_path / "nokey.jsonl")
+    with pytest.raises(ValueError, match="missing or empty reference"):
+        read_eval_set(tmp_path / "bad.jsonl", reference_field="caption")
+    with pytest.raises(ValueError, match="could not be read"):
+        read_eval_set(tmp_path / "absent.tar")
+    with pytest.raises(ValueError, match="expected a .jsonl"):
+        read_eval_set(tmp_path / "set.parquet")
