@@ -187,6 +187,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, h, bias=False)
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -71,7 +71,6 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.initializer_range)
         self.gradient_checkpointing = False
-        self.init_weights()
 
     def init_weights(self) -> None:
         self.input_layernorm.init_weights()

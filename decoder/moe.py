@@ -39,6 +39,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -59,6 +60,7 @@ class Router(nn.Module):
         self.scaling = moe.routed_scaling_factor
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(moe.n_routed_experts, hidden_size))
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -115,6 +117,7 @@ class GroupedExperts(nn.Module):
         self.init_std = init_std
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
