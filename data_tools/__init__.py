@@ -1,0 +1,1 @@
+"""Standalone data tools: webdataset converters, synthetic OCR generator, shard inspection (see README.md)."""

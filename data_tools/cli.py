@@ -1,0 +1,216 @@
+"""`dsocr-data`: command line of the data tools (synth, convert-*, inspect).
+
+    dsocr-data synth --out data/synth -n 10000 --langs en,ru,ar,fa,zh --workers 2
+    dsocr-data convert-csv train.csv --out data/ft
+    dsocr-data convert-jsonl swift.jsonl --out data/ft
+    dsocr-data convert-folder scans/ --out data/scans
+    dsocr-data convert-text corpus/ --out data/text --split paragraph
+    dsocr-data inspect data/ft --sheet sheet.png
+
+Every converter prints a report (written, skipped by reason, shards) and writes manifest.json
+next to the shards. See data_tools/README.md for the shard format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from data_tools.convert import (
+    MODES,
+    ConvertConfig,
+    convert_records,
+    expand_text_inputs,
+    read_csv,
+    read_folder,
+    read_jsonl,
+    read_text_files,
+)
+from data_tools.shards import ShardWriterConfig, expand_shard_paths
+from data_tools.synth.fonts import MissingFontError
+from data_tools.validate import ValidationConfig
+
+
+def _shard_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--prefix", default=prefix, help=f"shard file prefix (default {prefix})")
+    p.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
+    p.add_argument("--max-mb", type=float, default=1024.0, help="approximate MiB per shard (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of this prefix")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in-process)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    _shard_args(p, "shard")
+    p.add_argument("--source", help="dataset name stored in each sample (default: input file/folder name)")
+    p.add_argument("--lang", default="und", help="language code stored in each sample (default und)")
+    p.add_argument("--mode", choices=MODES, help="optional mode hint stored in each sample")
+    p.add_argument(
+        "--max-label-chars", type=int, default=16_384, help="longest accepted label (default 16384)"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="largest accepted image w*h (default 40M)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsocr-data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped sample at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate synthetic OCR samples (lines, pages, charts) into shards")
+    _shard_args(p, "synth")
+    p.add_argument("-n", "--num", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--langs", default="en,ru,ar,fa,zh", help="comma-separated languages (en,ru,ar,fa,zh)")
+    p.add_argument("--kinds", default="line=0.3,page=0.5,chart=0.2", help="weights, e.g. line=1,page=0")
+    p.add_argument("--p-grounding", type=float, default=0.5, help="share of pages with grounding targets")
+    p.add_argument("--no-degrade", action="store_true", help="no blur/noise/rotation/JPEG")
+    p.add_argument("--bundled-fonts", action="store_true", help="only the fonts inside matplotlib")
+
+    p = sub.add_parser(
+        "convert-csv", help="CSV with image_file,text_label columns (paths relative to the CSV)"
+    )
+    p.add_argument("csv", help="CSV file with a header row")
+    p.add_argument("--image-column", default="image_file")
+    p.add_argument("--text-column", default="text_label")
+    p.add_argument("--prompt", help="prompt stored with every sample (default: none, the loader's default)")
+    _convert_args(p)
+
+    p = sub.add_parser("convert-jsonl", help="ms-swift JSONL (messages+images or query/response/images)")
+    p.add_argument("jsonl", nargs="+", help="JSONL file(s); image paths relative to each file")
+    _convert_args(p)
+
+    p = sub.add_parser("convert-folder", help="folder of images with sidecar .txt labels")
+    p.add_argument("folder")
+    p.add_argument("--label-suffix", default=".txt")
+    p.add_argument("--prompt", help="prompt stored with every sample (default: none)")
+    _convert_args(p)
+
+    p = sub.add_parser("convert-text", help="plain text files for the text-only share")
+    p.add_argument("inputs", nargs="+", help="text files or directories (searched for --pattern)")
+    p.add_argument("--pattern", default="*.txt")
+    p.add_argument("--split", choices=("file", "paragraph", "line"), default="file")
+    _convert_args(p)
+
+    p = sub.add_parser("inspect", help="counts, length histograms and a contact sheet of shards")
+    p.add_argument("shards", nargs="+", help="shard files or directories")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its directory) for token-length histograms")
+    p.add_argument("--sheet", help="write a contact sheet PNG here")
+    p.add_argument("--sheet-samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true", help="check shards against manifest.json (sha256)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _writer_cfg(args) -> ShardWriterConfig:
+    return ShardWriterConfig(
+        args.out, args.prefix, args.max_count, int(args.max_mb * (1 << 20)), args.overwrite
+    )
+
+
+def _parse_kinds(spec: str) -> dict:
+    out = {}
+    for part in spec.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            out[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--kinds entry {part!r} is not NAME=WEIGHT") from None
+    return out
+
+
+def _print_manifest(m: dict) -> None:
+    print(f"wrote {m['total_samples']} samples in {len(m['shards'])} shard(s), {m['total_bytes']} bytes")
+    print(f"skipped {m['skipped_total']}" + "".join(f", {k}={v}" for k, v in m["skipped"].items()))
+
+
+def _convert(args, records, default_source: str, total: int | None = None) -> dict:
+    cfg = ConvertConfig(
+        source=args.source or default_source,
+        lang=args.lang,
+        mode=args.mode,
+        validation=ValidationConfig(max_label_chars=args.max_label_chars, max_pixels=args.max_pixels),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    return convert_records(records, _writer_cfg(args), cfg, total=total)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(message)s"
+    )
+
+    if args.command == "synth":
+        from data_tools.synth.degrade import DegradeConfig
+        from data_tools.synth.generate import SynthConfig, generate
+        from data_tools.synth.page import PageConfig
+
+        page = PageConfig(bundled_only=args.bundled_fonts)
+        if args.no_degrade:
+            page.degrade = DegradeConfig.off()
+        cfg = SynthConfig(
+            n=args.num, seed=args.seed, langs=tuple(x for x in args.langs.split(",") if x),
+            kinds=_parse_kinds(args.kinds), p_grounding=args.p_grounding, page=page,
+            workers=args.workers, progress=not args.no_progress,
+        )  # fmt: skip
+        if args.no_degrade:
+            cfg.line_degrade = DegradeConfig.off()
+        _print_manifest(generate(cfg, _writer_cfg(args)))
+    elif args.command == "convert-csv":
+        records = read_csv(Path(args.csv), args.image_column, args.text_column)
+        for r in records:
+            r.prompt = args.prompt
+        _print_manifest(_convert(args, records, Path(args.csv).stem, len(records)))
+    elif args.command == "convert-jsonl":
+        records = []
+        for path in args.jsonl:
+            for r in read_jsonl(Path(path)):
+                r.index = len(records)
+                records.append(r)
+        _print_manifest(_convert(args, records, Path(args.jsonl[0]).stem, len(records)))
+    elif args.command == "convert-folder":
+        records = read_folder(Path(args.folder), args.label_suffix)
+        for r in records:
+            r.prompt = args.prompt
+        _print_manifest(_convert(args, records, Path(args.folder).resolve().name, len(records)))
+    elif args.command == "convert-text":
+        files = expand_text_inputs(args.inputs, args.pattern)
+        records = read_text_files(files, args.split, args.max_label_chars)
+        _print_manifest(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
+    elif args.command == "inspect":
+        from data_tools.inspect import contact_sheet, format_report, inspect_shards
+
+        paths = expand_shard_paths(args.shards)
+        n_sheet = args.sheet_samples if args.sheet else 0
+        report, chosen = inspect_shards(paths, args.tokenizer, n_sheet, args.seed, args.verify)
+        print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_report(report))
+        if args.sheet and chosen:
+            contact_sheet(chosen, args.sheet)
+            print(f"contact sheet: {args.sheet} ({len(chosen)} samples)")
+        if report.get("manifest_problems"):
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except ValueError as e:  # user/config errors: one clear line, no traceback
+        print(f"dsocr-data: error: {e}", file=sys.stderr)
+        code = 2
+    except MissingFontError as e:
+        print(f"dsocr-data: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
