@@ -71,12 +71,12 @@ class SampleDecoder:
         image_ext = next((ext for ext in IMAGE_EXTS if ext in ref.files), None)
         if spec.kind == "ocr" and image_ext is not None:
             wanted[image_ext] = ref.files[image_ext]
-        if "json" not in wanted:
-            raise BadSample("missing_json", f"members {sorted(ref.files)}")
         try:
             files = read_files(ref.shard, wanted)
         except ShardReadError as err:
             raise BadSample("truncated_sample", str(err)) from None
+        if "json" not in files:
+            raise BadSample("missing_json", f"members {sorted(ref.files)}")
         meta = _parse_json(files["json"])
 
         field = ("text", "answer") if spec.kind == "text" else ("answer",)
