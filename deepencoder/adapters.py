@@ -148,7 +148,9 @@ def _fmt(keys: Iterable[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _check_keys(source: str, given: Iterable[str], expected: Iterable[str], ignored: Iterable[str] = ()) -> None:
+def _check_keys(
+    source: str, given: Iterable[str], expected: Iterable[str], ignored: Iterable[str] = ()
+) -> None:
     given, expected, ignored = set(given), set(expected), set(ignored)
     missing = expected - given
     unexpected = given - expected - ignored
@@ -332,11 +334,15 @@ def load_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
-def save_state_file(path: str | os.PathLike, sd: Mapping[str, Tensor], metadata: dict[str, str] | None = None):
+def save_state_file(
+    path: str | os.PathLike, sd: Mapping[str, Tensor], metadata: dict[str, str] | None = None
+):
     """Write `sd` as safetensors (contiguous CPU copies; shared storage is split)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}, os.fspath(path), metadata)
+    save_file(
+        {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}, os.fspath(path), metadata
+    )
 
 
 def load_release_encoder(
@@ -347,7 +353,10 @@ def load_release_encoder(
 
 
 def save_release_encoder(
-    path: str | os.PathLike, our_sd: Mapping[str, Tensor], config: EncoderConfig | None = None, prefix="model."
+    path: str | os.PathLike,
+    our_sd: Mapping[str, Tensor],
+    config: EncoderConfig | None = None,
+    prefix="model.",
 ) -> None:
     """Write a DeepEncoder state dict in the released layout (safetensors, format "pt")."""
     save_state_file(path, encoder_state_to_release(our_sd, prefix, config), {"format": "pt"})

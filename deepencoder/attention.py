@@ -96,9 +96,9 @@ def augmented_rel_pos_attention(
     rel_h, rel_w = decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
     rows = torch.arange(n, device=q.device) // width  # key row hj
     cols = torch.arange(n, device=q.device) % width  # key column wj
-    key_pos = torch.cat(
-        [F.one_hot(rows, height), F.one_hot(cols, width)], dim=-1
-    ).to(k.dtype) * (1.0 / scale)  # (HW, H+W)
+    key_pos = torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], dim=-1).to(k.dtype) * (
+        1.0 / scale
+    )  # (HW, H+W)
     extra = height + width
     pad = (-(c + extra)) % _HEAD_DIM_ALIGN
     q_aug = torch.cat([q, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)  # (B, nh, HW, C+H+W)

@@ -153,7 +153,9 @@ class EncoderConfig:
         if isinstance(self.clip, dict):
             self.clip = ClipConfig(**self.clip)
         if not isinstance(self.sam, SamConfig) or not isinstance(self.clip, ClipConfig):
-            raise TypeError("EncoderConfig.sam / .clip must be SamConfig / ClipConfig (or dicts of their fields)")
+            raise TypeError(
+                "EncoderConfig.sam / .clip must be SamConfig / ClipConfig (or dicts of their fields)"
+            )
         if self.n_embed <= 0:
             raise ValueError(f"EncoderConfig.n_embed must be positive, got {self.n_embed}")
         if self.sam.out_channels != self.clip.width:
@@ -218,5 +220,7 @@ def encoder_config(name: str, **overrides) -> EncoderConfig:
     if isinstance(clip, dict):
         clip = dataclasses.replace(base.clip, **clip)
     return EncoderConfig(
-        sam=dataclasses.replace(sam), clip=dataclasses.replace(clip), n_embed=overrides.get("n_embed", base.n_embed)
+        sam=dataclasses.replace(sam),
+        clip=dataclasses.replace(clip),
+        n_embed=overrides.get("n_embed", base.n_embed),
     )

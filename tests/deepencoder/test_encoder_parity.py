@@ -116,7 +116,11 @@ def hf_sam_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Test-local key table: transformers DeepseekOcr2SamVisionEncoder -> our SamEncoder."""
     out = {}
     for k, v in sd.items():
-        new = k.replace("layers.", "blocks.").replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
+        new = (
+            k.replace("layers.", "blocks.")
+            .replace(".layer_norm1.", ".norm1.")
+            .replace(".layer_norm2.", ".norm2.")
+        )
         for a, b in HF_SAM_KEYS.items():
             if k.startswith(a):
                 new = b + k[len(a) :]
@@ -203,7 +207,11 @@ def test_clip_blocks_match_transformers_clip_encoder_layer():
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
     hf_cfg = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=128, num_attention_heads=2, hidden_act="quick_gelu", layer_norm_eps=1e-5
+        hidden_size=32,
+        intermediate_size=128,
+        num_attention_heads=2,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
     )
     hf_cfg._attn_implementation = "eager"
     ref = CLIPEncoderLayer(hf_cfg).eval()
@@ -234,7 +242,14 @@ def test_clip_matches_open_clip_vision_transformer():
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     ref = VisionTransformer(
-        image_size=56, patch_size=14, width=32, layers=2, heads=2, mlp_ratio=4.0, output_dim=16, act_layer=QuickGELU
+        image_size=56,
+        patch_size=14,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=4.0,
+        output_dim=16,
+        act_layer=QuickGELU,
     ).eval()
     randomize(ref, seed=8)
     ours = ClipVisionModel(CLIP_CFG).eval()
