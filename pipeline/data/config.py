@@ -38,7 +38,9 @@ class SourceSpec:
       "ocr" source's prompt has exactly one `<image>`; a "text" source's has none.
     modes: a mode name, or {mode: weight} sampled per sample. A sample's JSON `mode`
       (a known mode name) overrides it. Ignored for "text" sources.
-    kind: "ocr" (image + target text) or "text" (text-only rows, JSON `text` or `answer`).
+    kind: "ocr" (image samples) or "text" (text-only: JSON `text`, or `prompt` + `answer`).
+      The kind sets what the default prompt may be; each sample needs an image exactly
+      when its own prompt (else the default) has `<image>` (pipeline.data.samples).
     """
 
     name: str

@@ -1,10 +1,13 @@
 """Decoding one shard sample into a tokenized `Example`, with every failure counted.
 
 The JSON member follows data_tools/README.md: {prompt?, answer, source, lang, mode?}
-with one image member `<key>.png|jpg|jpeg|webp`; text-only samples carry `text` (or
-`answer`) and no image. Steps: read bytes (random access) -> UTF-8 + JSON -> label ->
-image decode (`pipeline.processing.load_image`, pixel limit) -> mode (fixed, the
-sample's hint, or `select_mode` with a per-sample seeded RNG) -> views
+plus one image member `<key>.png|jpg|jpeg|webp` for image samples; text-only samples
+are JSON only, with `text` (a plain document: no prompt, loss on all of it) or
+`prompt` + `answer` without `<image>`. A sample needs an image exactly when its prompt
+(its own, else the source's default) has the `<image>` tag. Steps: JSON bytes
+(random access) -> UTF-8 + JSON -> label/prompt -> image bytes -> decode
+(`pipeline.processing.load_image`, pixel limit) -> mode (the sample's hint, the
+source's fixed mode, or `select_mode` with a per-sample seeded RNG) -> views
 (`process_image`) -> tokens (`pipeline.prompts.build_example`).
 
 The per-sample RNG is seeded by (seed, source, epoch, shard name, key), so a sample's
@@ -12,8 +15,8 @@ mode does not depend on which rank or worker reads it, and re-decoding a saved
 reference after a resume gives the identical Example.
 
 Skip reasons (keys of `skip_counts`): truncated_sample, missing_json, bad_utf8,
-bad_json, empty_label, missing_image, too_many_pixels, bad_image, too_long,
-bad_sample (any other ValueError from prompt building).
+bad_json, empty_label, bad_prompt, missing_image, too_many_pixels, bad_image,
+too_long, bad_sample (any other ValueError from prompt building).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pipeline.data.shards import ShardReadError, SkipCounter, read_files
 from pipeline.data.stream import SampleRef, stable_seed
 from pipeline.processing import MODES, load_image, process_image, select_mode
 from pipeline.prompts import build_example
-from pipeline.tokenizer import OCRTokenizer
+from pipeline.tokenizer import IMAGE_TOKEN, OCRTokenizer
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -67,45 +70,44 @@ class SampleDecoder:
     def decode(self, ref: SampleRef) -> Example:
         """Decode or raise BadSample."""
         spec = self.config.sources[ref.source]
-        wanted = {ext: pos for ext, pos in ref.files.items() if ext == "json"}
-        image_ext = next((ext for ext in IMAGE_EXTS if ext in ref.files), None)
-        if spec.kind == "ocr" and image_ext is not None:
-            wanted[image_ext] = ref.files[image_ext]
-        try:
-            files = read_files(ref.shard, wanted)
-        except ShardReadError as err:
-            raise BadSample("truncated_sample", str(err)) from None
-        if "json" not in files:
+        end = max(offset + size for offset, size in ref.files.values())
+        if end > (available := os.path.getsize(ref.shard)):
+            raise BadSample("truncated_sample", f"members end at byte {end}, the shard has {available}")
+        if "json" not in ref.files:
             raise BadSample("missing_json", f"members {sorted(ref.files)}")
-        meta = _parse_json(files["json"])
-
-        field = ("text", "answer") if spec.kind == "text" else ("answer",)
-        label = next((meta[f] for f in field if f in meta), None)
+        meta = _parse_json(self._read(ref, "json"))
+        if "text" in meta:  # plain-text document: all of it is the target
+            label, field, prompt = meta["text"], "text", spec.prompt if spec.kind == "text" else ""
+        else:
+            label, field, prompt = meta.get("answer"), "answer", meta.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                prompt = spec.prompt
         if not isinstance(label, str) or not label.strip():
-            raise BadSample("empty_label", f"{'/'.join(field)} = {label!r}")
-        try:
-            label.encode("utf-8")
-        except UnicodeEncodeError as err:  # lone surrogates from JSON escapes such as "\\ud800"
-            raise BadSample("bad_utf8", str(err)) from None
-        prompt = meta.get("prompt") if spec.kind == "ocr" else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            prompt = spec.prompt
+            raise BadSample("empty_label", f"{field} = {label!r}")
+        for text in (label, prompt):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # lone surrogates from JSON escapes such as "\\ud800"
+                raise BadSample("bad_utf8", str(err)) from None
+        tags = prompt.count(IMAGE_TOKEN)
+        if tags > 1:
+            raise BadSample("bad_prompt", f"{tags} {IMAGE_TOKEN} tags; a sample has at most one image")
 
         images = []
-        if spec.kind == "ocr":
+        if tags:
+            image_ext = next((ext for ext in IMAGE_EXTS if ext in ref.files), None)
             if image_ext is None:
-                raise BadSample("missing_image", f"members {sorted(ref.files)}")
-            mode = self.mode_for(ref, meta.get("mode"))
+                raise BadSample("missing_image", f"prompt {prompt!r} but members {sorted(ref.files)}")
             name = f"{ref.shard}:{ref.key}.{image_ext}"
             try:
-                image = load_image(files[image_ext], max_pixels=self.config.max_pixels, source=name)
+                image = load_image(self._read(ref, image_ext), max_pixels=self.config.max_pixels, source=name)
             except ValueError as err:
                 reason = "too_many_pixels" if "max_pixels" in str(err) else "bad_image"
                 raise BadSample(reason, str(err)) from None
+            mode = self.mode_for(ref, meta.get("mode"))
+            cfg = self.config
             images.append(
-                process_image(
-                    image, mode, min_tiles=self.config.min_tiles, max_tiles=self.config.max_tiles, source=name
-                )
+                process_image(image, mode, min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, source=name)
             )
         try:
             example = build_example(
@@ -116,6 +118,13 @@ class SampleDecoder:
         if len(example) > self.config.seq_len:
             raise BadSample("too_long", f"{len(example)} tokens > seq_len={self.config.seq_len}")
         return example
+
+    @staticmethod
+    def _read(ref: SampleRef, ext: str) -> bytes:
+        try:
+            return read_files(ref.shard, {ext: ref.files[ext]})[ext]
+        except ShardReadError as err:
+            raise BadSample("truncated_sample", str(err)) from None
 
 
 def sample_id(ref: SampleRef) -> str:

@@ -55,7 +55,9 @@ def bad_shard(directory):
     members += sample_members("toolong", "y" * (SEQ + 10), good)
     members += sample_members("huge", "x", png_bytes(300, 300, seed=1))
     members += sample_members("hinted", "mode hint", png_bytes(160, 96, seed=3), mode="debug-gundam")
-    valid.append("hinted")
+    members += sample_members("convo", "4", prompt="What is 2+2?")  # text-only sample among images
+    members += sample_members("twoimg", "x", good, prompt="<image><image>\nFree OCR.")
+    valid += ["hinted", "convo"]
     path = write_tar(directory / "bad.tar", members)
     expected = {
         "bad_image": 3,
@@ -66,6 +68,7 @@ def bad_shard(directory):
         "missing_json": 1,
         "too_long": 1,
         "too_many_pixels": 1,
+        "bad_prompt": 1,
     }
     return str(path), valid, expected
 
@@ -141,9 +144,11 @@ def test_modes_fixed_sampled_and_hinted(tmp_path, tokenizer):
         dp_rank=0,
         dp_world=1,
     )
-    views = {
-        key.split("/")[-1]: row[0] for batch in fixed for key, row in zip(sum(batch.keys, []), batch.images)
-    }
+    rows = [
+        (key.split("/")[-1], row) for batch in fixed for key, row in zip(sum(batch.keys, []), batch.images)
+    ]
+    assert dict(rows)["convo"] == []  # a text-only sample's row has no image
+    views = {key: row[0] for key, row in rows if key != "convo"}
     hinted = views.pop("hinted")
     assert hinted.grid != (1, 1) and hinted.tiles is not None  # 160x96 in debug-gundam gets tiles
     assert hinted.num_placeholders == num_placeholders("debug-gundam", hinted.grid)
