@@ -1,0 +1,246 @@
+"""Benchmark: one decoder training step (forward, backward, AdamW step), ours vs transformers.
+
+Times DecoderModel (decoder/) against transformers' DeepseekOcr2TextModel (grouped_mm experts,
+SDPA attention) with the same sizes, the same initial weights, the same lm_head + cross-entropy
+loss and the same optimizer (torch AdamW, fused on CUDA), in one process on one device, one
+model at a time. Defaults: full preset, batch 1 x sequence 8192, bf16 parameters.
+
+Prints tokens/s, model FLOPs utilisation and the speed ratio. MFU = achieved model FLOP/s over
+the bf16 matmul peak measured in the same run (a 8192^3 matmul), with model FLOPs per token
+    6 * N_active + 6 * L * T * H    (causal attention: QK^T and PV, fwd + 2x bwd)
+where N_active = DecoderConfig.activated_params() (574,127,360 for the full preset: attention,
+dense MLP, router, shared + top-k routed experts, final norm, lm_head; no embedding), L layers,
+T sequence length, H hidden size.
+
+GPU:  python bench/bench_decoder.py                       (needs ~60 GB for the full preset)
+CPU:  python bench/bench_decoder.py --tiny                (debug preset, seq 256, a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decoder import DecoderConfig, DecoderModel, decoder_config  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, n: int, iters: int) -> float:
+    """Measured bf16 dense matmul throughput (TFLOP/s)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def oracle_model(cfg: DecoderConfig, device: torch.device, dtype: torch.dtype):
+    """transformers' DeepseekOcr2TextModel with the same sizes, grouped_mm experts, SDPA."""
+    from transformers.models.deepseek_ocr2 import DeepseekOcr2TextConfig, DeepseekOcr2TextModel
+
+    hf_cfg = DeepseekOcr2TextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        n_routed_experts=cfg.moe.n_routed_experts,
+        num_experts_per_tok=cfg.moe.num_experts_per_tok,
+        moe_intermediate_size=cfg.moe.moe_intermediate_size,
+        n_shared_experts=cfg.moe.n_shared_experts,
+        routed_scaling_factor=cfg.moe.routed_scaling_factor,
+        topk_method="greedy",
+        mlp_layer_types=["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_layers)],
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        use_cache=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._experts_implementation = "grouped_mm"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DeepseekOcr2TextModel(hf_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+class OracleWithHead(torch.nn.Module):
+    """Oracle body + an lm_head Linear, returning fp32 logits (the oracle text model has no head)."""
+
+    def __init__(self, body: torch.nn.Module, vocab: int, hidden: int, device, dtype) -> None:
+        super().__init__()
+        self.body = body
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
+        return self.lm_head(hidden).float(), torch.zeros((), device=ids.device)
+
+
+class OursWrapped(torch.nn.Module):
+    def __init__(self, model: DecoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(ids)
+        return out.logits, out.aux_loss
+
+
+def time_training(model, ids, labels, steps: int, warmup: int, device) -> tuple[list[float], float]:
+    """Per-step seconds of fwd + bwd + AdamW step, and the loss of the first (pre-update) step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
+    times, first_loss = [], None
+    for step in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        logits, aux = model(ids)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        (loss + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if first_loss is None:
+            first_loss = loss.item()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        del logits, aux, loss
+    del opt
+    return times, first_loss
+
+
+def profile_step(model, ids, labels, path: Path, device) -> None:
+    """One more training step under torch.profiler; writes the per-op table sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    params = [p for p in model.parameters() if p.requires_grad]
+    with profile(activities=activities) as prof:
+        logits, aux = model(ids)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        (loss + aux).backward()
+        sync(device)
+    for p in params:
+        p.grad = None
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70))
+
+
+def report(name: str, times: list[float], tokens: int, flops_per_token: float, peak: float, device) -> float:
+    step = statistics.median(times)
+    tps = tokens / step
+    mfu = tps * flops_per_token / (peak * 1e12)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    print(
+        f"{name:>13}: step {step * 1e3:8.1f} ms (min {min(times) * 1e3:.1f})  "
+        f"{tps:10.0f} tokens/s  MFU {100 * mfu:5.1f}%  peak mem {mem:.1f} GiB"
+    )
+    return tps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--experts-backend", default="auto", help="ours: auto|grouped_mm|loop|padded_bmm")
+    parser.add_argument("--skip-oracle", action="store_true", help="time ours only")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each layer")
+    parser.add_argument("--profile-dir", type=Path, default=None, help="write per-op profiles here")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: debug preset, seq 256")
+    args = parser.parse_args()
+    if args.tiny:
+        args.preset, args.seq, args.steps, args.warmup = "debug", 256, 3, 1
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    cfg = decoder_config(args.preset, max_position_embeddings=max(args.seq, 8192))
+    cfg.moe.experts_backend = args.experts_backend
+    tokens = args.batch * args.seq
+    flops_per_token = cfg.matmul_flops_per_token(args.seq, causal=True)
+    peak = matmul_peak_tflops(
+        device, 8192 if device.type == "cuda" else 512, 20 if device.type == "cuda" else 3
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device {name}, torch {torch.__version__}, preset {args.preset}, batch {args.batch} x seq {args.seq}, bf16"
+    )
+    print(f"measured bf16 matmul peak {peak:.1f} TFLOP/s; model FLOPs/token {flops_per_token / 1e9:.3f} G")
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = DecoderModel(cfg)
+    ours.to_empty(device=device)
+    ours.init_weights()
+    ours.to(dtype)
+    init_state = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    labels = torch.roll(ids, -1, dims=1)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.compile:
+        for i, layer in enumerate(ours.layers):
+            ours.layers[i] = torch.compile(layer)
+    wrapped = OursWrapped(ours.train())
+    times, loss_ours = time_training(wrapped, ids, labels, args.steps, args.warmup, device)
+    tps_ours = report("ours", times, tokens, flops_per_token, peak, device)
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+        profile_step(wrapped, ids, labels, args.profile_dir / "profile_ours.txt", device)
+    del wrapped
+    del ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.skip_oracle:
+        return
+
+    body = oracle_model(cfg, device, dtype)
+    oracle = OracleWithHead(body, cfg.vocab_size, cfg.hidden_size, device, dtype)
+    # same initial weights: our key names equal the oracle's (experts fused gate-first) + lm_head
+    body.load_state_dict({k: v for k, v in init_state.items() if k != "lm_head.weight"}, strict=True)
+    oracle.lm_head.weight.data.copy_(init_state["lm_head.weight"])
+    del init_state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss_oracle = time_training(oracle.train(), ids, labels, args.steps, args.warmup, device)
+    tps_oracle = report("transformers", times, tokens, flops_per_token, peak, device)
+    if args.profile_dir is not None:
+        profile_step(oracle, ids, labels, args.profile_dir / "profile_transformers.txt", device)
+    print(f"first-step loss: ours {loss_ours:.4f}, transformers {loss_oracle:.4f}")
+    print(f"speed ratio ours / transformers: {tps_ours / tps_oracle:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
