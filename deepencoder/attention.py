@@ -88,8 +88,13 @@ def augmented_rel_pos_attention(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     hw: tuple[int, int],
+    pad_value: bool = False,
 ) -> torch.Tensor:
-    """Same function as `decomposed_bias_attention`, as one mask-free SDPA call on augmented q/k."""
+    """Same function as `decomposed_bias_attention`, as one mask-free SDPA call on augmented q/k.
+
+    pad_value=True zero-pads v to the augmented head dim (and slices the output back) so that
+    kernels needing equal q/k/v head dims (FlashAttention) are eligible.
+    """
     height, width = hw
     b, nh, n, c = q.shape
     scale = c**-0.5
@@ -106,6 +111,9 @@ def augmented_rel_pos_attention(
     if pad:
         q_aug = F.pad(q_aug, (0, pad))
         k_aug = F.pad(k_aug, (0, pad))
+    if pad_value:
+        v_pad = F.pad(v, (0, q_aug.shape[-1] - v.shape[-1]))  # (B, nh, HW, C+H+W+pad)
+        return F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=scale)[..., : v.shape[-1]]
     return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=scale)
 
 
