@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.shards import Sample, ShardWriter, ShardWriterConfig
+from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, safe_text
 from data_tools.validate import (
     Reject,
     ValidationConfig,
@@ -110,7 +110,7 @@ def encode_record(args: tuple[Record, ConvertConfig]) -> Sample | tuple[Record, 
     if isinstance(label, Reject):
         return rec, label
     key = f"{cfg.key_prefix}-{rec.index:09d}"
-    meta: dict = {"source": cfg.source, "lang": cfg.lang, "origin": rec.origin}
+    meta: dict = {"source": cfg.source, "lang": cfg.lang, "origin": safe_text(rec.origin)}
     if rec.text_only and rec.prompt is None:
         meta["text"] = label
         return Sample(key, meta)

@@ -46,6 +46,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def safe_text(text: str) -> str:
+    """`text` with surrogates (undecodable bytes of file names, lone JSON escapes) backslash-escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -212,6 +217,7 @@ class ShardWriter:
     def skip(self, reason: str, source: str, key: str, detail: str = "") -> None:
         """Count and log one bad input; the first few per reason are kept for the manifest."""
         self.skipped[reason] += 1
+        source, key, detail = safe_text(source), safe_text(key), safe_text(detail)
         examples = self.skipped_examples.setdefault(reason, [])
         if len(examples) < 20:
             examples.append({"source": source, "key": key, "detail": detail[:300]})

@@ -70,8 +70,9 @@ def decode_text(data: bytes) -> str | Reject:
 
 
 def has_surrogates(text: str) -> bool:
-    """True if `text` was decoded with errors='surrogateescape' from invalid UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    """True if `text` holds surrogate code points: bytes kept by errors='surrogateescape' from
+    invalid UTF-8, or lone surrogates from JSON escapes such as "\\ud800" (not encodable)."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 def check_label(label: str | bytes | None, cfg: ValidationConfig) -> str | Reject:
