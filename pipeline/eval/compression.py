@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.batch import ImageViews
 from pipeline.eval.metrics import Normalizer, char_precision_recall, fox_scores
 from pipeline.eval.report import SampleRecord
+from pipeline.processing import ModeSpec, get_mode
 
 DEFAULT_BUCKET_EDGES = (600, 700, 800, 900, 1000, 1100, 1200, 1300)
 # vision tokens of one view in the resize/pad modes (architecture.md section 3)
@@ -156,6 +158,14 @@ def count_text_tokens(
 ) -> dict[str, int]:
     """Ground-truth token counts (key -> len(encode(text))), encode without special tokens."""
     return {key: len(encode(text)) for key, text in references.items()}
+
+
+def vision_tokens_of(views: ImageViews, mode: str | ModeSpec) -> int:
+    """Vision tokens one processed image feeds the decoder, without newline/separator slots:
+    q^2 for the global view plus w*h*t^2 for the tiles (Gundam: n*100 + 256)."""
+    spec = get_mode(mode)
+    tiles = 0 if views.tiles is None else views.grid[0] * views.grid[1]
+    return spec.global_grid**2 + tiles * spec.tile_grid**2
 
 
 def bucket_index(num_tokens: int, edges: Sequence[int]) -> int | None:

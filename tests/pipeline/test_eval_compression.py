@@ -10,8 +10,10 @@ from pipeline.eval.compression import (
     bucket_index,
     compression_study,
     count_text_tokens,
+    vision_tokens_of,
 )
 from pipeline.eval.report import SampleRecord
+from pipeline.processing import process_image
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +86,13 @@ def test_paper_column_table_plot(tmp_path):
     assert json.loads(paths["json"].read_text())["rows"][1]["mode"] == "small"
     with Image.open(paths["plot"]) as img:
         assert img.format == "PNG" and img.size == (840, 540)
+
+
+def test_vision_tokens_of_modes():
+    page = Image.new("RGB", (1400, 900), "white")  # aspect 1.56: closest tile grid 3x2 (1.5)
+    assert vision_tokens_of(process_image(page, "tiny"), "tiny") == 64
+    assert vision_tokens_of(process_image(page, "base"), "base") == 256
+    gundam = process_image(page, "gundam")
+    assert gundam.grid == (3, 2) and vision_tokens_of(gundam, "gundam") == 6 * 100 + 256
+    small_page = Image.new("RGB", (600, 500), "white")  # both sides <= 640: no tiles
+    assert vision_tokens_of(process_image(small_page, "gundam"), "gundam") == 256
