@@ -228,3 +228,17 @@ def test_hf_clip_fuses_qkv_in_q_k_v_order(model, tmp_path):
 def test_missing_file_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_state_file(tmp_path / "nope.safetensors")
+
+
+def test_full_release_table_round_trips_on_meta_tensors():
+    cfg = ENCODER_PRESETS["full"]
+    with torch.device("meta"):
+        ours = DeepEncoder(cfg).state_dict()
+    release = encoder_state_to_release(ours)
+    assert len(release) == len(ours) == 12 * 14 + 3 + 6 + 2 + 5 + 24 * 12 + 4  # 476
+    back = encoder_state_from_release(release)
+    assert back.keys() == ours.keys() and all(back[k] is ours[k] for k in ours)
+    assert release["model.sam_model.blocks.2.attn.rel_pos_h"].shape == (127, 64)  # global block
+    assert release["model.sam_model.blocks.3.attn.rel_pos_h"].shape == (27, 64)  # window 14
+    assert release["model.vision_model.embeddings.position_embedding.weight"].shape == (257, 1024)
+    assert release["model.projector.layers.weight"].shape == (1280, 2048)
