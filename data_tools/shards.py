@@ -203,11 +203,10 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        mtime = int(self._start)
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            info.mtime = mtime
+            info.mtime = 0  # fixed, so equal inputs give byte-identical shards
             info.mode = 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
