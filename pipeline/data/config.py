@@ -112,7 +112,7 @@ class LoaderConfig:
     seq_len: int = 8192
     batch_size: int = 1
     packing: bool = True
-    pack_buffer: int = 32
+    pack_buffer: int = 16
     seed: int = 0
     shuffle: bool = True
     infinite: bool = True
