@@ -12,9 +12,9 @@ Subcommands (all write into --out):
   markdown     prediction JSONL -> per-page markdown files (+ edit distance against --references)
   plots        a run's metrics.jsonl -> PNGs
 
-Checkpoints are loaded with `pipeline.checkpoint_io.import_release` (released layout, our
-export and consolidated checkpoints), which loads strictly: a checkpoint of a different size
-fails with the mismatching tensors named. Metrics: ../shared/spec/training.md.
+Checkpoints are loaded with `pipeline.checkpoint_io.load_any` (our layout or the released one,
+e.g. an `export_release` of a consolidated training checkpoint), strictly: weights of a different
+size than the config describes fail with the mismatching tensors named. Metrics: ../shared/spec/training.md.
 """
 
 from __future__ import annotations
@@ -150,21 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- model loading
 def load_model(checkpoint: str, device: str, dtype: str):
-    """(model, tokenizer) from a checkpoint directory, moved to device/dtype, in eval mode."""
+    """(model, tokenizer) from our checkpoint directory or a release-layout one
+    (`pipeline.checkpoint_io.load_any`), on device/dtype, in eval mode. Weights that do not fit the
+    model the directory's config describes (a checkpoint of a different size) raise ValueError."""
     import torch
 
-    from pipeline.checkpoint_io import import_release
+    from pipeline.checkpoint_io import load_any
 
     path = Path(checkpoint)
-    if not path.exists():
-        raise ValueError(f"checkpoint {checkpoint} does not exist")
-    model, tokenizer = import_release(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is not a directory")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    model = model.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    try:
+        model, tokenizer = load_any(
+            path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device=device
+        )
+    except RuntimeError as exc:  # load_state_dict: size mismatch / missing / unexpected keys
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[:4])
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit the model its config describes: {detail}"
+        ) from exc
     return model.eval(), tokenizer
 
 

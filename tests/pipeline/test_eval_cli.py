@@ -136,3 +136,43 @@ def test_markdown_and_plots(tmp_path):
     )
     assert cli.main(["plots", "--log", str(log), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "losses.png").is_file() and not (tmp_path / "plots" / "cer.png").exists()
+
+
+def test_run_real_checkpoints_and_size_mismatch(tmp_path, page_set, capsys):
+    from pipeline.checkpoint_io import export_release, save_checkpoint
+    from pipeline.eval.data import read_eval_set
+    from pipeline.eval.runner import EvalRunConfig, evaluate
+
+    tok = build_char_tokenizer("abcdefghij .\nFreOCR")
+    torch.manual_seed(1)
+    model = build_model("debug", "debug", tok.vocab_size, image_token_id=tok.image_id).eval()
+    config = EvalRunConfig(mode="debug", prompt="<image>\nFree OCR.", max_new_tokens=4)
+    expected = [r.prediction for r in evaluate(model, tok, read_eval_set(page_set), config).records]
+    common = [
+        "--data",
+        str(page_set),
+        "--mode",
+        "debug",
+        "--prompt",
+        "<image>\nFree OCR.",
+        "--max-new-tokens",
+        "4",
+    ]
+    common += ["--device", "cpu", "--dtype", "fp32"]
+    for name, write in (("ours", save_checkpoint), ("release", export_release)):
+        write(model, tok, tmp_path / name)
+        out = tmp_path / f"out_{name}"
+        assert cli.main(["run", "--checkpoint", str(tmp_path / name), "--out", str(out), *common]) == 0
+        lines = (out / "eval_samples.jsonl").read_text().splitlines()
+        assert [json.loads(line)["prediction"] for line in lines] == expected
+    # weights of a model with a larger vocabulary under the debug model's config
+    big_tok = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz .\nFreOCR")
+    big = build_model("debug", "debug", big_tok.vocab_size, image_token_id=big_tok.image_id)
+    save_checkpoint(big, big_tok, tmp_path / "big")
+    shutil.copyfile(tmp_path / "big" / "model.safetensors", tmp_path / "ours" / "model.safetensors")
+    assert (
+        cli.main(["run", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "bad"), *common])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "does not fit the model its config describes" in err and "size mismatch" in err
