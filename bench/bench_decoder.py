@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--experts-backend", default="auto", help="ours: auto|grouped_mm|loop|padded_bmm")
     parser.add_argument("--skip-oracle", action="store_true", help="time ours only")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each layer")
+    parser.add_argument("--compile-oracle", action="store_true", help="transformers: compile each layer")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write per-op profiles here")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: debug preset, seq 256")
     args = parser.parse_args()
@@ -210,11 +211,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.compile:
-        for i, layer in enumerate(ours.layers):
-            ours.layers[i] = torch.compile(layer)
+        ours.compile_layers()
     wrapped = OursWrapped(ours.train())
     times, loss_ours = time_training(wrapped, ids, labels, args.steps, args.warmup, device)
-    tps_ours = report("ours", times, tokens, flops_per_token, peak, device)
+    tps_ours = report(
+        "ours" + ("+compile" if args.compile else ""), times, tokens, flops_per_token, peak, device
+    )
     if args.profile_dir is not None:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
         profile_step(wrapped, ids, labels, args.profile_dir / "profile_ours.txt", device)
@@ -231,11 +233,16 @@ def main() -> None:
     # same initial weights: our key names equal the oracle's (experts fused gate-first) + lm_head
     body.load_state_dict({k: v for k, v in init_state.items() if k != "lm_head.weight"}, strict=True)
     oracle.lm_head.weight.data.copy_(init_state["lm_head.weight"])
+    if args.compile_oracle:
+        for layer in body.layers:
+            layer.compile()
     del init_state
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss_oracle = time_training(oracle.train(), ids, labels, args.steps, args.warmup, device)
-    tps_oracle = report("transformers", times, tokens, flops_per_token, peak, device)
+    tps_oracle = report(
+        "transformers" + ("+c" if args.compile_oracle else ""), times, tokens, flops_per_token, peak, device
+    )
     if args.profile_dir is not None:
         profile_step(oracle, ids, labels, args.profile_dir / "profile_transformers.txt", device)
     print(f"first-step loss: ours {loss_ours:.4f}, transformers {loss_oracle:.4f}")

@@ -29,7 +29,9 @@ from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    """weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+    """weight * x * rsqrt(mean(x^2) + eps), computed in fp32 (torch's fused rms_norm upcasts)
+    and rounded once to x's dtype; the reference rounds x_normed before the weight multiply,
+    so bf16 results agree to rounding and fp32 results exactly."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -42,8 +44,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps)
 
 
 @dataclass
@@ -137,6 +138,12 @@ class DecoderModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for layer in self.layers:
             layer.set_gradient_checkpointing(enabled)
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile every layer in place (regional compilation; state-dict keys unchanged).
+        Fuses the norm, RoPE, SwiGLU and routing elementwise work around the matmuls."""
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head; logits returned in fp32 (B, T, V)."""

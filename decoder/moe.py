@@ -3,7 +3,10 @@
 Follows DeepseekV2MoE as configured by the released DeepSeek-OCR (architecture.md section 2):
 router logits x.float() @ W^T, softmax in fp32, top-k unsorted, weights = raw probabilities
 (optionally renormalised) * routed_scaling_factor; output = sum_i w_i * expert_i(x) + shared(x),
-with the weighted sum in fp32. The sequence-level balance loss is DeepSeek-V2's `seq_aux`.
+the sum over the k experts accumulated in fp32. The routing weight multiplies the expert's
+hidden activation before down_proj (equal by linearity to the reference's weighting of the
+expert output; it saves passes over (S, H)). The sequence-level balance loss is DeepSeek-V2's
+`seq_aux`.
 
 Routed experts keep stacked weights (torchtitan style): `gate_up_proj` [E, 2I, H] (gate rows
 first, then up) and `down_proj` [E, H, I]. Tokens are sorted by expert (stable argsort) and
@@ -20,8 +23,6 @@ import deepspeed.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -75,18 +76,17 @@ class Router(nn.Module):
         return scores, weights * self.scaling, indices
 
 
-@functools.cache
-def _grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
-    """Whether this torch build runs F.grouped_mm on CPU for `dtype` (fp32 was rejected up to 2.13)."""
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def grouped_mm_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm runs on CPU for `dtype`: bf16 always; fp32 was rejected up to
+    torch 2.13 (engine_notes.md) and works in 2.15."""
     if not hasattr(F, "grouped_mm"):
         return False
-    a = torch.ones(4, 16, dtype=dtype)
-    b = torch.ones(2, 16, 16, dtype=dtype)
-    try:
-        F.grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and _torch_version() >= (2, 15))
 
 
 def select_experts_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -100,7 +100,7 @@ def select_experts_backend(requested: str, device: torch.device, dtype: torch.dt
         if major >= 9 and dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
             return "grouped_mm"
         return "padded_bmm"
-    if device.type == "cpu" and _grouped_mm_on_cpu(dtype):
+    if device.type == "cpu" and grouped_mm_on_cpu(dtype):
         return "grouped_mm"
     return "loop"
 
@@ -130,38 +130,45 @@ class GroupedExperts(nn.Module):
         k = indices.shape[1]
         flat = indices.reshape(-1)  # (S,) with S = N*k, row-major over (token, slot)
         order = torch.argsort(flat, stable=True)  # (S,) slots sorted by expert
-        sizes = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        sizes.scatter_add_(0, flat, torch.ones_like(flat))  # (E,) group sizes, no host sync
-        x_sorted = x[order // k]  # (S, H)
-        backend = select_experts_backend(self.backend, x.device, x.dtype)
-        y_sorted = getattr(self, f"_run_{backend}")(x_sorted, sizes)  # (S, H)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)
-        y = y_sorted[inverse].view(n, k, h)  # (N, k, H) back in slot order
-        out = (y.float() * weights.unsqueeze(-1)).sum(dim=1)  # (N, H) fp32 combine
-        return out.to(x.dtype)
+        sizes = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        sizes.scatter_add_(0, flat, torch.ones_like(flat))  # (E,) group sizes, no host sync
+        x_sorted = _GatherTokens.apply(x, order, inverse, k)  # (S, H)
+        w_sorted = weights.reshape(-1)[order].to(x.dtype)  # (S,)
+        backend = select_experts_backend(self.backend, x.device, x.dtype)
+        y_sorted = getattr(self, f"_run_{backend}")(x_sorted, sizes, w_sorted)  # (S, H), weighted
+        y = _Unsort.apply(y_sorted, order, inverse).view(n, k, h)  # (N, k, H) back in slot order
+        return y.sum(dim=1)  # (N, H), accumulated in fp32 by the reduction
 
-    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def _swiglu(self, gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up * routing weight; (rows, 2I) -> (rows, I). The weight is applied
+        before down_proj, equal by linearity to weighting the expert output."""
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate) * up * w.unsqueeze(-1)
 
-    def _run_grouped_mm(self, x_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def _run_grouped_mm(
+        self, x_sorted: torch.Tensor, sizes: torch.Tensor, w_sorted: torch.Tensor
+    ) -> torch.Tensor:
         offs = sizes.cumsum(0).to(torch.int32)  # (E,) group ends
         w1 = self.gate_up_proj.to(x_sorted.dtype).transpose(-2, -1)  # (E, H, 2I)
         w2 = self.down_proj.to(x_sorted.dtype).transpose(-2, -1)  # (E, I, H)
-        hidden = self._swiglu(F.grouped_mm(x_sorted, w1, offs=offs))  # (S, I)
+        hidden = self._swiglu(F.grouped_mm(x_sorted, w1, offs=offs), w_sorted)  # (S, I)
         return F.grouped_mm(hidden, w2, offs=offs)  # (S, H)
 
-    def _run_loop(self, x_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def _run_loop(self, x_sorted: torch.Tensor, sizes: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:
         outs = []
-        for e, chunk in enumerate(x_sorted.split(sizes.tolist(), dim=0)):
+        split = sizes.tolist()  # one host sync
+        for e, (chunk, w) in enumerate(zip(x_sorted.split(split), w_sorted.split(split))):
             if chunk.shape[0] == 0:
                 continue
-            hidden = self._swiglu(chunk @ self.gate_up_proj[e].to(chunk.dtype).t())  # (n_e, I)
+            hidden = self._swiglu(chunk @ self.gate_up_proj[e].to(chunk.dtype).t(), w)  # (n_e, I)
             outs.append(hidden @ self.down_proj[e].to(chunk.dtype).t())  # (n_e, H)
         return torch.cat(outs, dim=0)
 
-    def _run_padded_bmm(self, x_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def _run_padded_bmm(
+        self, x_sorted: torch.Tensor, sizes: torch.Tensor, w_sorted: torch.Tensor
+    ) -> torch.Tensor:
         s, h = x_sorted.shape
         e = self.num_experts
         cap = int(sizes.max())  # one host sync
@@ -169,9 +176,42 @@ class GroupedExperts(nn.Module):
         expert_of = torch.repeat_interleave(torch.arange(e, device=x_sorted.device), sizes, output_size=s)
         slot = expert_of * cap + torch.arange(s, device=x_sorted.device) - starts[expert_of]  # (S,)
         padded = x_sorted.new_zeros(e * cap, h).index_copy(0, slot, x_sorted).view(e, cap, h)
-        hidden = self._swiglu(torch.bmm(padded, self.gate_up_proj.to(x_sorted.dtype).transpose(1, 2)))
+        w_padded = w_sorted.new_zeros(e * cap).index_copy(0, slot, w_sorted).view(e, cap)
+        gate_up = torch.bmm(padded, self.gate_up_proj.to(x_sorted.dtype).transpose(1, 2))  # (E, cap, 2I)
+        hidden = self._swiglu(gate_up, w_padded)  # (E, cap, I)
         out = torch.bmm(hidden, self.down_proj.to(x_sorted.dtype).transpose(1, 2))  # (E, cap, H)
         return out.reshape(e * cap, h)[slot]  # (S, H)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x (N, H) -> x[order // k] (S, H). Backward sums the k copies of each token through a
+    gather and a reduction: deterministic, and cheaper than the atomic index_put of autograd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        n = inverse.numel() // ctx.k
+        return grad[inverse].view(n, ctx.k, -1).sum(dim=1), None, None, None  # (N, H)
+
+
+class _Unsort(torch.autograd.Function):
+    """y_sorted (S, H) -> y_sorted[inverse]; backward is the gather grad[order]."""
+
+    @staticmethod
+    def forward(ctx, y_sorted: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return y_sorted[inverse]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad[order], None, None
 
 
 def balance_loss(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from decoder import MoE, decoder_config
-from decoder.moe import GroupedExperts, Router, balance_loss
+from decoder.moe import GroupedExperts, Router, balance_loss, grouped_mm_on_cpu
 
 BACKENDS = ["grouped_mm", "loop", "padded_bmm"]
 
@@ -43,6 +43,8 @@ def make_moe(backend, seed=0):
 @pytest.mark.unit
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grouped_experts_match_loop_oracle_fwd_bwd(backend):
+    if backend == "grouped_mm" and not grouped_mm_on_cpu(torch.float32):
+        pytest.skip("this torch build has no fp32 grouped_mm on CPU")
     moe, cfg = make_moe(backend)
     moe.eval()  # no aux loss: compare the function itself
     x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
@@ -70,11 +72,12 @@ def test_backends_agree_in_bf16():
     router.init_weights()
     _, w, idx = router(x)
     outs = {}
-    for backend in BACKENDS:
+    for backend in BACKENDS if grouped_mm_on_cpu(torch.bfloat16) else BACKENDS[1:]:
         experts.backend = backend
         outs[backend] = experts(x, idx, w).float()
-    for backend in BACKENDS[1:]:
-        torch.testing.assert_close(outs[backend], outs["grouped_mm"], rtol=2e-2, atol=1e-3)
+    first = next(iter(outs))
+    for backend in outs:
+        torch.testing.assert_close(outs[backend], outs[first], rtol=2e-2, atol=1e-3)
 
 
 def oracle_seq_aux(scores, indices, batch, seq, num_experts, k, alpha):

@@ -64,7 +64,7 @@ def release_to_oracle(release, num_layers, num_experts):
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
-    cfg = decoder_config("debug", moe={"experts_backend": "grouped_mm"})
+    cfg = decoder_config("debug")
     ours = DecoderModel(cfg)
     # non-trivial norm weights so the norm/weight order matters
     with torch.no_grad():
