@@ -1,0 +1,258 @@
+"""The full model as a flat list of pipeline units, and its split into pipeline stages.
+
+Units (the layer list a DeepSpeed `PipelineModule` is built from):
+
+    0        "sam+compressor"              SAM ViT-B + neck + net_2/net_3 (frozen in stage 2)
+    1        "clip+projector+embed+merge"  CLIP-L, projector, image_newline, view_seperator,
+                                           the token embedding and the vision/text merge
+    2..L+1   "decoder.0" .. "decoder.L-1"  decoder layers
+    L+2      "head"                        final RMSNorm + lm_head
+
+Parameter counts come from the real modules built on the meta device (no memory, no init
+cost), so they follow whatever `deepencoder` / `decoder` build for the configured presets.
+
+Stage splits (DeepSpeed's `parts` convention: pp+1 unit boundaries, parts[0] = 0,
+parts[-1] = number of units; stage s holds units parts[s]..parts[s+1]-1):
+- "paper" (DeepSeek-OCR, arXiv 2510.18234 section 3.5; ../shared/spec/training.md):
+  PP=4 is [sam+compressor | clip+... | decoder 0-5 | decoder 6-11 + head]; PP=2 is
+  [sam, clip, decoder 0-5 | decoder 6-11 + head]; PP=1 is everything. PP >= 4 generalises
+  the paper layout (SAM alone, CLIP alone, the decoder layers spread evenly over the other
+  stages, earlier stages taking the remainder because the last also holds the head), e.g.
+  PP=8 gives two decoder layers per stage. Any other PP falls back to "parameters".
+- "parameters": contiguous split minimising the largest per-stage trainable parameter
+  count (what DeepSpeed's partition_method="parameters" balances; a frozen SAM weighs 0).
+- explicit `parallel.partition` boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from decoder import DecoderConfig, DecoderModel, decoder_config
+from deepencoder import DeepEncoder, EncoderConfig, encoder_config
+from pipeline.config import ModelConfig
+
+UNIT_KINDS = ("sam", "clip", "decoder_layer", "head")
+METHODS = ("paper", "parameters")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One pipeline layer. layer_idx is the decoder layer index for kind "decoder_layer"."""
+
+    name: str
+    kind: str
+    trainable: int
+    frozen: int
+    layer_idx: int | None = None
+
+    @property
+    def params(self) -> int:
+        return self.trainable + self.frozen
+
+
+@dataclass
+class Stage:
+    index: int
+    units: list[Unit]
+
+    @property
+    def trainable(self) -> int:
+        return sum(u.trainable for u in self.units)
+
+    @property
+    def frozen(self) -> int:
+        return sum(u.frozen for u in self.units)
+
+    @property
+    def params(self) -> int:
+        return self.trainable + self.frozen
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def label(self) -> str:
+        """Short human form: "decoder.0-5 + head"."""
+        parts: list[str] = []
+        layers = [u.layer_idx for u in self.units if u.kind == "decoder_layer"]
+        for u in self.units:
+            if u.kind != "decoder_layer":
+                parts.append(u.name)
+            elif u.layer_idx == layers[0]:
+                parts.append(f"decoder.{layers[0]}" + (f"-{layers[-1]}" if len(layers) > 1 else ""))
+        return " + ".join(parts)
+
+
+@dataclass
+class Partition:
+    parts: list[int]
+    stages: list[Stage]
+    method: str
+    units: list[Unit] = field(repr=False)
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    def stage_of(self, unit_name: str) -> int:
+        for stage in self.stages:
+            if unit_name in stage.names:
+                return stage.index
+        raise ValueError(f"unknown unit {unit_name!r}; units: {[u.name for u in self.units]}")
+
+
+def _count(params: Sequence[nn.Parameter]) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    return trainable, frozen
+
+
+def model_configs(model: ModelConfig) -> tuple[EncoderConfig, DecoderConfig]:
+    """The encoder and decoder configs a `ModelConfig` names (presets + overrides), checked to fit."""
+    enc_cfg = encoder_config(model.encoder, **dict(model.encoder_overrides))
+    dec_cfg = decoder_config(model.decoder, **dict(model.decoder_overrides))
+    if enc_cfg.n_embed != dec_cfg.hidden_size:
+        raise ValueError(
+            f"the encoder projects to n_embed={enc_cfg.n_embed} but decoder {model.decoder!r} has "
+            f"hidden_size={dec_cfg.hidden_size}: set model.encoder_overrides.n_embed={dec_cfg.hidden_size}"
+        )
+    return enc_cfg, dec_cfg
+
+
+def build_units(model: ModelConfig) -> list[Unit]:
+    """The pipeline units of the configured model with trainable/frozen parameter counts.
+
+    Builds `DeepEncoder` and `DecoderModel` on the meta device, applies `freeze_sam`, and
+    asserts that every parameter lands in exactly one unit.
+    """
+    enc_cfg, dec_cfg = model_configs(model)
+    with torch.device("meta"):
+        encoder = DeepEncoder(enc_cfg)
+        decoder = DecoderModel(dec_cfg)
+    if model.freeze_sam:
+        encoder.freeze_sam()
+
+    groups: list[tuple[str, str, list[nn.Parameter], int | None]] = [
+        ("sam+compressor", "sam", list(encoder.sam_model.parameters()), None),
+        (
+            "clip+projector+embed+merge",
+            "clip",
+            [
+                *encoder.vision_model.parameters(),
+                *encoder.projector.parameters(),
+                encoder.image_newline,
+                encoder.view_seperator,
+                *decoder.embed_tokens.parameters(),
+            ],
+            None,
+        ),
+    ]
+    for i, layer in enumerate(decoder.layers):
+        groups.append((f"decoder.{i}", "decoder_layer", list(layer.parameters()), i))
+    groups.append(("head", "head", [*decoder.norm.parameters(), *decoder.lm_head.parameters()], None))
+
+    seen = [id(p) for _, _, params, _ in groups for p in params]
+    everything = {id(p) for p in (*encoder.parameters(), *decoder.parameters())}
+    assert len(seen) == len(set(seen)) and set(seen) == everything, (
+        "pipeline units must cover each parameter once"
+    )
+    return [Unit(name, kind, *_count(params), layer_idx=idx) for name, kind, params, idx in groups]
+
+
+def _paper_parts(units: Sequence[Unit], pp: int) -> list[int] | None:
+    """The paper layout for this PP, or None when it has none (PP=3, too few layers)."""
+    n = len(units)
+    layers = sum(u.kind == "decoder_layer" for u in units)
+    if pp == 1:
+        return [0, n]
+    if pp == 2:
+        return [0, 2 + (layers + 1) // 2, n]
+    k = pp - 2  # decoder stages
+    if pp < 4 or k > layers:
+        return None
+    base, extra = divmod(layers, k)
+    parts, at = [0, 1, 2], 2
+    for s in range(k - 1):
+        at += base + (1 if s < extra else 0)
+        parts.append(at)
+    parts.append(n)
+    return parts
+
+
+def balanced_parts(weights: Sequence[int], pp: int) -> list[int]:
+    """Contiguous split of `weights` into pp non-empty parts minimising the largest part sum.
+
+    Exact dynamic programme over split points (O(pp n^2), n is a few dozen units). Among
+    optimal splits the one with the earliest boundaries is returned (deterministic).
+    """
+    n = len(weights)
+    if not 1 <= pp <= n:
+        raise ValueError(f"cannot split {n} pipeline units into {pp} stages")
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][j]: minimal max-part-sum splitting the first j units into k parts
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for k in range(1, pp + 1):
+        for j in range(k, n - (pp - k) + 1):
+            for i in range(k - 1, j):
+                cost = max(best[k - 1][i], prefix[j] - prefix[i])
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    parts = [n]
+    for k in range(pp, 0, -1):
+        parts.append(cut[k][parts[-1]])
+    return parts[::-1]
+
+
+def check_parts(parts: Sequence[int], pp: int, units: Sequence[Unit]) -> list[int]:
+    """Validate explicit boundaries (DeepSpeed `parts`: pp+1 increasing ints from 0 to n)."""
+    parts, n_units = [int(p) for p in parts], len(units)
+    example = _paper_parts(units, pp)
+    hint = f" (the paper split here is {example})" if example else ""
+    if len(parts) != pp + 1 or parts[0] != 0 or parts[-1] != n_units:
+        raise ValueError(
+            f"parallel.partition={parts} must list pp+1={pp + 1} unit boundaries from 0 to {n_units} "
+            f"(stage s holds units parts[s]..parts[s+1]-1){hint}"
+        )
+    if any(b <= a for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"parallel.partition={parts} must be strictly increasing (no empty stage){hint}")
+    return parts
+
+
+def partition(
+    units: Sequence[Unit], pp: int, parts: Sequence[int] | None = None, method: str = "paper"
+) -> Partition:
+    """Split `units` into `pp` stages: explicit `parts`, else `method` ("paper" | "parameters")."""
+    units = list(units)
+    if pp < 1:
+        raise ValueError(f"parallel.pp must be >= 1, got {pp}")
+    if pp > len(units):
+        raise ValueError(
+            f"parallel.pp={pp} exceeds the {len(units)} pipeline units of this model "
+            f"({units[0].name}, ..., {units[-1].name}): use at most {len(units)} stages"
+        )
+    if method not in METHODS:
+        raise ValueError(f"partition method must be one of {METHODS}, got {method!r}")
+    if parts is not None:
+        bounds, used = check_parts(parts, pp, units), "explicit"
+    else:
+        bounds = _paper_parts(units, pp) if method == "paper" else None
+        used = "paper"
+        if bounds is None:
+            bounds, used = balanced_parts([u.trainable for u in units], pp), "parameters"
+    stages = [Stage(s, units[bounds[s] : bounds[s + 1]]) for s in range(pp)]
+    return Partition(parts=bounds, stages=stages, method=used, units=units)
+
+
+def model_partition(model: ModelConfig, pp: int, parts: Sequence[int] | None = None) -> Partition:
+    """`partition(build_units(model), pp, parts)` with the paper split as default."""
+    return partition(build_units(model), pp, parts)
