@@ -19,6 +19,10 @@ buffered samples are re-read by reference and re-decoded (deterministically), an
 worker w of the new DataLoader runs slot (w + next_slot) % W, so the round-robin
 order continues where it stopped: the resumed stream is batch-for-batch the stream
 that was interrupted. Iterating the loader again also continues (it never restarts).
+
+`skip_counts`: sample-level reasons count each bad sample once (it belongs to one
+consumer); shard-level reasons (missing_shard, bad_shard, truncated_shard) count once
+per consumer that opens the shard in an epoch.
 """
 
 from __future__ import annotations
