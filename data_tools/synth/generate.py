@@ -77,7 +77,7 @@ class SynthConfig:
             find_fonts(script_of_lang(lang))
 
 
-def _png(img, compress_level: int = 3) -> bytes:
+def _png(img, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()

@@ -225,3 +225,13 @@ def test_synth_config_validation():
         SynthConfig(n=1, kinds={"poem": 1.0})
     with pytest.raises(ValueError, match="p_grounding"):
         SynthConfig(n=1, p_grounding=2.0)
+
+
+def test_rotated_page_boxes_follow_the_ink():
+    rotate_only = DegradeConfig(p_rotate=1.0, max_degrees=3.0, p_blur=0, p_noise=0, p_jpeg=0)
+    cfg = PageConfig(width=(640, 640), aspect=(1.3, 1.3), degrade=rotate_only)
+    page = render_page(random.Random(4), "en", cfg)
+    straight = render_page(random.Random(4), "en", PageConfig(width=(640, 640), aspect=(1.3, 1.3),
+                                                             degrade=DegradeConfig.off()))  # fmt: skip
+    assert [b.box for b in page.blocks] != [b.box for b in straight.blocks]
+    assert _ink_outside_boxes(page) == 0
