@@ -16,6 +16,13 @@ rel_w[i, b] = q_i . Rw[wi - b + W - 1] (b < W),
 so scale * q'_i . k'_j = scale * q_i . k_j + bias[i, j], a mask-free SDPA call.
 `decomposed_bias_attention` is the plain formulation (bias matrix as attn_mask); tests prove
 the two equal.
+
+Measured (tests/deepencoder/bench_rel_pos_attention.py, H200, torch 2.11, bf16, 4 views):
+global block at 1024 px fwd+bwd 13.8 -> 5.7 ms and 3.19 -> 0.52 GiB, at 1280 px 36.8 -> 15.2 ms
+and 7.6 -> 0.9 GiB; whole SAM+compressor fwd+bwd at 1024 px 117 -> 79 ms, 13.5 -> 7.1 GiB peak
+(forward only 28 -> 24 ms). Max error vs fp32 is also lower (0.04 vs 0.12: the bf16 mask is
+rounded). Padding v for FlashAttention was slower than the unpadded (mem-efficient kernel)
+call; FlexAttention with a gathering score_mod was 10-40x slower.
 """
 
 from __future__ import annotations

@@ -3,8 +3,6 @@ gradient checkpointing, meta-device build, bf16-safe position interpolation."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,15 +52,6 @@ def test_views_are_independent_in_a_batch(model):
         torch.testing.assert_close(model(x)[1:2], model(x[1:2]), rtol=1e-5, atol=1e-6)
 
 
-def test_debug_forward_is_fast(model):
-    x = pixels(2, 128)
-    with torch.no_grad():
-        model(x)
-        start = time.perf_counter()
-        model(x)
-    assert time.perf_counter() - start < 0.5
-
-
 @pytest.mark.parametrize(
     "bad",
     [
@@ -99,13 +88,13 @@ def test_frozen_sam_runs_without_graph_and_clip_still_trains():
 
 def test_gradient_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
-    model = DeepEncoder(ENCODER_PRESETS["debug"])
+    model = DeepEncoder(encoder_config("debug", sam={"window_size": 3}))  # 8x8 grid: padded windows
     with torch.no_grad():  # non-zero rel-pos tables so every parameter gets a gradient signal
         for block in model.sam_model.blocks:
             block.attn.rel_pos_h.normal_(std=0.1)
             block.attn.rel_pos_w.normal_(std=0.1)
-    x = pixels(2, 192, seed=3)
-    target = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4))
+    x = pixels(2, 128, seed=3)
+    target = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(4))
 
     def grads(enabled: bool) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -163,12 +152,3 @@ def test_bf16_forward_is_finite_and_close_to_fp32():
         ref = model(x)
         low = model.to(torch.bfloat16)(x.bfloat16()).float()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
-
-
-@pytest.mark.slow
-def test_full_preset_forward_at_512():
-    torch.manual_seed(0)
-    model = DeepEncoder(ENCODER_PRESETS["full"]).eval()
-    with torch.no_grad():
-        out = model(pixels(1, 512))
-    assert out.shape == (1, 64, 1280) and torch.isfinite(out).all()

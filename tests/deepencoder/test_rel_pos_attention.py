@@ -54,6 +54,8 @@ def test_augmented_equals_bias_and_explicit_oracle(hw, head_dim, table):
     augmented = augmented_rel_pos_attention(q, k, v, rel_h, rel_w, hw)
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(augmented, expected, rtol=1e-5, atol=1e-5)
+    padded_v = augmented_rel_pos_attention(q, k, v, rel_h, rel_w, hw, pad_value=True)
+    torch.testing.assert_close(padded_v, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_augmented_gradients_equal_bias_gradients():
