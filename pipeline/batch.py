@@ -33,8 +33,10 @@ class Example:
     """One tokenized training/eval sample (unpacked).
 
     input_ids/labels have equal length; labels are -100 where no loss is taken
-    (image placeholders, prompt). images are in the order their placeholders
-    appear in input_ids. source/key identify the sample in logs.
+    (image placeholders, prompt) and otherwise equal input_ids: they are aligned
+    with the inputs and the model shifts them (logits at t predict labels[t+1]).
+    images are in the order their placeholders appear in input_ids. source/key
+    identify the sample in logs.
     """
 
     input_ids: list[int]

@@ -50,6 +50,29 @@ class ImagePlan:
         """Rows of the table before the newline and separator entries."""
         return sum(p.shape[0] * (s // VIEW_DOWNSAMPLE) ** 2 for s, p in zip(self.sizes, self.pixels))
 
+    def to_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Flat tuple for a pipeline-stage boundary: (header, *pixels, gather_index, row_counts).
+
+        header = [number of size groups, *sizes] (int64); everything else as in the fields.
+        """
+        header = torch.tensor([len(self.sizes), *self.sizes], dtype=torch.long)
+        counts = torch.tensor(self.row_counts, dtype=torch.long)
+        return (header, *self.pixels, self.gather_index, counts)
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[torch.Tensor, ...]) -> ImagePlan:
+        """Inverse of `to_tensors`."""
+        header = tensors[0].tolist()
+        n = header[0]
+        if len(tensors) != n + 3:
+            raise ValueError(f"an ImagePlan with {n} size groups has {n + 3} tensors, got {len(tensors)}")
+        return cls(
+            sizes=header[1:],
+            pixels=list(tensors[1 : 1 + n]),
+            gather_index=tensors[1 + n],
+            row_counts=tensors[2 + n].tolist(),
+        )
+
 
 def _grid_layout(first_cells: torch.Tensor, w: int, h: int, q: int) -> torch.Tensor:
     """Table indices of a stitched w x h grid of q x q views, with a newline per stitched row."""

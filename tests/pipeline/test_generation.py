@@ -69,16 +69,13 @@ def model(tok):
 def reference_generate(model, tok, views, prompt, steps, n=None, window=90, whitelist=()):
     """One sample, no cache, no padding: recompute the full forward for every new token."""
     ids = torch.tensor([encode_prompt(tok, prompt, views)])
+    with torch.no_grad():
+        prompt_embeds = model.embed_inputs(ids, [views])
     out = []
     for _ in range(steps):
         with torch.no_grad():  # generated ids are plain token embeddings (even a generated <image>)
-            embeds = torch.cat(
-                [
-                    model.embed_inputs(ids, [views]),
-                    model.decoder.embed_tokens(torch.tensor([out], dtype=torch.long)),
-                ],
-                1,
-            )
+            new = model.decoder.embed_tokens(torch.tensor([out], dtype=torch.long))
+            embeds = torch.cat([prompt_embeds, new], dim=1)
             logits = model.decoder(inputs_embeds=embeds).logits[0, -1]
         if n:
             for t in banned_ngram_tokens(out, n, window, whitelist):

@@ -89,6 +89,11 @@ def test_plan_groups_by_size_and_counts(tok):
     assert plan.row_counts == [sum(v.num_placeholders for v in row) for row in batch.images]
     assert plan.gather_index.numel() == sum(plan.row_counts)
     assert int(plan.gather_index.max()) == plan.num_features + 1
+    back = ImagePlan.from_tensors(plan.to_tensors())
+    assert back.sizes == plan.sizes and back.row_counts == plan.row_counts
+    assert torch.equal(back.gather_index, plan.gather_index)
+    assert all(torch.equal(a, b) for a, b in zip(back.pixels, plan.pixels))
+    assert all(t.dtype in (torch.long, torch.float32) for t in plan.to_tensors())
 
 
 def test_merge_matches_per_image_reference(tok, model):
