@@ -88,8 +88,8 @@ def compose_config(
 def sweep_jobs(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[list[str]]:
     """The per-job override lists of `dsocr-train --multirun <overrides>` (basic sweeper).
 
-    Sweep axes come from the command line and from `hydra.sweeper.params` in the composed config;
-    the command line wins for a key given in both (Hydra's rule).
+    Mirrors `BasicSweeper.sweep`: the axes of `hydra.sweeper.params` in the composed config come
+    first, the command line after; a key given in both keeps the command line's values.
     """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -97,10 +97,11 @@ def sweep_jobs(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        gh = GlobalHydra.instance().hydra
+        assert gh is not None
+        cfg = gh.compose_config("train", overrides=list(overrides), run_mode=RunMode.MULTIRUN)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params or {}) or {}
-    cli_keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    merged = [f"{k}={v}" for k, v in params.items() if k not in cli_keys] + list(overrides)
+    merged = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     parsed = OverridesParser.create().parse_overrides(merged)
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
