@@ -51,11 +51,15 @@ def _add_normalizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-diacritics", action="store_true", help="keep Arabic diacritics and tatweel")
     g.add_argument("--fold-digits", action="store_true", help="Arabic-Indic/Persian digits -> ASCII")
     g.add_argument("--casefold", action="store_true", help="case-insensitive normalised metrics")
+    g.add_argument(
+        "--strip-grounding", action="store_true", help="normalised metrics ignore <|ref|>/<|det|> tags"
+    )
     g.add_argument("--loop-factor", type=float, default=3.0, help="output > this x reference = loop")
 
 
 def _normalizer(args: argparse.Namespace) -> Normalizer:
     return Normalizer(
+        strip_grounding=args.strip_grounding,
         fold_arabic_letters=not args.no_fold_arabic,
         remove_arabic_diacritics=not args.keep_diacritics,
         fold_digits=args.fold_digits,

@@ -22,11 +22,9 @@ from typing import Literal
 
 from rapidfuzz.distance import Levenshtein
 
-from pipeline.eval.metrics import Normalizer
+from pipeline.eval.metrics import GROUNDING_ENTRY, Normalizer
 
 EOS_TEXT = "<｜end▁of▁sentence｜>"
-# one grounding entry; the label and the box list are captured
-_ENTRY = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(.*?)<\|/det\|>", re.DOTALL)
 _IMAGE_LINK = re.compile(r"!\[[^\]]*\]\([^)]*\)")
 _BLANK_RUN = re.compile(r"\n{3,}")
 _LATEX_FIXES = (("\\coloneqq", ":="), ("\\eqqcolon", "=:"))
@@ -70,7 +68,7 @@ def grounding_to_markdown(text: str, page: str = "0", config: MarkdownConfig | N
         image_index += 1
         return link
 
-    text = _ENTRY.sub(replace, text)
+    text = GROUNDING_ENTRY.sub(replace, text)
     if config.latex_fixes:
         for old, new in _LATEX_FIXES:
             text = text.replace(old, new)
@@ -113,7 +111,7 @@ def write_markdown_pages(
 def normalize_markdown(text: str, normalizer: Normalizer | None = None, drop_images: bool = True) -> str:
     """Markdown for scoring: grounding tags and EOS removed, image links dropped (optional), then
     `normalizer` (default: NFKC + whitespace collapse, as for CER)."""
-    text = _ENTRY.sub("", text.replace(EOS_TEXT, ""))
+    text = GROUNDING_ENTRY.sub("", text.replace(EOS_TEXT, ""))
     if drop_images:
         text = _IMAGE_LINK.sub("", text)
     return (normalizer or Normalizer())(text)

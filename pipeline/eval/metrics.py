@@ -43,6 +43,8 @@ _DIGIT_FOLD = str.maketrans(
     {**{chr(0x0660 + i): str(i) for i in range(10)}, **{chr(0x06F0 + i): str(i) for i in range(10)}}
 )
 _WHITESPACE = re.compile(r"\s+")
+# one grounding entry `<|ref|>LABEL<|/ref|><|det|>[[...]]<|/det|>`; groups: label, boxes
+GROUNDING_ENTRY = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(.*?)<\|/det\|>", re.DOTALL)
 # Fox's test for Chinese text (it switches to a Chinese word segmenter when either side matches)
 _FOX_CHINESE = re.compile(r"[\u4e00-\u9fa5]")
 _CJK_OR_RUN = re.compile(r"[\u4e00-\u9fff]|[^\s\u4e00-\u9fff]+")
@@ -52,12 +54,14 @@ _CJK_OR_RUN = re.compile(r"[\u4e00-\u9fff]|[^\s\u4e00-\u9fff]+")
 class Normalizer:
     """Text normalisation applied to reference and prediction alike before scoring.
 
-    Steps, in order: NFKC (also maps Arabic presentation forms to letters); zero-width character
+    Steps, in order: grounding-tag removal (off by default: scores the text of grounding outputs
+    only); NFKC (also maps Arabic presentation forms to letters); zero-width character
     removal; Arabic/Persian letter folding; Arabic diacritics + tatweel removal; digit folding;
     ZWNJ handling ("remove" drops it, "space" turns it into a space, "keep" leaves it);
     case folding; whitespace collapse (runs of whitespace -> one space, ends stripped).
     """
 
+    strip_grounding: bool = False
     nfkc: bool = True
     remove_zero_width: bool = True
     fold_arabic_letters: bool = True
@@ -75,6 +79,7 @@ class Normalizer:
     def identity(cls) -> Normalizer:
         """A normaliser that changes nothing (the raw metrics)."""
         return cls(
+            strip_grounding=False,
             nfkc=False,
             remove_zero_width=False,
             fold_arabic_letters=False,
@@ -86,6 +91,8 @@ class Normalizer:
         )
 
     def __call__(self, text: str) -> str:
+        if self.strip_grounding:
+            text = GROUNDING_ENTRY.sub("", text)
         if self.nfkc:
             text = unicodedata.normalize("NFKC", text)
         if self.remove_zero_width:

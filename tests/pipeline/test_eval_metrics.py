@@ -82,6 +82,9 @@ def test_nfkc_whitespace_case():
     assert Normalizer(fold_digits=True)("\u06f1\u06f2\u0663") == "123"
     assert Normalizer.identity()("  a\u200cb  ") == "  a\u200cb  "
     assert norm("a\u200bb") == "ab"  # zero-width space dropped
+    grounded = "<|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n# Hi\n\n<|ref|>text<|/ref|><|det|>[[5, 6, 7, 8]]<|/det|>\nthere"
+    assert Normalizer(strip_grounding=True)(grounded) == "# Hi there"
+    assert norm(grounded) == grounded.replace("\n\n", " ").replace("\n", " ")  # kept by default
 
 
 def test_cjk_cer_and_fox_chars():
