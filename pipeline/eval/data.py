@@ -17,6 +17,7 @@ evaluation time, recorded with its reason.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -48,11 +49,12 @@ class TarMember:
 
 @dataclass(frozen=True)
 class EvalSample:
-    """One page to evaluate. image: a file path, encoded bytes, a tar member, or None (missing)."""
+    """One page to evaluate. image: a file path, encoded bytes, a tar member, an in-memory PIL
+    image (e.g. a training run's synthetic validation lines), or None (missing)."""
 
     key: str
     reference: str
-    image: Path | bytes | TarMember | None
+    image: Path | bytes | TarMember | Image.Image | None
     source: str = ""
 
     def load_image(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -60,17 +62,28 @@ class EvalSample:
         where = f"{self.source}:{self.key}" if self.source else self.key
         if self.image is None:
             raise ValueError(f"{where}: the sample has no image")
+        if isinstance(self.image, Image.Image):
+            width, height = self.image.size
+            if width * height > max_pixels or not width or not height:
+                raise ValueError(
+                    f"{where}: in-memory image of {width}x{height} pixels is empty or over max_pixels"
+                )
+            return self.image.convert("RGB")
         data = self.image.read() if isinstance(self.image, TarMember) else self.image
         return load_image(data, max_pixels=max_pixels, source=where)
 
     def image_bytes(self) -> bytes:
-        """The encoded image file (for external tools such as tesseract)."""
+        """The encoded image file (for external tools such as tesseract); PIL images as PNG."""
         if self.image is None:
             raise ValueError(f"{self.source}:{self.key}: the sample has no image")
         if isinstance(self.image, TarMember):
             return self.image.read()
         if isinstance(self.image, bytes):
             return self.image
+        if isinstance(self.image, Image.Image):
+            out = io.BytesIO()
+            self.image.save(out, format="PNG")
+            return out.getvalue()
         return Path(self.image).read_bytes()
 
 

@@ -1,11 +1,13 @@
 """Eval-set readers: JSONL, CSV, webdataset shards; strict errors; lazy image decoding."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from pipeline.data.testing import png_bytes, sample_members, write_tar
-from pipeline.eval.data import TarMember, read_eval_set, references_of
+from pipeline.eval.data import EvalSample, TarMember, read_eval_set, references_of
 
 pytestmark = pytest.mark.unit
 
@@ -70,3 +72,14 @@ def test_strict_errors(tmp_path):
         read_eval_set(tmp_path / "absent.tar")
     with pytest.raises(ValueError, match="expected a .jsonl"):
         read_eval_set(tmp_path / "set.parquet")
+
+
+def test_in_memory_image():
+    image = Image.new("L", (20, 10), 200)
+    sample = EvalSample("m", "text", image)
+    loaded = sample.load_image()
+    assert loaded.mode == "RGB" and loaded.getpixel((3, 3)) == (200, 200, 200)
+    with Image.open(io.BytesIO(sample.image_bytes())) as png:
+        assert png.format == "PNG" and png.size == (20, 10)
+    with pytest.raises(ValueError, match="max_pixels"):
+        sample.load_image(max_pixels=100)
