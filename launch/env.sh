@@ -20,6 +20,9 @@
 #                             less fragmentation with variable-length (packed, multi-view) batches.
 #   PYTHONUNBUFFERED=1        log lines reach the scheduler's log as they happen.
 #   DS_ACCELERATOR            leave unset on GPU nodes; `cpu` for gloo runs without GPUs.
+#   DSOCR_MODULE=pipeline.cli.train
+#                             the Python module every rank runs; launch.check_dist tests the
+#                             rendezvous, rank layout and collectives without a model.
 # The training code reads WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the
 # environment the launcher sets (pipeline.parallel.topology.dist_env), never from argv.
 # Data and tokenizer paths of the presets: DSOCR_DATA, DSOCR_TOKENIZER (configs/experiment).
@@ -32,6 +35,7 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export PYTHONUNBUFFERED=1
+export DSOCR_MODULE="${DSOCR_MODULE:-pipeline.cli.train}"
 
 # Strip letter suffixes from compute capabilities: "8.0;9.0a+PTX" -> "8.0;9.0+PTX".
 dsocr_sanitize_arch_list() {

