@@ -12,7 +12,10 @@ where N_active = DecoderConfig.activated_params() (574,127,360 for the full pres
 dense MLP, router, shared + top-k routed experts, final norm, lm_head; no embedding), L layers,
 T sequence length, H hidden size.
 
-GPU:  python bench/bench_decoder.py                       (needs ~60 GB for the full preset)
+Variants: ours eager, ours with every layer torch.compile'd (DecoderModel.compile_layers),
+transformers eager (the baseline of the ratio), optionally transformers with compiled layers.
+
+GPU:  python bench/bench_decoder.py [--compile-oracle]    (peak ~45 GiB for the full preset)
 CPU:  python bench/bench_decoder.py --tiny                (debug preset, seq 256, a smoke test)
 """
 
@@ -158,10 +161,27 @@ def report(name: str, times: list[float], tokens: int, flops_per_token: float, p
     mfu = tps * flops_per_token / (peak * 1e12)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     print(
-        f"{name:>13}: step {step * 1e3:8.1f} ms (min {min(times) * 1e3:.1f})  "
+        f"{name:>20}: step {step * 1e3:8.1f} ms (min {min(times) * 1e3:.1f})  "
         f"{tps:10.0f} tokens/s  MFU {100 * mfu:5.1f}%  peak mem {mem:.1f} GiB"
     )
     return tps
+
+
+def run_variant(name, model, ids, labels, args, tokens, flops_per_token, peak, device) -> tuple[float, float]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, first_loss = time_training(model, ids, labels, args.steps, args.warmup, device)
+    tps = report(name, times, tokens, flops_per_token, peak, device)
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+        profile_step(model, ids, labels, args.profile_dir / f"profile_{name.replace('+', '_')}.txt", device)
+    return tps, first_loss
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -175,24 +195,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--experts-backend", default="auto", help="ours: auto|grouped_mm|loop|padded_bmm")
+    parser.add_argument("--no-compile", action="store_true", help="skip ours with torch.compile'd layers")
+    parser.add_argument(
+        "--compile-oracle", action="store_true", help="also time transformers, layers compiled"
+    )
     parser.add_argument("--skip-oracle", action="store_true", help="time ours only")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each layer")
-    parser.add_argument("--compile-oracle", action="store_true", help="transformers: compile each layer")
     parser.add_argument("--profile-dir", type=Path, default=None, help="write per-op profiles here")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: debug preset, seq 256")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: debug preset, seq 256, eager")
     args = parser.parse_args()
     if args.tiny:
-        args.preset, args.seq, args.steps, args.warmup = "debug", 256, 3, 1
+        args.preset, args.seq, args.steps, args.warmup, args.no_compile = "debug", 256, 3, 1, True
     device = torch.device(args.device)
     dtype = torch.bfloat16
     cfg = decoder_config(args.preset, max_position_embeddings=max(args.seq, 8192))
     cfg.moe.experts_backend = args.experts_backend
     tokens = args.batch * args.seq
     flops_per_token = cfg.matmul_flops_per_token(args.seq, causal=True)
-    peak = matmul_peak_tflops(
-        device, 8192 if device.type == "cuda" else 512, 20 if device.type == "cuda" else 3
-    )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    on_gpu = device.type == "cuda"
+    peak = matmul_peak_tflops(device, 8192 if on_gpu else 512, 20 if on_gpu else 3)
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(
         f"device {name}, torch {torch.__version__}, preset {args.preset}, batch {args.batch} x seq {args.seq}, bf16"
     )
@@ -207,46 +228,40 @@ def main() -> None:
     init_state = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     labels = torch.roll(ids, -1, dims=1)
+    common = (ids, labels, args, tokens, flops_per_token, peak, device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if args.compile:
+    results = {}
+    results["ours"] = run_variant("ours", OursWrapped(ours.train()), *common)
+    if not args.no_compile:
+        ours.load_state_dict(init_state)
         ours.compile_layers()
-    wrapped = OursWrapped(ours.train())
-    times, loss_ours = time_training(wrapped, ids, labels, args.steps, args.warmup, device)
-    tps_ours = report(
-        "ours" + ("+compile" if args.compile else ""), times, tokens, flops_per_token, peak, device
-    )
-    if args.profile_dir is not None:
-        args.profile_dir.mkdir(parents=True, exist_ok=True)
-        profile_step(wrapped, ids, labels, args.profile_dir / "profile_ours.txt", device)
-    del wrapped
+        results["ours+compile"] = run_variant("ours+compile", OursWrapped(ours), *common)
     del ours
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if args.skip_oracle:
-        return
+    free(device)
+    if not args.skip_oracle:
+        body = oracle_model(cfg, device, dtype)
+        oracle = OracleWithHead(body, cfg.vocab_size, cfg.hidden_size, device, dtype).train()
+        # same initial weights: our key names equal the oracle's (experts fused gate-first) + lm_head
+        body.load_state_dict({k: v for k, v in init_state.items() if k != "lm_head.weight"}, strict=True)
+        oracle.lm_head.weight.data.copy_(init_state["lm_head.weight"])
+        results["transformers"] = run_variant("transformers", oracle, *common)
+        if args.compile_oracle:
+            body.load_state_dict({k: v for k, v in init_state.items() if k != "lm_head.weight"}, strict=True)
+            oracle.lm_head.weight.data.copy_(init_state["lm_head.weight"])
+            for layer in body.layers:
+                layer.compile()
+            results["transformers+compile"] = run_variant("transformers+compile", oracle, *common)
+        del body, oracle
+        free(device)
 
-    body = oracle_model(cfg, device, dtype)
-    oracle = OracleWithHead(body, cfg.vocab_size, cfg.hidden_size, device, dtype)
-    # same initial weights: our key names equal the oracle's (experts fused gate-first) + lm_head
-    body.load_state_dict({k: v for k, v in init_state.items() if k != "lm_head.weight"}, strict=True)
-    oracle.lm_head.weight.data.copy_(init_state["lm_head.weight"])
-    if args.compile_oracle:
-        for layer in body.layers:
-            layer.compile()
-    del init_state
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, loss_oracle = time_training(oracle.train(), ids, labels, args.steps, args.warmup, device)
-    tps_oracle = report(
-        "transformers" + ("+c" if args.compile_oracle else ""), times, tokens, flops_per_token, peak, device
+    print(
+        "first-step loss (same weights and data): " + ", ".join(f"{k} {v[1]:.4f}" for k, v in results.items())
     )
-    if args.profile_dir is not None:
-        profile_step(oracle, ids, labels, args.profile_dir / "profile_transformers.txt", device)
-    print(f"first-step loss: ours {loss_ours:.4f}, transformers {loss_oracle:.4f}")
-    print(f"speed ratio ours / transformers: {tps_ours / tps_oracle:.2f}x")
+    base = results.get("transformers")
+    if base is not None:
+        for key, (tps, _) in results.items():
+            if key != "transformers":
+                print(f"speed ratio {key} / transformers: {tps / base[0]:.2f}x")
 
 
 if __name__ == "__main__":

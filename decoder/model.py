@@ -139,6 +139,11 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.set_gradient_checkpointing(enabled)
 
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty KVCache on this model's device, in its activation dtype."""
+        param = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, capacity, device=param.device, dtype=param.dtype)
+
     def compile_layers(self, **compile_kwargs) -> None:
         """torch.compile every layer in place (regional compilation; state-dict keys unchanged).
         Fuses the norm, RoPE, SwiGLU and routing elementwise work around the matmuls."""

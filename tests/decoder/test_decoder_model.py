@@ -77,7 +77,8 @@ def test_left_padded_cached_generation_matches_unpadded_rows(model):
     mask[0, :3] = 0
     nxt = torch.randint(0, 512, (2, 3))
     with torch.no_grad():
-        cache = KVCache(model.config, batch_size=2, capacity=16)
+        cache = model.new_cache(batch_size=2, capacity=16)
+        assert cache.keys[0].dtype == model.embed_tokens.weight.dtype
         prefill = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits
         decoded = [model(nxt[:, i : i + 1], cache=cache).logits for i in range(3)]
         for r, seq in enumerate((short, long)):
