@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = sorted(
     (group.name, p.stem)
     for group in CONFIG_DIR.iterdir()
-    if group.is_dir() and group.name not in ("experiment", "debug")
+    if group.is_dir() and group.name != "experiment"
     for p in group.glob("*.yaml")
 )
 
