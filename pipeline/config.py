@@ -1,0 +1,153 @@
+"""Structured-config schemas for every training job (Hydra ConfigStore).
+
+The YAML tree in `configs/` is validated against these dataclasses at compose
+time, so a typo in a key fails before any work starts. Only the entry points
+see a `DictConfig`; they convert it with `to_run_config` and pass typed objects
+down (lightning-hydra-template `src/train.py`, torchtitan's thin `train.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "debug"  # deepencoder.ENCODER_PRESETS key
+    decoder: str = "debug"  # decoder.DECODER_PRESETS key
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    decoder_overrides: dict[str, Any] = field(default_factory=dict)
+    # Local path to initialise from: a released-layout checkpoint directory, a
+    # consolidated safetensors file, or a stage-1 encoder export. None = random init.
+    init_from: str | None = None
+    freeze_sam: bool = True  # stage 2 trains with SAM + compressor frozen (PP0)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SourceConfig:
+    name: str = "ocr"
+    shards: str = ""  # brace pattern or glob of webdataset tars
+    weight: float = 1.0
+    prompt: str = "free_ocr"  # pipeline.prompts.PROMPTS key, or a literal prompt with <image>
+    modes: dict[str, float] = field(default_factory=lambda: {"base": 1.0})
+    kind: str = "ocr"  # "ocr" (image + text) or "text" (text-only rows)
+
+
+@dataclass
+class SynthConfig:
+    """The embedded default data: short rendered lines made on the fly by data_tools."""
+
+    num_train: int = 20000
+    num_val: int = 64
+    min_chars: int = 2
+    max_chars: int = 8
+    image_size: int = 128
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synth_lines"  # "synth_lines" | "webdataset"
+    sources: list[SourceConfig] = field(default_factory=list)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    tokenizer: str = "char"  # "char" (built offline), "bpe" (trained on the corpus), or a local path
+    seq_len: int = 128
+    pack: bool = True
+    num_workers: int = 0
+    max_pixels: int = 40_000_000
+    max_tiles: int = 9
+    val_shards: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "step"  # "step" | "cosine" | "constant"
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.8])  # fractions of max_steps
+    step_gamma: float = 0.316
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1  # pipeline stages
+    dp: int | None = None  # data-parallel degree; None = world_size // pp (pipeline.parallel.Topology)
+    partition: list[int] | None = None  # explicit stage boundaries in pipeline layers; None = paper split
+    micro_batch: int = 1
+    global_batch: int = 8
+    zero_stage: int = 1
+    dtype: str = "fp32"  # "fp32" | "bf16"
+    activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    resume: bool = True
+    max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
+    deterministic: bool = False
+    threads: int = 0  # torch CPU threads, 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 64
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    no_repeat_ngram_size: int = 30
+    no_repeat_window: int = 90
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # "none" | "wandb"
+    project: str = "deepseek-ocr-train"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # "online" | "offline" | "disabled" | "auto" (offline without credentials)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the schemas so `configs/*.yaml` are validated against them."""
+    cs = ConfigStore.instance()
+    # The entry config lists `run_schema` first: every group YAML merges into it
+    # and is type-checked against these dataclasses.
+    cs.store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed view of a composed config (raises on unknown keys or wrong types)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    run = OmegaConf.to_object(merged)
+    assert isinstance(run, RunConfig)
+    return run

@@ -1,0 +1,235 @@
+"""Single-process training loop (PP=1 on one device), the reference the pipeline engine is tested against.
+
+One optimizer step = `grad_accum` micro-batches (global batch = micro x accum x DP).
+Non-finite losses skip the step and are counted; too many in a row stop the run
+with the last good checkpoint intact. SIGTERM (preemption) saves a checkpoint and
+exits cleanly. Checkpoints hold model, optimizer, scheduler, RNG and data position,
+so a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.batch import PackedBatch
+from pipeline.config import RunConfig
+from pipeline.train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.train.logging import NullLogger, RunLogger
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    bad_steps: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+
+
+def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
+    if device.type == "cpu":
+        return batch
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    images = [
+        [type(v)(move(v.global_view), move(v.tiles), v.grid, v.num_placeholders) for v in row]
+        for row in batch.images
+    ]
+    return PackedBatch(
+        input_ids=move(batch.input_ids),
+        labels=move(batch.labels),
+        position_ids=move(batch.position_ids),
+        doc_ids=move(batch.doc_ids),
+        images=images,
+        keys=batch.keys,
+    )
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class LocalTrainer:
+    """Trains `model` (whose forward(PackedBatch) returns .loss/.lm_loss/.aux_loss) on one device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        data,
+        run: RunConfig,
+        *,
+        device: torch.device,
+        logger: RunLogger | NullLogger | None = None,
+        evaluate: Callable[[nn.Module, int], dict] | None = None,
+        flops_per_token: float = 0.0,
+        peak_flops: float = 0.0,
+    ) -> None:
+        p = run.parallel
+        if p.global_batch % p.micro_batch:
+            raise ValueError(
+                f"parallel.global_batch ({p.global_batch}) must be a multiple of parallel.micro_batch "
+                f"({p.micro_batch}) x DP (1)"
+            )
+        self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.run, self.device = run, device
+        self.grad_accum = p.global_batch // p.micro_batch
+        self.logger = logger or NullLogger()
+        self.evaluate = evaluate
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.step = 0
+        self._data_iter = iter(data)
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+        }
+
+    def save(self) -> Path:
+        state = self.state_dict()
+        return save_checkpoint(
+            self.run.train.out_dir,
+            self.step,
+            lambda d: torch.save(state, d / "trainer_state.pt"),
+            keep_last=self.run.train.keep_last,
+            meta={"kind": "local", "model": {"encoder": self.run.model.encoder, "decoder": self.run.model.decoder}},
+        )
+
+    def maybe_resume(self) -> Path | None:
+        ckpt = latest_checkpoint(self.run.train.out_dir) if self.run.train.resume else None
+        if ckpt is None:
+            return None
+        state = torch.load(ckpt / "trainer_state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if state["data"] is not None:
+            self.data.load_state_dict(state["data"])
+            self._data_iter = iter(self.data)
+        self.step = state["step"]
+        self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
+        return ckpt
+
+    # ----------------------------------------------------------------- training
+    def _micro_step(self) -> tuple[float, float, float, int, int]:
+        batch = batch_to(next(self._data_iter), self.device)
+        out = self.model(batch)
+        if torch.isfinite(out.loss):
+            (out.loss / self.grad_accum).backward()
+        rows = len(batch.images)
+        return float(out.loss), float(out.lm_loss), float(out.aux_loss), batch.num_tokens, rows
+
+    def train(self) -> TrainResult:
+        cfg = self.run.train
+        result = TrainResult(steps=0)
+        bad_in_row = 0
+        self.model.train()
+        with _SigtermFlag() as sigterm:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                losses, lm, aux, tokens, rows = [], [], [], 0, 0
+                for _ in range(self.grad_accum):
+                    loss, lm_loss, aux_loss, n_tok, n_rows = self._micro_step()
+                    losses.append(loss), lm.append(lm_loss), aux.append(aux_loss)
+                    tokens, rows = tokens + n_tok, rows + n_rows
+                loss = sum(losses) / len(losses)
+                if not math.isfinite(loss):
+                    bad_in_row += 1
+                    result.bad_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.logger.log({"event": "bad_loss", "step": self.step, "loss": loss, "in_row": bad_in_row})
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"{bad_in_row} non-finite losses in a row at step {self.step}; stopping. The last "
+                            f"good checkpoint is {latest_checkpoint(cfg.out_dir)}. Lower optim.lr or check the data."
+                        )
+                    continue
+                bad_in_row = 0
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    self.run.optim.grad_clip if self.run.optim.grad_clip > 0 else float("inf"),
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                result.losses.append(loss)
+                dt = time.perf_counter() - t0
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    self._log_step(loss, lm, aux, float(grad_norm), tokens, rows, dt)
+                if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._run_eval()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    result.last_checkpoint = self.save()
+                if sigterm.raised:
+                    result.last_checkpoint = self.save()
+                    result.stopped_by_signal = True
+                    self.logger.log({"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)})
+                    break
+        result.steps = self.step
+        return result
+
+    def _log_step(self, loss, lm, aux, grad_norm, tokens, rows, dt) -> None:
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lm_loss": sum(lm) / len(lm),
+            "aux_loss": sum(aux) / len(aux),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / dt,
+            "samples_per_s": rows / dt,
+        }
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
+        skips = getattr(self.data, "skip_counts", None)
+        if skips:
+            record["skipped"] = dict(skips)
+        counts = getattr(self.model, "last_expert_counts", None)
+        if callable(counts):
+            counts = counts()
+        if counts is not None:
+            record["expert_counts"] = counts.tolist()
+        self.logger.log(record)
+
+    def _run_eval(self) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(self.model, self.step)
+        self.model.train(was_training)
+        self.logger.log({"event": "eval", "step": self.step, **metrics})
+        return metrics
