@@ -15,6 +15,14 @@ T sequence length, H hidden size.
 Variants: ours eager, ours with every layer torch.compile'd (DecoderModel.compile_layers),
 transformers eager (the baseline of the ratio), optionally transformers with compiled layers.
 
+Measured on one H200 (torch 2.11, transformers 5.17), full preset, 1 x 8192, median of 10 steps:
+    ours eager            123.9 ms   66.1k tokens/s   MFU 34.5%   peak 42.1 GiB   1.30x
+    ours + compile        105.6 ms   77.6k tokens/s   MFU 40.5%   peak 39.9 GiB   1.53x
+    transformers eager    161.7 ms   50.7k tokens/s   MFU 26.5%   peak 43.4 GiB   1.00x
+    transformers + compile 109.7 ms  74.7k tokens/s   MFU 39.0%   peak 41.2 GiB   1.47x
+  (matmul peak measured 804 TFLOP/s; first-step losses equal to 4 digits.)
+  Expert backends, ours eager: grouped_mm 123.9 ms, padded_bmm 236.8 ms (66.5 GiB), loop 545.9 ms.
+
 GPU:  python bench/bench_decoder.py [--compile-oracle]    (peak ~45 GiB for the full preset)
 CPU:  python bench/bench_decoder.py --tiny                (debug preset, seq 256, a smoke test)
 """

@@ -16,6 +16,8 @@ computed by one of:
 - "padded_bmm": groups zero-padded to the largest group, two batched matmuls. Meant for
                 Ampere (A100), where grouped_mm runs a per-expert loop with a host sync;
                 it spends (E * max_group - S) extra rows of compute, bounded by the balance loss.
+Training step of the full model at 8192 tokens on an H200 (bench/bench_decoder.py): grouped_mm
+124 ms, padded_bmm 237 ms, loop 546 ms. Not measured on an A100.
 "auto" picks grouped_mm on CUDA sm90+ with bf16, padded_bmm on other CUDA devices, and on
 CPU grouped_mm when this torch build supports the dtype there (bf16 always; fp32 from
 torch 2.15), else loop. DeepSpeed's Triton grouped GEMM is not used: decoder/ does not
