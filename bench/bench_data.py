@@ -10,6 +10,14 @@ costs measured separately on the same pages and the end-to-end rate.
 
     python bench/bench_data.py                      # all modes, 48 samples each
     python bench/bench_data.py --modes base --samples 200 --noise 8
+
+Measured 2026-11-21 on an idle 16-core Intel Xeon host (the device machine), 96 samples
+per mode, clean pages (113 KiB PNG), samples/s per core end to end:
+tiny 62.0, small 54.9, base 62.8, large 28.0, gundam 21.4 (decode 8.0 ms; transform
+base 7.4 ms, gundam 37 ms). Noisy scan-like pages (--noise 8, 985 KiB PNG): base 40.5,
+gundam 16.8. With DataLoader workers (StreamingLoader num_workers=W), base: 57 (W=1),
+216 (4), 364 (8), 487 (14) samples/s in total; gundam: 20, 70, 127, 187.
+On the shared 2-core development machine under load the same script gives ~3x less.
 """
 
 from __future__ import annotations
