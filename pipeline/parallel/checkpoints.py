@@ -1,0 +1,194 @@
+"""Atomic multi-rank checkpoints of a pipeline run, their compatibility checks, and `model.init_from`.
+
+Layout (the directory naming of `pipeline.train.checkpoint`, so `latest_checkpoint` and
+keep-last-N pruning apply unchanged):
+
+    <out_dir>/checkpoints/step_XXXXXXXX/
+        engine/                 DeepSpeed `save_checkpoint` (tag "engine"): layer_XX-model_states.pt
+                                per unit (XX = unit index), mp_rank_0S_model_states.pt per stage
+                                (LR schedule, engine counters), optimizer shards per rank
+        trainer_state/rankNNNNN.pt   per global rank: step, RNG states, data-loader position
+                                (first and last stage), skipped-step counters
+        tokenizer/              tokenizer files (consolidation exports them)
+        meta.json               step, pp, dp, parts, unit names, model configs, run config
+    <out_dir>/checkpoints/latest    name of the newest complete checkpoint
+
+Every rank writes into one shared `.tmp-step_XXXXXXXX/` directory; after a barrier global rank
+0 writes meta.json, fsyncs and renames it into place, then prunes. A kill at any point leaves
+either the old set of complete checkpoints or the new one (needs a filesystem shared by all
+ranks, as DeepSpeed's own checkpoints do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from decoder import DecoderConfig, DecoderModel
+from deepencoder import DeepEncoder, EncoderConfig
+from pipeline.checkpoint_io import OUR_CONFIG, configs_from_dict, configs_from_release, configs_to_dict
+from pipeline.config import RunConfig
+from pipeline.model import DeepSeekOCR
+from pipeline.train.checkpoint import checkpoint_root, latest_checkpoint, prune_checkpoints
+
+ENGINE_TAG = "engine"
+STATE_DIR = "trainer_state"
+TOKENIZER_DIR = "tokenizer"
+META = "meta.json"
+KIND = "pipeline"
+
+
+def model_configs_dict(configs: tuple[EncoderConfig, DecoderConfig, int]) -> dict:
+    """The {encoder, decoder, image_token_id} dict of `checkpoint_io.configs_to_dict`."""
+    enc, dec, image_id = configs
+    with torch.device("meta"):
+        return configs_to_dict(DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), image_id))
+
+
+def _shapes(configs: tuple[EncoderConfig, DecoderConfig, int]) -> dict[str, tuple[int, ...]]:
+    enc, dec, image_id = configs
+    with torch.device("meta"):
+        model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), image_id)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_same_size(found: tuple[EncoderConfig, DecoderConfig, int], wanted, what: str) -> None:
+    """ValueError when two model configs give different tensors (a different model size)."""
+    have, want = _shapes(found), _shapes(wanted)
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {have.get(k)} vs {want.get(k)}" for k in diff[:3])
+        raise ValueError(
+            f"{what} is a different model size than this run's model ({len(diff)} tensors differ, "
+            f"e.g. {details}): set model.encoder / "
+            "model.decoder (and their overrides) to the checkpoint's sizes, or use another checkpoint"
+        )
+
+
+def init_source_configs(path: str | Path, image_token_id: int) -> tuple[EncoderConfig, DecoderConfig, int]:
+    """Model configs of a `model.init_from` checkpoint, read from its config files only."""
+    path = Path(path)
+    if (path / OUR_CONFIG).is_file():
+        return configs_from_dict(json.loads((path / OUR_CONFIG).read_text()))
+    if (path / "config.json").is_file():
+        return configs_from_release(json.loads((path / "config.json").read_text()), image_token_id)
+    if (path / META).is_file() or (checkpoint_root(path)).is_dir():
+        raise ValueError(
+            f"model.init_from={path} is a pipeline training checkpoint: consolidate it first "
+            f"(dsocr-convert consolidate {path} OUT) and pass OUT, or resume it with train.out_dir"
+        )
+    raise ValueError(
+        f"model.init_from={path} is neither a released-layout directory (config.json) nor one of ours "
+        f"({OUR_CONFIG}); consolidated pipeline checkpoints are released-layout directories"
+    )
+
+
+def load_init_state(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full DeepSeekOCR state dict of a released / consolidated / our-layout checkpoint (CPU).
+
+    Every rank reads the whole file and keeps its stage's tensors (bf16 full model: 6.7 GB of
+    host memory per rank while loading).
+    """
+    from pipeline.checkpoint_io import load_any
+
+    model, _ = load_any(path, dtype=dtype)
+    return model.state_dict()
+
+
+def check_resume_compatible(ckpt: Path, *, pp: int, dp: int, parts: list[int], model: dict) -> dict:
+    """meta.json of `ckpt` after checking it matches this run's layout and model."""
+    meta = json.loads((ckpt / META).read_text())
+    if meta.get("kind") != KIND:
+        raise ValueError(
+            f"{ckpt} was written by a {meta.get('kind')!r} trainer, not the pipeline trainer: set "
+            "train.resume=false or another train.out_dir"
+        )
+    saved_model = meta["model"]
+    if saved_model != model:
+        check_same_size(configs_from_dict(saved_model), configs_from_dict(model), f"checkpoint {ckpt}")
+    layout = {"pp": meta["pp"], "dp": meta["dp"], "parts": meta["parts"]}
+    if layout != {"pp": pp, "dp": dp, "parts": parts}:
+        raise ValueError(
+            f"checkpoint {ckpt} was saved with {layout}, this run has pp={pp}, dp={dp}, parts={parts}; an "
+            "exact resume needs the same layout. To continue on another layout, consolidate it "
+            f"(dsocr-convert consolidate {ckpt} OUT), set model.init_from=OUT and train.resume=false"
+        )
+    return meta
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_pipeline_checkpoint(
+    engine,
+    *,
+    out_dir: str | Path,
+    step: int,
+    rank: int,
+    rank_state: dict,
+    meta: dict,
+    tokenizer,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it; returns the published `step_XXXXXXXX` directory."""
+    import torch.distributed as dist
+
+    root = checkpoint_root(out_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_DIR).mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={"dsocr_step": step}, save_latest=False)
+    torch.save(rank_state, tmp / STATE_DIR / f"rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        (tmp / META).write_text(json.dumps({"step": step, "kind": KIND, **meta}, indent=2, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved twice (SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        prune_checkpoints(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_rank_state(ckpt: Path, rank: int) -> dict:
+    return torch.load(ckpt / STATE_DIR / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+
+
+def run_config_dict(run: RunConfig) -> dict:
+    return dataclasses.asdict(run)
+
+
+def newest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (`.tmp-*` leftovers of killed saves are never returned)."""
+    return latest_checkpoint(out_dir)
+
+
+__all__ = [
+    "ENGINE_TAG",
+    "check_resume_compatible",
+    "check_same_size",
+    "init_source_configs",
+    "load_init_state",
+    "load_rank_state",
+    "model_configs_dict",
+    "newest_checkpoint",
+    "run_config_dict",
+    "save_pipeline_checkpoint",
+]

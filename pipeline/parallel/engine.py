@@ -1,0 +1,265 @@
+"""DeepSeek-OCR as a DeepSpeed `PipelineModule` and the engine built around it.
+
+`build_pipeline_module` turns the units of `pipeline.parallel.partition` into LayerSpecs (each
+rank builds only its own stage) and splits them at *our* boundaries: DeepSpeed has no
+explicit split-point argument, so `OCRPipelineModule` overrides `_partition_layers` with the
+`parts` computed by `partition()` (the paper split by default: [SAM+compressor |
+CLIP+projector+embed+merge | decoder 0-5 | decoder 6-11 + head] for PP=4).
+`get_additional_losses()` reports the next-token and MoE balance losses, which the engine
+averages over micro-batches and data-parallel ranks.
+
+`build_engine` wraps `deepspeed.initialize` and applies two documented adjustments to the
+engine instance (DeepSpeed 0.19, ../shared/spec/engine_notes.md):
+- a step guard around `_take_model_step`: every rank learns (one all-reduce) whether the last
+  stage saw a non-finite loss; if so the update, the LR schedule step and the step count are
+  skipped on all ranks and the gradients are dropped;
+- the rotary `inv_freq` buffers are restored to fp32 after DeepSpeed casts the module to
+  bf16 (a bf16 inverse frequency shifts RoPE angles by whole radians at position 8k).
+Units are initialised with seed `train.seed + unit index`, so a random init does not depend
+on the pipeline layout; `model.init_from` overwrites them with a checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from decoder import DecoderConfig, RotaryEmbedding, decoder_config
+from deepencoder import EncoderConfig, encoder_config
+from pipeline.config import ModelConfig, RunConfig
+from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
+from pipeline.parallel.partition import Partition, Unit, build_units, partition
+from pipeline.parallel.stages import (
+    VIEW_SIZES,
+    ClipEmbedUnit,
+    DecoderLayerUnit,
+    HeadUnit,
+    PrepareCache,
+    SamUnit,
+    unit_key_to_model_key,
+)
+from pipeline.parallel.topology import Topology
+
+
+def stage_model_configs(
+    model: ModelConfig, *, vocab_size: int, image_token_id: int, bos_token_id: int = 0, eos_token_id: int = 1
+) -> tuple[EncoderConfig, DecoderConfig, int]:
+    """The encoder / decoder configs the single-process path builds (`pipeline.model.build_model`):
+    presets + overrides, the vocabulary and special ids from the tokenizer, n_embed = hidden."""
+    dec = decoder_config(
+        model.decoder,
+        vocab_size=vocab_size,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        **dict(model.decoder_overrides),
+    )
+    enc = encoder_config(model.encoder, **{"n_embed": dec.hidden_size, **dict(model.encoder_overrides)})
+    if not 0 <= image_token_id < dec.vocab_size:
+        raise ValueError(f"image_token_id {image_token_id} outside the vocabulary [0, {dec.vocab_size})")
+    return enc, dec, image_token_id
+
+
+def run_partition(run: RunConfig) -> Partition:
+    """The stage split of this run (ValueError for more stages than units or bad boundaries)."""
+    return partition(build_units(run.model), run.parallel.pp, run.parallel.partition)
+
+
+def unit_layer_specs(
+    units: Sequence[Unit],
+    configs: tuple[EncoderConfig, DecoderConfig, int],
+    model: ModelConfig,
+    *,
+    seed: int = 0,
+    view_sizes: Sequence[int] = VIEW_SIZES,
+):
+    """One `LayerSpec` per unit (built lazily, on its own stage only)."""
+    from deepspeed.pipe import LayerSpec
+
+    enc, dec, image_id = configs
+    cache = PrepareCache()  # shared by the decoder units that land on the same rank
+    specs = []
+    for index, unit in enumerate(units):
+        common = dict(seed=seed + index)
+        if unit.kind == "sam":
+            spec = LayerSpec(
+                SamUnit, enc, dec, image_id, freeze=model.freeze_sam, view_sizes=view_sizes, **common
+            )
+        elif unit.kind == "clip":
+            spec = LayerSpec(ClipEmbedUnit, enc, dec, image_id, view_sizes=view_sizes, **common)
+        elif unit.kind == "decoder_layer":
+            spec = LayerSpec(
+                DecoderLayerUnit, enc, dec, image_id, layer_idx=unit.layer_idx, cache=cache, **common
+            )
+        elif unit.kind == "head":
+            spec = LayerSpec(HeadUnit, enc, dec, image_id, **common)
+        else:
+            raise AssertionError(f"unknown unit kind {unit.kind}")
+        specs.append(spec)
+    return specs
+
+
+def _pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class OCRPipelineModule(PipelineModule):
+        """PipelineModule split at explicit unit boundaries `parts` (stage s: parts[s]..parts[s+1]-1)."""
+
+        def __init__(self, layers, *, parts: Sequence[int], **kwargs) -> None:
+            object.__setattr__(self, "_explicit_parts", [int(p) for p in parts])
+            super().__init__(layers, **kwargs)
+
+        def _partition_layers(self, method: str = "explicit") -> None:
+            parts = self._explicit_parts
+            if len(parts) != self.num_stages + 1 or parts[0] != 0 or parts[-1] != len(self._layer_specs):
+                raise ValueError(
+                    f"parts {parts} do not split {len(self._layer_specs)} units into {self.num_stages}"
+                )
+            self.parts = list(parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+        def units(self) -> list[nn.Module]:
+            return [f for f in self.forward_funcs if isinstance(f, nn.Module)]
+
+        def head(self) -> HeadUnit | None:
+            found = [u for u in self.units() if isinstance(u, HeadUnit)]
+            return found[0] if found else None
+
+        def get_additional_losses(self):
+            head = self.head()
+            zero = torch.zeros((), device=self.frozen_or_any_device())
+            if head is None or head.last_lm_loss is None:
+                return OrderedDict(lm_loss=zero, aux_loss=zero.clone())
+            return OrderedDict(lm_loss=head.last_lm_loss.float(), aux_loss=head.last_aux_loss.float())
+
+        def frozen_or_any_device(self) -> torch.device:
+            return next(self.parameters()).device
+
+        def expert_counts(self) -> dict[int, torch.Tensor]:
+            """Tokens per expert of this stage's MoE layers since the last reset, by layer index."""
+            return {
+                u.layer_idx: u.expert_counts
+                for u in self.units()
+                if isinstance(u, DecoderLayerUnit) and u.expert_counts is not None
+            }
+
+        def reset_step_records(self) -> None:
+            for u in self.units():
+                if isinstance(u, DecoderLayerUnit):
+                    u.expert_counts = None
+                if isinstance(u, HeadUnit):
+                    u.seen_labels.clear()
+
+        def model_state_dict(self) -> dict[str, torch.Tensor]:
+            """This stage's weights under DeepSeekOCR keys (the zero-weight link left out)."""
+            out = {}
+            for unit in self.units():
+                for key, value in unit.state_dict().items():
+                    model_key = unit_key_to_model_key(key)
+                    if model_key is not None:
+                        out[model_key] = value
+            return out
+
+        def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+            """Copy this stage's tensors from a full DeepSeekOCR state dict (strict for this stage)."""
+            for unit in self.units():
+                wanted = {k: unit_key_to_model_key(k) for k in unit.state_dict()}
+                missing = [m for m in wanted.values() if m is not None and m not in state]
+                if missing:
+                    raise ValueError(
+                        f"model.init_from lacks {len(missing)} tensors of this stage, e.g. {missing[:3]}"
+                    )
+                own = unit.state_dict()
+                with torch.no_grad():
+                    for key, model_key in wanted.items():
+                        if model_key is None:
+                            continue
+                        src = state[model_key]
+                        if src.shape != own[key].shape:
+                            raise ValueError(
+                                f"model.init_from: {model_key} has shape {tuple(src.shape)}, this model "
+                                f"{tuple(own[key].shape)}: the checkpoint is a different model size"
+                            )
+                        own[key].copy_(src)
+
+    return OCRPipelineModule
+
+
+def build_pipeline_module(
+    run: RunConfig,
+    topology: Topology,
+    configs: tuple[EncoderConfig, DecoderConfig, int],
+    *,
+    view_sizes: Sequence[int] = VIEW_SIZES,
+):
+    """The `OCRPipelineModule` of this rank (needs torch.distributed initialised)."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    split = run_partition(run)
+    specs = unit_layer_specs(split.units, configs, run.model, seed=run.train.seed, view_sizes=view_sizes)
+    cls = _pipeline_module_class()
+    module = cls(
+        specs,
+        parts=split.parts,
+        topology=PipeDataParallelTopology(num_pp=topology.pp, num_dp=topology.dp),
+        loss_fn=None,  # the head unit returns the loss (labels ride along in the activations)
+        activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
+        checkpointable_layers=["DecoderLayerUnit"],
+        dynamic_shape=True,
+    )
+    if run.model.gradient_checkpointing:
+        for unit in module.units():
+            for sub in unit.modules():
+                if sub is not unit and hasattr(sub, "set_gradient_checkpointing"):
+                    sub.set_gradient_checkpointing(True)
+    return module
+
+
+def restore_fp32_rotary(module: nn.Module) -> None:
+    """Give every RotaryEmbedding an fp32 inv_freq again (DeepSpeed casts buffers to bf16)."""
+    for sub in module.modules():
+        if isinstance(sub, RotaryEmbedding) and sub.inv_freq.dtype != torch.float32:
+            sub.inv_freq = torch.empty(sub.inv_freq.shape, dtype=torch.float32, device=sub.inv_freq.device)
+            sub.init_weights()
+
+
+def _drop_gradients(engine) -> None:
+    """Zero the accumulated gradients the way `DeepSpeedEngine._take_model_step` does after a step."""
+    if engine.bfloat16_enabled() or engine.zero_optimization() or engine.fp16_enabled():
+        if hasattr(engine.optimizer, "zero_grad"):
+            engine.optimizer.zero_grad()
+            return
+    engine.zero_grad()
+
+
+def install_step_guard(engine, local_ok: Callable[[], bool], on_skip: Callable[[], None]) -> None:
+    """Skip the optimizer step on every rank when any rank reports a non-finite step."""
+    import torch.distributed as dist
+
+    original = engine._take_model_step
+
+    def guarded_step(lr_kwargs=None):
+        flag = torch.tensor([1 if local_ok() else 0], dtype=torch.int32, device=engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag.item()) == 1:
+            original(lr_kwargs)
+        else:
+            _drop_gradients(engine)
+            on_skip()
+
+    engine._take_model_step = guarded_step
+
+
+def build_engine(module: nn.Module, run: RunConfig, topology: Topology):
+    """deepspeed.initialize with our AdamW groups and LambdaLR; returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    optimizer, scheduler = build_optimizer_and_scheduler(module, run)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, topology)
+    )
+    restore_fp32_rotary(engine.module)
+    return engine, ds_optimizer, ds_scheduler

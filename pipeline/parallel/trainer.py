@@ -1,0 +1,437 @@
+"""Distributed stage-2 training: DeepSeek-OCR on DeepSpeed's pipeline engine (PP x DP).
+
+`run_pipeline_training(run, tokenizer=..., loader_factory=...)` is called by every rank of a
+torchrun / deepspeed / SLURM launch (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set).
+Order of work: validate everything that can be checked from configs and files (topology,
+partition, DeepSpeed settings, `model.init_from` size, resume layout) -> init the process
+group -> build this rank's stage -> load weights -> deepspeed.initialize -> resume -> loop.
+
+Data: `loader_factory(dp_rank, dp_world)` (a `StreamingLoader`) is built on the first and the
+last stage of every pipeline, keyed by the *data-parallel* rank, so both read identical
+micro-batches; the first stage feeds them to the model, the last stage uses them for token /
+sample counts and checks that the labels that travelled through the pipeline are the ones it
+read (a divergence raises instead of training on misaligned targets).
+
+Each optimizer step is one `engine.train_batch()` (micro-batches = gradient accumulation,
+1F1B schedule). Progress records carry the keys of `pipeline.train.loop.LocalTrainer` and are
+written by one rank, the last stage of data-parallel rank 0 (where the loss lives). A step whose
+loss is NaN/Inf is skipped on every rank and counted; `train.max_bad_steps` in a row stop the
+run with the last good checkpoint intact. Checkpoints: every `train.save_every` steps, at the
+end, and on SIGTERM (agreed by all ranks at the next step boundary); see
+`pipeline.parallel.checkpoints`. With `train.resume` the newest complete checkpoint is loaded
+and training continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.batch import PackedBatch
+from pipeline.config import RunConfig
+from pipeline.parallel import checkpoints as ckpt_io
+from pipeline.parallel.ds_config import validate_training_config
+from pipeline.parallel.engine import (
+    build_engine,
+    build_pipeline_module,
+    install_step_guard,
+    run_partition,
+    stage_model_configs,
+)
+from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs
+from pipeline.parallel.topology import Topology, dist_env
+from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.train.logging import NullLogger, RunLogger
+
+LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
+
+
+@dataclass
+class PipelineResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    bad_steps: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+    stage: int = 0
+    dp_rank: int = 0
+
+
+class _StageBatches:
+    """The engine's data iterator on the first / last stage: yields (stage-0 inputs | None, labels)."""
+
+    def __init__(self, loader, *, first: bool, image_id: int, view_sizes) -> None:
+        self.loader, self.first, self.image_id, self.view_sizes = loader, first, image_id, view_sizes
+        self.iterator = iter(loader)
+        self.records: list[tuple[int, int, int, torch.Tensor]] = []  # tokens, rows, image tokens, labels
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        inputs = micro_batch_inputs(batch, self.view_sizes) if self.first else None
+        images = int((batch.input_ids == self.image_id).sum())
+        self.records.append((batch.num_tokens, batch.input_ids.shape[0], images, batch.labels.long()))
+        return inputs, batch.labels
+
+
+class _Sigterm:
+    def __init__(self) -> None:
+        self.raised, self._previous = False, None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def peak_flops() -> float:
+    """Dense bf16 peak of this rank's GPU (0 when unknown, e.g. CPU: no MFU logged)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+
+
+def prepare(run: RunConfig, tokenizer, world_size: int):
+    """Every check that needs no process group and no model (ValueError naming field and fix)."""
+    topology = Topology(
+        world_size=world_size,
+        pp=run.parallel.pp,
+        micro_batch=run.parallel.micro_batch,
+        global_batch=run.parallel.global_batch,
+        dp=run.parallel.dp,
+    )
+    if run.parallel.pp < 2:
+        raise ValueError(
+            "parallel.pp=1 runs without the pipeline engine: use the single-process trainer "
+            "(pipeline.train.loop.LocalTrainer) or set parallel.pp >= 2"
+        )
+    validate_training_config(run)
+    split = run_partition(run)
+    configs = stage_model_configs(
+        run.model,
+        vocab_size=tokenizer.vocab_size,
+        image_token_id=tokenizer.image_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+    model_dict = ckpt_io.model_configs_dict(configs)
+    resume_from = ckpt_io.newest_checkpoint(run.train.out_dir) if run.train.resume else None
+    if resume_from is not None:
+        ckpt_io.check_resume_compatible(
+            resume_from, pp=topology.pp, dp=topology.dp, parts=split.parts, model=model_dict
+        )
+    elif run.model.init_from:
+        found = ckpt_io.init_source_configs(run.model.init_from, tokenizer.image_id)
+        ckpt_io.check_same_size(found, configs, f"model.init_from={run.model.init_from}")
+    return topology, split, configs, model_dict, resume_from
+
+
+def _init_distributed() -> torch.device:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def run_pipeline_training(
+    run: RunConfig,
+    *,
+    tokenizer,
+    loader_factory: LoaderFactory,
+    eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
+    logger: RunLogger | NullLogger | None = None,
+    view_sizes=VIEW_SIZES,
+) -> PipelineResult:
+    """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer)."""
+    env = dist_env()
+    topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
+    device = _init_distributed()
+    trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
+    trainer.setup(model_dict, resume_from, loader_factory, logger)
+    try:
+        return trainer.train(eval_hook)
+    finally:
+        trainer.logger.close()
+
+
+class PipelineTrainer:
+    """The per-rank state of a pipeline run: engine, data iterator, counters, checkpoints."""
+
+    def __init__(self, run, topology, split, configs, tokenizer, device, view_sizes) -> None:
+        torch.manual_seed(run.train.seed)
+        if run.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if run.train.threads:
+            torch.set_num_threads(run.train.threads)
+        self.run, self.topology, self.split, self.configs = run, topology, split, configs
+        self.tokenizer, self.device, self.view_sizes = tokenizer, device, tuple(view_sizes)
+        self.module = build_pipeline_module(run, topology, configs, view_sizes=view_sizes)
+        self.rank = torch.distributed.get_rank()
+        self.stage, self.dp_rank = topology.stage(self.rank), topology.dp_rank(self.rank)
+        self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
+        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self._skipped = False
+        self.batches: _StageBatches | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(
+        self, model_dict: dict, resume_from: Path | None, loader_factory: LoaderFactory, logger
+    ) -> None:
+        run = self.run
+        if resume_from is None and run.model.init_from:
+            self.module.load_model_state(ckpt_io.load_init_state(run.model.init_from))
+        self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
+        install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
+        self.meta = {
+            "pp": self.topology.pp,
+            "dp": self.topology.dp,
+            "parts": self.split.parts,
+            "units": [u.name for u in self.split.units],
+            "model": model_dict,
+            "run": ckpt_io.run_config_dict(run),
+        }
+        is_logger = self.rank == self.topology.logging_rank()
+        if logger is None:
+            cfg = ckpt_io.run_config_dict(run)
+            logger = RunLogger(run.train.out_dir, run.logger, cfg, run.name) if is_logger else NullLogger()
+        self.logger = logger if is_logger else NullLogger()
+        loader = loader_factory(self.dp_rank, self.topology.dp) if (self.first or self.last) else None
+        if resume_from is not None:
+            self._resume(resume_from, loader)
+        if loader is not None:
+            self.batches = _StageBatches(
+                loader, first=self.first, image_id=self.configs[2], view_sizes=self.view_sizes
+            )
+            self.engine.set_dataiterator(self.batches)
+
+    def _resume(self, ckpt: Path, loader) -> None:
+        self.engine.load_checkpoint(
+            str(ckpt), tag=ckpt_io.ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        state = ckpt_io.load_rank_state(ckpt, self.rank)
+        if (state["stage"], state["dp_rank"]) != (self.stage, self.dp_rank):
+            raise ValueError(f"{ckpt}: rank {self.rank} state belongs to another stage/dp rank")
+        self.step, self.bad_in_row, self.bad_total = state["step"], state["bad_in_row"], state["bad_total"]
+        set_rng_state(state["rng"])
+        if loader is not None and state["data"] is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["data"])
+        self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
+
+    # ------------------------------------------------------------------ step guard
+    def _local_step_ok(self) -> bool:
+        if not self.last:
+            return True
+        total = self.engine.total_loss
+        return total is None or bool(torch.isfinite(torch.as_tensor(total)).all())
+
+    def _mark_skipped(self) -> None:
+        self._skipped = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        loader = self.batches.loader if self.batches is not None else None
+        rank_state = {
+            "step": self.step,
+            "stage": self.stage,
+            "dp_rank": self.dp_rank,
+            "bad_in_row": self.bad_in_row,
+            "bad_total": self.bad_total,
+            "rng": rng_state(),
+            "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
+        }
+        return ckpt_io.save_pipeline_checkpoint(
+            self.engine,
+            out_dir=self.run.train.out_dir,
+            step=self.step,
+            rank=self.rank,
+            rank_state=rank_state,
+            meta=self.meta,
+            tokenizer=self.tokenizer,
+            keep_last=self.run.train.keep_last,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def _agree(self, value: int, op) -> int:
+        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=op)
+        return int(flag.item())
+
+    def train(self, eval_hook=None) -> PipelineResult:
+        cfg = self.run.train
+        result = PipelineResult(steps=self.step, stage=self.stage, dp_rank=self.dp_rank)
+        saved_at = None
+        with _Sigterm() as sigterm:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                self._skipped = False
+                self.module.reset_step_records()
+                if self.batches is not None:
+                    self.batches.records.clear()
+                loss = float(self.engine.train_batch())
+                self._check_labels()
+                dt = time.perf_counter() - t0
+                if self._skipped or not math.isfinite(loss):
+                    self.bad_in_row += 1
+                    self.bad_total += 1
+                    result.bad_steps += 1
+                    self.logger.log(
+                        {"event": "bad_loss", "step": self.step, "loss": loss, "in_row": self.bad_in_row}
+                    )
+                    if self.bad_in_row >= cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"{self.bad_in_row} non-finite losses in a row at step {self.step}; stopping. The "
+                            f"last good checkpoint is {ckpt_io.newest_checkpoint(cfg.out_dir)}. Lower "
+                            "optim.lr or check the data."
+                        )
+                    continue
+                self.bad_in_row = 0
+                self.step += 1
+                result.losses.append(loss)
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    self._log_step(loss, dt)
+                if eval_hook is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._run_eval(eval_hook)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    result.last_checkpoint, saved_at = self.save(), self.step
+                if self._agree(int(sigterm.raised), torch.distributed.ReduceOp.MAX):
+                    if saved_at != self.step:
+                        result.last_checkpoint, saved_at = self.save(), self.step
+                    result.stopped_by_signal = True
+                    self.logger.log(
+                        {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
+                    )
+                    break
+        if not result.stopped_by_signal and saved_at != self.step:
+            result.last_checkpoint = self.save()
+        result.steps = self.step
+        return result
+
+    def _check_labels(self) -> None:
+        if not self.last or self.batches is None:
+            return
+        head = self.module.head()
+        read = [r[3] for r in self.batches.records]
+        seen = head.seen_labels
+        if len(read) != len(seen) or any(not torch.equal(a, b.to(a.device)) for a, b in zip(read, seen)):
+            raise RuntimeError(
+                "the last stage received labels that differ from the batches it read: the first and last "
+                "stage of a pipeline must read identical data (key sharding on the data-parallel rank)"
+            )
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, loss: float, dt: float) -> None:
+        counts = self._gather_expert_counts()
+        if not self.last:
+            return
+        records = self.batches.records if self.batches is not None else []
+        local = torch.tensor(
+            [sum(r[0] for r in records), sum(r[1] for r in records), sum(r[2] for r in records)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.topology.dp > 1:
+            torch.distributed.all_reduce(local, group=self.engine.grid.get_data_parallel_group())
+        tokens, rows, images = local.tolist()
+        extra = self.engine.get_additional_losses() or {}
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lm_loss": float(extra["lm_loss"]) if "lm_loss" in extra else loss,
+            "aux_loss": float(extra["aux_loss"]) if "aux_loss" in extra else 0.0,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_gpu": tokens / dt / self.topology.world_size,
+            "samples_per_s": rows / dt,
+            "step_time": dt,
+            "bubble": self.topology.bubble_fraction,
+            "bad_steps": self.bad_total,
+        }
+        peak = peak_flops()
+        if peak and tokens:
+            from pipeline.parallel.memory import step_flops
+
+            enc, dec, _ = self.configs
+            flops = step_flops(
+                enc, dec, int(tokens), self.run.data.seq_len, images / tokens, self.run.model.freeze_sam
+            )
+            record["mfu"] = flops.total / dt / (peak * self.topology.world_size)
+        skips = getattr(self.batches.loader, "skip_counts", None) if self.batches is not None else None
+        if skips:
+            record["skipped"] = dict(skips)
+        if counts:
+            layers = sorted(counts)
+            table = torch.stack([counts[i].float() for i in layers])  # (n_moe_layers, E)
+            record["expert_counts"] = table.long().tolist()
+            load = table / table.sum(dim=1, keepdim=True).clamp(min=1)
+            record["expert_load_max_over_mean"] = float((load.max(dim=1).values * table.shape[1]).mean())
+        self.logger.log(record)
+
+    def _gather_expert_counts(self) -> dict[int, torch.Tensor]:
+        """Expert counts of every MoE layer of data-parallel rank 0's pipeline, on the logging rank."""
+        if self.dp_rank != 0:
+            return {}
+        local = {i: c.cpu() for i, c in self.module.expert_counts().items()}
+        gathered = [None] * self.topology.pp if self.last else None
+        torch.distributed.gather_object(
+            local,
+            gathered,
+            dst=self.topology.logging_rank(),
+            group=self.engine.grid.get_pipe_parallel_group(),
+        )
+        if not self.last:
+            return {}
+        merged: dict[int, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part or {})
+        return merged
+
+    def _run_eval(self, eval_hook) -> None:
+        """Gather data-parallel rank 0's stages into one DeepSeekOCR on the logging rank and evaluate."""
+        if self.dp_rank == 0:
+            state = {k: v.detach().cpu() for k, v in self.module.model_state_dict().items()}
+            gathered = [None] * self.topology.pp if self.last else None
+            torch.distributed.gather_object(
+                state,
+                gathered,
+                dst=self.topology.logging_rank(),
+                group=self.engine.grid.get_pipe_parallel_group(),
+            )
+            if self.last:
+                from pipeline.parallel.consolidate import model_from_state
+
+                full = {}
+                for part in gathered:
+                    full.update(part)
+                model = model_from_state(full, self.configs).to(self.device)
+                model.eval()
+                with torch.no_grad():
+                    metrics = eval_hook(model, self.step)
+                self.logger.log({"event": "eval", "step": self.step, **metrics})
+                del model
+        torch.distributed.barrier()

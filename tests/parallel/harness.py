@@ -1,0 +1,63 @@
+"""Launch N CPU ranks of tests/parallel/pp_worker.py with torchrun's environment (gloo, DS_ACCELERATOR=cpu)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("pp_worker.py")
+EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "dsocr-torch-extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, world_size: int, work: Path, *, timeout: float = 240) -> list[dict]:
+    """Run `world_size` ranks on `spec`; returns each rank's result dict (rank order)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "world_size": world_size, "result": str(work / "result")}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(EXTENSIONS),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        log = open(work / f"rank{rank}.log", "w")  # noqa: SIM115 (held by the child until it exits)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(spec_path)], env=env, stdout=log, stderr=log, cwd=REPO
+            )
+        )
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(codes):
+        logs = "\n".join(
+            f"--- rank {r}\n" + (work / f"rank{r}.log").read_text()[-3000:] for r in range(world_size)
+        )
+        raise AssertionError(f"ranks exited with {codes}\n{logs}")
+    return [json.loads((work / f"result.rank{r}.json").read_text()) for r in range(world_size)]

@@ -1,0 +1,77 @@
+"""One rank of a CPU pipeline-training test run (launched N times by tests/parallel/harness.py).
+
+Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str, "seq_len": int,
+"result": path prefix, "nan_steps": [engine steps whose loss is made NaN]} and trains with
+`run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.config import RunConfig, to_run_config
+from pipeline.data.config import LoaderConfig
+from pipeline.data.loader import StreamingLoader
+from pipeline.parallel import stages
+from pipeline.parallel.trainer import run_pipeline_training
+from pipeline.tokenizer import build_char_tokenizer
+
+
+def _poison(nan_steps: set[int]) -> None:
+    """Make the head return NaN on the given (0-based) optimizer-step attempts."""
+    original = stages.HeadUnit.forward
+    calls = {"n": 0}
+
+    def forward(self, inputs):
+        loss = original(self, inputs)
+        attempt = calls["n"] // self.micro_batches
+        calls["n"] += 1
+        return loss * math.nan if attempt in nan_steps else loss
+
+    stages.HeadUnit.forward = forward
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    run: RunConfig = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), spec["run"]))
+    tokenizer = build_char_tokenizer(spec["alphabet"])
+    if spec.get("nan_steps"):
+        stages.HeadUnit.micro_batches = (
+            run.parallel.global_batch
+            // run.parallel.micro_batch
+            // (int(spec["world_size"]) // run.parallel.pp)
+        )
+        _poison(set(spec["nan_steps"]))
+
+    def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
+        config = LoaderConfig.debug(
+            spec["shards"], seq_len=spec["seq_len"], batch_size=run.parallel.micro_batch, seed=run.train.seed
+        )
+        return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
+
+    try:
+        result = run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory)
+        out = {
+            "steps": result.steps,
+            "losses": result.losses,
+            "bad_steps": result.bad_steps,
+            "stage": result.stage,
+            "dp_rank": result.dp_rank,
+            "checkpoint": str(result.last_checkpoint),
+        }
+    except RuntimeError as err:  # e.g. too many non-finite losses: the test reads the message
+        out = {"error": str(err)}
+    rank = torch.distributed.get_rank()
+    Path(f"{spec['result']}.rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
