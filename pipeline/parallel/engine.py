@@ -228,11 +228,11 @@ def restore_fp32_rotary(module: nn.Module) -> None:
 
 def _drop_gradients(engine) -> None:
     """Zero the accumulated gradients the way `DeepSpeedEngine._take_model_step` does after a step."""
-    if engine.bfloat16_enabled() or engine.zero_optimization() or engine.fp16_enabled():
-        if hasattr(engine.optimizer, "zero_grad"):
-            engine.optimizer.zero_grad()
-            return
-    engine.zero_grad()
+    mixed = engine.bfloat16_enabled() or engine.zero_optimization() or engine.fp16_enabled()
+    if mixed and hasattr(engine.optimizer, "zero_grad"):
+        engine.optimizer.zero_grad()
+    else:
+        engine.zero_grad()
 
 
 def install_step_guard(engine, local_ok: Callable[[], bool], on_skip: Callable[[], None]) -> None:

@@ -26,7 +26,7 @@ reuses its receive buffers by index). Float tensors first, int64 after:
 Labels ride along in the tuple, so the last stage computes the loss from exactly the rows the
 first stage embedded (the engine's `loss_fn` is unused). DeepSpeed marks every received float
 tensor as requiring grad and sends its gradient back, and calls backward on every float output
-of a non-last stage: hence `link` = `frozen_link * 0`, a trainable (1,) parameter joined with
+of a non-last stage: hence `link` = (frozen_link + frozen_link_matrix) * 0, trainable parameters joined with
 weight zero, so the frozen SAM stage has a graph (and an optimizer parameter) without computing
 any SAM gradient, and empty feature slots are touched with weight zero on the next stage.
 """
@@ -48,7 +48,7 @@ from pipeline.processing import MODES, VIEW_DOWNSAMPLE
 VIEW_SIZES: tuple[int, ...] = tuple(sorted({s for m in MODES.values() for s in (m.base_size, m.image_size)}))
 NUM_TEXT = 4  # input_ids, labels, position_ids, doc_ids
 UNIT_PREFIX = "model."  # unit state-dict key = UNIT_PREFIX + DeepSeekOCR key
-LINK_KEY = "frozen_link"  # the SAM unit's zero-weight parameter; not part of the model
+LINK_KEYS = ("frozen_link", "frozen_link_matrix")  # the SAM unit's zero-weight parameters; not model weights
 
 
 def micro_batch_inputs(
@@ -161,14 +161,17 @@ class SamUnit(nn.Module):
         self.model = build_stage_model(enc_cfg, dec_cfg, image_token_id, sam=True, seed=seed)
         self.view_sizes = tuple(view_sizes)
         self.channels = enc_cfg.clip.width
+        # One zero-weight parameter per optimizer group (1-D: no decay; 2-D: decay): DeepSpeed's ZeRO-1
+        # all-reduces the gradient norm once per group across stages, so every stage needs both groups.
         self.frozen_link = nn.Parameter(torch.zeros(1))
+        self.frozen_link_matrix = nn.Parameter(torch.zeros(1, 1))
         if freeze:
             self.model.encoder.freeze_sam()
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         text, pixels = inputs[: NUM_TEXT + 2], inputs[NUM_TEXT + 2 :]
         assert len(pixels) == len(self.view_sizes), "pixel slots do not match the view sizes"
-        link = self.frozen_link * 0  # (1,), in the graph, value 0
+        link = (self.frozen_link + self.frozen_link_matrix.view(1)) * 0  # (1,), in the graph, value 0
         present = [p for p in pixels if p.shape[0] > 0]
         encoded = iter(self.model.sam_features(present))  # no SAM graph when frozen
         feats = []
@@ -271,7 +274,7 @@ class HeadUnit(nn.Module):
 
 def unit_key_to_model_key(key: str) -> str | None:
     """A unit state-dict key -> the DeepSeekOCR key (None for the zero-weight link)."""
-    if key == LINK_KEY:
+    if key in LINK_KEYS:
         return None
     if not key.startswith(UNIT_PREFIX):
         raise ValueError(f"unexpected pipeline unit key {key!r}")

@@ -7,8 +7,10 @@ Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def _poison(nan_steps: set[int]) -> None:
 
 
 def main(spec_path: str) -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (hangs)
     spec = json.loads(Path(spec_path).read_text())
     run: RunConfig = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), spec["run"]))
     tokenizer = build_char_tokenizer(spec["alphabet"])
