@@ -22,10 +22,18 @@ class ModelConfig:
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     decoder_overrides: dict[str, Any] = field(default_factory=dict)
     # Local path to initialise from: a released-layout checkpoint directory, a
-    # consolidated safetensors file, or a stage-1 encoder export. None = random init.
+    # consolidated safetensors file (a stage-1 encoder export: encoder_init). None = random init.
     init_from: str | None = None
     freeze_sam: bool = True  # stage 2 trains with SAM + compressor frozen (PP0)
     gradient_checkpointing: bool = False
+    # Encoder initialisation, frozen parts, encoder export (pipeline.stage1.options, applied
+    # after the model is built / loaded from init_from). All loads are strict.
+    encoder_init: str | None = None  # stage-1 encoder export (or a released-layout dir): its encoder parts
+    sam_init: str | None = None  # segment-anything SAM ViT-B checkpoint -> SAM trunk + neck (stage 1)
+    clip_init: str | None = None  # CLIP-L/14 vision tower, open_clip / OpenAI / transformers file (stage 1)
+    freeze: list[str] = field(default_factory=list)  # more frozen parts: sam compressor clip projector decoder
+    export_encoder: bool = False  # stage 1: write <out_dir>/encoder_export (released layout) at the end
+    export_projector: bool = False  # ... including projector + image_newline/view_seperator
 
 
 @dataclass
