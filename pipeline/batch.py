@@ -70,3 +70,8 @@ class PackedBatch:
     def num_tokens(self) -> int:
         """Non-padding tokens in the batch."""
         return int((self.doc_ids >= 0).sum())
+
+    @property
+    def num_documents(self) -> int:
+        """Samples packed into the batch (doc ids count 0, 1, ... per row)."""
+        return int((self.doc_ids.max(dim=1).values + 1).sum())

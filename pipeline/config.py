@@ -31,7 +31,9 @@ class ModelConfig:
     encoder_init: str | None = None  # stage-1 encoder export (or a released-layout dir): its encoder parts
     sam_init: str | None = None  # segment-anything SAM ViT-B checkpoint -> SAM trunk + neck (stage 1)
     clip_init: str | None = None  # CLIP-L/14 vision tower, open_clip / OpenAI / transformers file (stage 1)
-    freeze: list[str] = field(default_factory=list)  # more frozen parts: sam compressor clip projector decoder
+    freeze: list[str] = field(
+        default_factory=list
+    )  # more frozen parts: sam compressor clip projector decoder
     export_encoder: bool = False  # stage 1: write <out_dir>/encoder_export (released layout) at the end
     export_projector: bool = False  # ... including projector + image_newline/view_seperator
 
@@ -54,7 +56,8 @@ class SynthConfig:
     num_val: int = 64
     min_chars: int = 2
     max_chars: int = 8
-    image_size: int = 128
+    image_size: int = 256  # line width in pixels; lines are image_size x image_size/4
+    mode: str = "debug-256"  # pipeline.processing.MODES key the lines are processed with
     seed: int = 1234
 
 
@@ -116,6 +119,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    mode: str = "base"  # image mode of the held-out set (synth_lines uses data.synth.mode)
     num_samples: int = 64
     batch_size: int = 16
     max_new_tokens: int = 32

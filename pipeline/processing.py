@@ -92,6 +92,7 @@ MODES: dict[str, ModeSpec] = {
     "debug": ModeSpec("debug", 128, 128, crop=False, pad=False),
     "debug-pad": ModeSpec("debug-pad", 128, 128, crop=False, pad=True),
     "debug-gundam": ModeSpec("debug-gundam", 128, 64, crop=True, pad=True),
+    "debug-256": ModeSpec("debug-256", 256, 256, crop=False, pad=False),  # the embedded CPU default
 }
 
 
@@ -162,11 +163,11 @@ def choose_grid(
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, ToTensor then Normalize(mean=std=0.5)."""
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    pixels = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    # uint8 -> float once, then in-place ops: half the time of a float64/float32 numpy path
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous().float()  # (3, H, W)
+    pixels.div_(255.0)
+    pixels.sub_(torch.tensor(IMAGE_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGE_STD).view(3, 1, 1))
+    return pixels
 
 
 def _check_size(image: Image.Image, source: str) -> None:

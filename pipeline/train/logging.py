@@ -42,7 +42,17 @@ class NullLogger:
 class RunLogger:
     """Writes every record to `metrics.jsonl`; prints scalars; forwards to wandb when enabled."""
 
-    CONSOLE_KEYS = ("step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "cer")
+    CONSOLE_KEYS = (
+        "step",
+        "loss",
+        "aux_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "samples_per_s",
+        "mfu",
+        "cer",
+    )
 
     def __init__(self, out_dir: str | Path, cfg: LoggerConfig, run_config: dict, run_name: str) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"

@@ -124,7 +124,10 @@ class LocalTrainer:
             self.step,
             lambda d: torch.save(state, d / "trainer_state.pt"),
             keep_last=self.run.train.keep_last,
-            meta={"kind": "local", "model": {"encoder": self.run.model.encoder, "decoder": self.run.model.decoder}},
+            meta={
+                "kind": "local",
+                "model": {"encoder": self.run.model.encoder, "decoder": self.run.model.decoder},
+            },
         )
 
     def maybe_resume(self) -> Path | None:
@@ -149,8 +152,7 @@ class LocalTrainer:
         out = self.model(batch)
         if torch.isfinite(out.loss):
             (out.loss / self.grad_accum).backward()
-        rows = len(batch.images)
-        return float(out.loss), float(out.lm_loss), float(out.aux_loss), batch.num_tokens, rows
+        return float(out.loss), float(out.lm_loss), float(out.aux_loss), batch.num_tokens, batch.num_documents
 
     def train(self) -> TrainResult:
         cfg = self.run.train
@@ -171,7 +173,9 @@ class LocalTrainer:
                     bad_in_row += 1
                     result.bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.logger.log({"event": "bad_loss", "step": self.step, "loss": loss, "in_row": bad_in_row})
+                    self.logger.log(
+                        {"event": "bad_loss", "step": self.step, "loss": loss, "in_row": bad_in_row}
+                    )
                     if bad_in_row >= cfg.max_bad_steps:
                         raise RuntimeError(
                             f"{bad_in_row} non-finite losses in a row at step {self.step}; stopping. The last "
@@ -197,7 +201,9 @@ class LocalTrainer:
                 if sigterm.raised:
                     result.last_checkpoint = self.save()
                     result.stopped_by_signal = True
-                    self.logger.log({"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)})
+                    self.logger.log(
+                        {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
+                    )
                     break
         result.steps = self.step
         return result
