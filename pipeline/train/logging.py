@@ -57,7 +57,7 @@ class RunLogger:
     def __init__(self, out_dir: str | Path, cfg: LoggerConfig, run_config: dict, run_name: str) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._wandb = None
         if cfg.kind == "wandb":
             self._wandb = self._start_wandb(cfg, run_config, run_name, out_dir)
