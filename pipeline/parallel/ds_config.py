@@ -27,6 +27,7 @@ from pipeline.parallel.topology import Topology
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 DTYPES = ("fp32", "bf16")
+SCHEDULES = ("step", "cosine", "constant")  # pipeline.train.optim.lr_factor
 
 
 def validate_training_config(run: RunConfig) -> None:
@@ -52,7 +53,11 @@ def validate_training_config(run: RunConfig) -> None:
         raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
     if o.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-    lr_factor(0, max(run.train.max_steps, 1), o)  # unknown optim.schedule -> ValueError
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    lr_factor(
+        max(run.train.max_steps, 1), max(run.train.max_steps, 1), o
+    )  # after warmup: checks the schedule
     if run.train.max_steps < 1:
         raise ValueError(f"train.max_steps must be >= 1, got {run.train.max_steps}")
     if run.train.max_bad_steps < 1:

@@ -1,0 +1,119 @@
+"""Bad pipeline configurations fail in `prepare()` (no process group, no model) with a ValueError
+naming the field and the fix; the DeepSpeed config keeps the batch arithmetic and precision rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoint_io import save_checkpoint
+from pipeline.config import RunConfig
+from pipeline.model import build_model
+from pipeline.parallel.ds_config import deepspeed_config
+from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs
+from pipeline.parallel.topology import Topology
+from pipeline.parallel.trainer import prepare
+from pipeline.tokenizer import build_char_tokenizer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer("abcdefghijklmnopqrstuvwxyz ")
+
+
+def run_config(tmp_path, **parallel) -> RunConfig:
+    run = RunConfig()
+    run.train.out_dir = str(tmp_path / "run")
+    for key, value in {"pp": 4, "micro_batch": 1, "global_batch": 8, **parallel}.items():
+        setattr(run.parallel, key, value)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("parallel", "world", "message"),
+    [
+        ({"dp": 2}, 4, "parallel.dp=2 with parallel.pp=4 needs 8 processes"),
+        ({"pp": 3}, 4, "parallel.pp=3 does not divide the world size 4"),
+        ({"global_batch": 5}, 8, "parallel.global_batch=5 is not divisible"),
+        ({"pp": 7}, 7, "parallel.pp=7 exceeds the 6 pipeline units"),
+        ({"dtype": "fp16"}, 4, "parallel.dtype must be one of"),
+        ({"zero_stage": 2}, 4, "set parallel.zero_stage=1"),
+        ({"dtype": "bf16", "zero_stage": 0}, 4, "DeepSpeed provides with ZeRO-1 only"),
+        ({"pp": 1}, 1, "parallel.pp=1 runs without the pipeline engine"),
+    ],
+)
+def test_bad_layout_is_refused_before_building(tmp_path, tok, parallel, world, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(run_config(tmp_path, **parallel), tok, world)
+
+
+def test_unknown_schedule_is_refused(tmp_path, tok):
+    run = run_config(tmp_path)
+    run.optim.schedule = "linear"
+    with pytest.raises(ValueError, match="optim.schedule must be"):
+        prepare(run, tok, 4)
+
+
+def test_checkpoint_of_another_model_size_is_refused(tmp_path, tok):
+    other = build_model(
+        "debug", "debug", tok.vocab_size, image_token_id=tok.image_id, hidden_size=32, num_heads=2
+    )
+    save_checkpoint(other, tok, tmp_path / "small")
+    run = run_config(tmp_path)
+    run.model.init_from = str(tmp_path / "small")
+    with pytest.raises(ValueError, match="different model size"):
+        prepare(run, tok, 4)
+    run.model.init_from = str(tmp_path)  # not a checkpoint at all
+    with pytest.raises(ValueError, match="model.init_from"):
+        prepare(run, tok, 4)
+
+
+def test_resume_from_another_layout_is_refused(tmp_path, tok):
+    run = run_config(tmp_path)
+    topology, split, configs, model_dict, _ = prepare(run, tok, 4)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    meta = {"kind": "pipeline", "step": 2, "pp": 2, "dp": 2, "parts": [0, 4, 6], "model": model_dict}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="exact resume needs the same layout"):
+        prepare(run, tok, 4)
+    assert split.parts == [0, 1, 2, 4, 6] and topology.grad_accum == 8
+
+
+def test_deepspeed_config_batch_and_precision(tmp_path):
+    run = run_config(tmp_path, pp=4, dp=40, global_batch=640, dtype="bf16", zero_stage=1)
+    cfg = deepspeed_config(run, Topology(world_size=160, pp=4, micro_batch=1, global_batch=640, dp=40))
+    assert (
+        cfg["train_batch_size"],
+        cfg["train_micro_batch_size_per_gpu"],
+        cfg["gradient_accumulation_steps"],
+    ) == (
+        640,
+        1,
+        16,
+    )
+    assert cfg["bf16"]["enabled"] and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["zero_optimization"]["stage"] == 1 and cfg["pipeline"]["use_reentrant"] is False
+    assert cfg["gradient_clipping"] == run.optim.grad_clip
+
+
+def test_micro_batch_inputs_fixed_slots(tok):
+    from pipeline.batch import ImageViews, PackedBatch
+
+    ids = torch.tensor([[tok.bos_id] + [tok.image_id] * 7 + [5, 6]])
+    batch = PackedBatch(
+        input_ids=ids,
+        labels=ids.clone(),
+        position_ids=torch.arange(10)[None],
+        doc_ids=torch.zeros(1, 10, dtype=torch.long),
+        images=[[ImageViews(global_view=torch.zeros(3, 128, 128), num_placeholders=7)]],
+    )
+    inputs = micro_batch_inputs(batch)
+    pixels = inputs[6:]
+    assert len(pixels) == len(VIEW_SIZES)
+    assert [p.shape[0] for p in pixels] == [1 if s == 128 else 0 for s in VIEW_SIZES]
+    assert inputs[4].tolist() == [0, 1, 4, 2, 3, 4, 5] and inputs[5].tolist() == [7]  # gather index, counts
