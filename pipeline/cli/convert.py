@@ -6,6 +6,7 @@ conversions, e.g. pipeline-stage consolidation, plug in the same way):
     dsocr-convert from-release RELEASE_DIR OUT_DIR      release -> our layout
     dsocr-convert to-release   CKPT_DIR OUT_DIR [--dtype bf16]   ours (or release) -> release layout
     dsocr-convert inspect      CKPT_DIR                  configs and parameter counts
+    dsocr-convert consolidate  RUN_OR_CKPT OUT_DIR [--dtype bf16]   pipeline checkpoint -> release layout
 
 Both layouts are directories with the tokenizer files; see pipeline/checkpoint_io.py.
 """
@@ -72,12 +73,27 @@ def _run_inspect(args: argparse.Namespace) -> dict:
     }
 
 
+def _add_consolidate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="pipeline run directory (its newest complete checkpoint) or one checkpoint")
+    p.add_argument("out", help="output directory in the released layout")
+    p.add_argument("--dtype", default="keep", choices=sorted(_DTYPES), help="tensor dtype in the export")
+
+
+def _run_consolidate(args: argparse.Namespace) -> dict:
+    from pipeline.parallel.consolidate import consolidate, resolve_checkpoint
+
+    source = resolve_checkpoint(args.src)
+    consolidate(source, args.out, dtype=_dtype(args.dtype))
+    return {"written": args.out, "layout": "release", "checkpoint": str(source)}
+
+
 SUBCOMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]
 ] = {
     "from-release": ("release layout -> our layout", _add_from_release, _run_from_release),
     "to-release": ("our layout -> release layout", _add_to_release, _run_to_release),
     "inspect": ("print configs and parameter counts", _add_inspect, _run_inspect),
+    "consolidate": ("pipeline checkpoint (any PP/DP) -> release layout", _add_consolidate, _run_consolidate),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint_io import export_release, load_any, save_checkpoint
+from pipeline.cli.convert import main as convert_main
 from pipeline.config import OptimConfig
 from pipeline.data.config import LoaderConfig
 from pipeline.data.loader import StreamingLoader
@@ -118,7 +119,8 @@ def test_pp4_one_step_matches_single_process_and_consolidates(setup):
     for r in results:
         assert r["losses"][0] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
 
-    out = consolidate(run_dir, work / "pp4-release")
+    out = work / "pp4-release"
+    assert convert_main(["consolidate", str(run_dir), str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_vl_v2"
     consolidated, _ = load_any(out)
     initial, _ = load_any(work / "ours")
