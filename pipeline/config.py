@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.finetune.config import FinetuneConfig
+
 
 @dataclass
 class ModelConfig:
@@ -146,6 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # read by dsocr-finetune only
     name: str = "default"
 
 

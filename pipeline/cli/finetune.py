@@ -1,0 +1,51 @@
+"""`dsocr-finetune`: fine-tune a released or trained checkpoint (LoRA or full, with replay).
+
+    dsocr-finetune                                    # embedded default: CPU, Latin base -> Cyrillic lines
+    dsocr-finetune experiment=finetune_lora model.init_from=ckpt/deepseek-ocr \
+        'data.sources.0.shards=data/my_lang/{000000..000009}.tar' finetune.val=data/my_lang_val \
+        finetune.replay.shards='data/orig/{000000..000099}.tar' finetune.replay.val=data/orig_val
+    dsocr-finetune experiment=finetune_full ...       # full fine-tune (SAM frozen)
+    dsocr-finetune --cfg job                          # print the composed config and exit
+
+Composes the same config tree as `dsocr-train` (configs/train.yaml + the `finetune` schema,
+pipeline.finetune.config); without an `experiment=` override it applies
+`experiment=finetune_demo`. CSV (`image_file,text_label`) or JSONL data: convert to shards
+first with `dsocr-data convert` (data_tools/convert.py), which counts and skips bad rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+DEFAULT_EXPERIMENT = "finetune_demo"
+
+
+def with_default_experiment(argv: list[str]) -> list[str]:
+    """argv + `experiment=finetune_demo` unless an experiment is chosen already."""
+    chosen = any(a.lstrip("+~").startswith("experiment=") for a in argv)
+    return argv if chosen else [*argv, f"experiment={DEFAULT_EXPERIMENT}"]
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from pipeline.config import register_configs, to_run_config
+
+    sys.argv = [sys.argv[0], *with_default_experiment(sys.argv[1:])]
+    register_configs()
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
+    def _run(cfg: DictConfig) -> None:
+        from pipeline.finetune.job import run_finetune
+
+        run = to_run_config(cfg)
+        run_finetune(run, OmegaConf.to_yaml(cfg, resolve=True))
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

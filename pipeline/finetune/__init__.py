@@ -1,0 +1,6 @@
+"""Fine-tuning from a released or trained checkpoint: LoRA (peft) or full, with replay (issue 11).
+
+config (typed schema, no torch), lora (freezing, adapters), vocab (character-vocabulary
+extension), demo (new-script reading lines), export (adapter / merged release layout),
+job (`run_finetune`, the single-process job behind `dsocr-finetune`).
+"""

@@ -1,0 +1,308 @@
+"""One fine-tuning job from a typed RunConfig: base -> adapters/freezing -> replay mix -> train -> eval -> export.
+
+1. Base model: `model.init_from` (released-layout directory, our checkpoint, an export), read
+   by `load_any`. The embedded default (data.kind=synth_lines, no init_from) first trains a
+   tiny base on Latin reading lines with `pipeline.train.job.run_job` (finetune.demo.base_steps).
+2. Data: target = `data.sources` (webdataset) or, for the demo, reading lines of a new script
+   (`pipeline.finetune.demo`); replay = `finetune.replay.shards` (the demo: the Latin lines),
+   mixed per sample with weight `finetune.replay.share` in one `StreamingLoader`.
+3. Trainable parameters: LoRA (peft) or per-component full training (`pipeline.finetune.lora`);
+   a character vocabulary is extended to the target's new letters (`pipeline.finetune.vocab`).
+4. Eval before and after on the held-out target set and the held-out original-capability set
+   (`pipeline.eval`), so both the gain and any forgetting show in one table.
+5. Train with `pipeline.train.loop.LocalTrainer` (same loop, checkpoints, resume and logs as
+   `dsocr-train`), then export the adapter and/or the merged release-layout checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint_io import OUR_CONFIG, load_any
+from pipeline.config import RunConfig
+from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
+from pipeline.data.loader import StreamingLoader
+from pipeline.eval.data import read_eval_set
+from pipeline.eval.plots import plot_run
+from pipeline.eval.report import EvalReport, format_comparison
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.export import export_merged, save_adapter
+from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
+from pipeline.finetune.vocab import cover_texts, is_char_tokenizer
+from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
+from pipeline.train.logging import RunLogger
+from pipeline.train.loop import LocalTrainer
+from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
+
+VOCAB_SCAN_LIMIT = 20_000  # training samples scanned for characters a char vocabulary lacks
+
+
+@dataclass
+class FinetuneData:
+    target_train: list[SourceSpec]
+    replay_train: SourceSpec | None
+    target_val: str
+    original_val: str
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    reports: dict[str, EvalReport]  # "target_before", "target_after", "original_before", "original_after"
+    added_chars: list[str]
+    adapter_dir: Path | None
+    merged_dir: Path | None
+
+    def cer(self, name: str) -> float | None:
+        report = self.reports.get(name)
+        return report.raw.corpus_cer if report is not None else None
+
+
+# ----------------------------------------------------------------------------- base and data
+def demo_base(run: RunConfig, out: Path) -> Path:
+    """Train (or reuse) the embedded default's Latin base model under out/base; returns its model dir."""
+    base_dir = out / "base"
+    model_dir = base_dir / "model"
+    if (model_dir / OUR_CONFIG).is_file():
+        print(f"[finetune] reusing the base model {model_dir}", flush=True)
+        return model_dir
+    base = copy.deepcopy(run)
+    base.name = f"{run.name}-base"
+    base.train.max_steps = run.finetune.demo.base_steps
+    base.train.out_dir = str(base_dir)
+    base.train.save_every = 0
+    print(
+        f"[finetune] no model.init_from: training a Latin base model for {base.train.max_steps} steps",
+        flush=True,
+    )
+    run_job(base)
+    return model_dir
+
+
+def demo_data(run: RunConfig, out: Path, original_dir: Path) -> FinetuneData:
+    """Target = new-script lines; replay / original-capability = the Latin lines of the base."""
+    from data_tools.synth.reading import ReadingLinesConfig
+    from pipeline.finetune.demo import write_script_lines
+
+    ft, syn = run.finetune, run.data.synth
+    latin_train, latin_val = prepare_synth_lines(run, original_dir)
+    target = {}
+    for split, n, seed in (
+        ("train", ft.demo.num_train, ft.demo.seed),
+        ("val", ft.demo.num_val, ft.demo.seed + 7919),
+    ):
+        cfg = ReadingLinesConfig(n=n, seed=seed, width=syn.image_size, min_chars=syn.min_chars,
+                                 max_chars=syn.max_chars, source=f"{ft.demo.lang}-lines-{split}")  # fmt: skip
+        target[split] = write_script_lines(cfg, ft.demo.lang, out / "data" / "target" / split, split)
+    mode = syn.mode
+    replay = (
+        SourceSpec("replay", latin_train, ft.replay.share, "free_ocr", mode) if ft.replay.share > 0 else None
+    )
+    weight = 1.0 - ft.replay.share
+    return FinetuneData([SourceSpec("target", target["train"], weight, "free_ocr", mode)], replay,
+                        target["val"], ft.replay.val or latin_val)  # fmt: skip
+
+
+def webdataset_data(run: RunConfig) -> FinetuneData:
+    ft = run.finetune
+    if not run.data.sources:
+        raise ValueError("data.kind=webdataset needs data.sources (the target shards) for a fine-tune")
+    specs = from_run_config(run.data, batch_size=1, seed=0).sources
+    total = sum(s.weight for s in specs)
+    weight = 1.0 - ft.replay.share
+    targets = [dataclasses.replace(s, weight=s.weight / total * weight) for s in specs]
+    replay = None
+    if ft.replay.share > 0:
+        if not ft.replay.shards:
+            raise ValueError(
+                f"finetune.replay.share={ft.replay.share} needs finetune.replay.shards (original-domain data, "
+                "e.g. synthetic pages of the original languages from `dsocr-data synth`), or set share=0"
+            )
+        replay = SourceSpec(
+            "replay", ft.replay.shards, ft.replay.share, ft.replay.prompt, dict(ft.replay.modes)
+        )
+    val = ft.val or run.data.val_shards
+    if not val:
+        raise ValueError("a fine-tune needs a held-out target set: set finetune.val (or data.val_shards)")
+    return FinetuneData(targets, replay, val, ft.replay.val)
+
+
+def loader_config(run: RunConfig, data: FinetuneData) -> LoaderConfig:
+    sources = [*data.target_train, *([data.replay_train] if data.replay_train else [])]
+    return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=run.parallel.micro_batch,
+                        packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers,
+                        max_pixels=run.data.max_pixels, max_tiles=run.data.max_tiles)  # fmt: skip
+
+
+def training_texts(sources: list[SourceSpec], limit: int) -> list[str]:
+    """Reference texts of the first `limit` samples of the target sources (vocabulary coverage)."""
+    texts: list[str] = []
+    for source in sources:
+        for pattern in source.shards:
+            texts += [s.reference for s in read_eval_set(pattern, limit=max(1, limit - len(texts)))]
+            if len(texts) >= limit:
+                return texts
+    return texts
+
+
+# ----------------------------------------------------------------------------- model
+def prepare_model(model, tokenizer, ft: FinetuneConfig, texts: list[str]):
+    """Cover the target texts, then freeze / inject LoRA. Returns (model, peft model or None, tokenizer, added)."""
+    tokenizer, added = cover_texts(model, tokenizer, texts, extend=ft.extend_vocab)
+    components = ft.trained_components
+    if added:
+        extra = [c for c in ("embed", "lm_head") if c not in components]
+        if extra:
+            print(
+                f"[finetune] {len(added)} new characters: training {extra} fully for their new rows",
+                flush=True,
+            )
+        components = [*components, *extra]
+    if ft.method == "lora":
+        return model, apply_lora(model, ft.lora, components), tokenizer, added
+    set_trainable(model, components)
+    return model, None, tokenizer, added
+
+
+# ----------------------------------------------------------------------------- job
+def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult:
+    ft = run.finetune
+    out = Path(run.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resolved_yaml is not None:
+        (out / "config.yaml").write_text(resolved_yaml)
+    if run.parallel.pp != 1 or (run.parallel.dp or 1) != 1:
+        raise ValueError(
+            f"parallel.pp={run.parallel.pp}, parallel.dp={run.parallel.dp}: dsocr-finetune runs one process "
+            "(pp=1, dp=1); multi-GPU data parallelism is not wired into the fine-tune yet"
+        )
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    device = resolve_device(run.train.device)
+
+    if run.data.kind == "synth_lines":
+        base_path = Path(run.model.init_from) if run.model.init_from else demo_base(run, out)
+        original_dir = out / "base" / "data" if not run.model.init_from else out / "data" / "original"
+        data = demo_data(run, out, original_dir)
+    elif run.data.kind == "webdataset":
+        if not run.model.init_from:
+            raise ValueError("model.init_from must name the checkpoint to fine-tune (release dir or export)")
+        base_path, data = Path(run.model.init_from), webdataset_data(run)
+    else:
+        raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
+    torch.manual_seed(run.train.seed)
+
+    model, tokenizer = load_any(base_path)
+    target_val = read_eval_set(data.target_val, limit=ft.eval_samples)
+    original_val = read_eval_set(data.original_val, limit=ft.eval_samples) if data.original_val else []
+    texts = [s.reference for s in target_val]
+    if is_char_tokenizer(tokenizer):
+        texts += training_texts(data.target_train, VOCAB_SCAN_LIMIT)
+    model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
+    tokenizer.save(out / "tokenizer")
+    model.to(device)
+    trainable, total = trainable_summary(model)
+    print(f"[finetune] {run.name}: base {base_path}, method {ft.method}, {trainable:,} of {total:,} parameters "
+          f"trainable, replay share {ft.replay.share}, device {device}, out {out}", flush=True)  # fmt: skip
+
+    ecfg = eval_config(run)
+    evals = {"target": target_val, "original": original_val}
+    reports: dict[str, EvalReport] = {}
+    for name, samples in evals.items():
+        if samples:
+            reports[f"{name}_before"] = run_eval(
+                model, tokenizer, samples, ecfg, out / "eval", f"{name}_before"
+            )
+
+    loader = StreamingLoader(loader_config(run, data), tokenizer, dp_rank=0, dp_world=1)
+    optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
+    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
+    logger = RunLogger(out, run.logger, asdict(run), run.name)
+    trainer = LocalTrainer(model, optimizer, scheduler, loader, run, device=device, logger=logger)
+    trainer.maybe_resume()
+    result = trainer.train()
+    if not result.stopped_by_signal:
+        trainer.save()
+
+    for name, samples in evals.items():
+        if samples and not result.stopped_by_signal:
+            report = run_eval(model, tokenizer, samples, ecfg, out / "eval", f"{name}_after")
+            reports[f"{name}_after"] = report
+            logger.log(
+                {"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer},
+                console=False,
+            )
+    logger.close()
+    plot_run(out / "metrics.jsonl", out / "plots")
+
+    adapter_dir = merged_dir = None
+    if not result.stopped_by_signal:
+        if peft_model is not None and ft.export in ("adapter", "both"):
+            adapter_dir = save_adapter(peft_model, tokenizer, out / "adapter", base=str(base_path),
+                                       meta={"added_chars": "".join(added)})  # fmt: skip
+        if ft.export in ("merged", "both"):
+            merged_dir = export_merged(
+                peft_model if peft_model is not None else model, tokenizer, out / "merged"
+            )
+    job = FinetuneResult(
+        out_dir=out,
+        steps=result.steps,
+        first_loss=result.losses[0] if result.losses else None,
+        last_loss=sum(result.losses[-20:]) / len(result.losses[-20:]) if result.losses else None,
+        reports=reports,
+        added_chars=added,
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+    )
+    write_summary(job)
+    print_report(job)
+    return job
+
+
+def write_summary(job: FinetuneResult) -> Path:
+    summary = {
+        "steps": job.steps,
+        "first_loss": job.first_loss,
+        "last_loss": job.last_loss,
+        "added_chars": "".join(job.added_chars),
+        "cer": {name: report.raw.corpus_cer for name, report in job.reports.items()},
+        "cer_normalized": {name: report.normalized.corpus_cer for name, report in job.reports.items()},
+        "adapter": str(job.adapter_dir) if job.adapter_dir else None,
+        "merged": str(job.merged_dir) if job.merged_dir else None,
+    }
+    path = job.out_dir / "finetune_summary.json"
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def print_report(job: FinetuneResult) -> None:
+    """Before/after CER of the target and original-capability sets, then where everything is."""
+    fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+    order = [
+        n for n in ("target_before", "target_after", "original_before", "original_after") if n in job.reports
+    ]
+    print("\n=== fine-tune report ===")
+    if order:
+        print(format_comparison([job.reports[n] for n in order], title="held-out sets, before / after"))
+    print(f"target CER (corpus, raw)    {fmt(job.cer('target_before'))} -> {fmt(job.cer('target_after'))}")
+    print(
+        f"original CER (forgetting)   {fmt(job.cer('original_before'))} -> {fmt(job.cer('original_after'))}"
+    )
+    loss = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(
+        f"train loss                  {loss(job.first_loss)} -> {loss(job.last_loss)} over {job.steps} steps"
+    )
+    if job.added_chars:
+        print(f"characters added            {''.join(job.added_chars)}")
+    print(f"adapter                     {job.adapter_dir or '-'}")
+    print(f"merged (release layout)     {job.merged_dir or '-'}")
+    print(f"summary                     {job.out_dir / 'finetune_summary.json'}", flush=True)
