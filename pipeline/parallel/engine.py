@@ -48,13 +48,16 @@ def stage_model_configs(
     model: ModelConfig, *, vocab_size: int, image_token_id: int, bos_token_id: int = 0, eos_token_id: int = 1
 ) -> tuple[EncoderConfig, DecoderConfig, int]:
     """The encoder / decoder configs the single-process path builds (`pipeline.model.build_model`):
-    presets + overrides, the vocabulary and special ids from the tokenizer, n_embed = hidden."""
+    presets + overrides, the vocabulary and special ids from the tokenizer, n_embed = hidden.
+    A `vocab_size` in model.decoder_overrides may enlarge the embedding beyond the tokenizer's."""
+    overrides = dict(model.decoder_overrides)
+    wanted = int(overrides.pop("vocab_size", vocab_size))
+    if wanted < vocab_size:
+        raise ValueError(
+            f"model.decoder_overrides.vocab_size={wanted} is smaller than the tokenizer's {vocab_size} ids"
+        )
     dec = decoder_config(
-        model.decoder,
-        vocab_size=vocab_size,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        **dict(model.decoder_overrides),
+        model.decoder, vocab_size=wanted, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **overrides
     )
     enc = encoder_config(model.encoder, **{"n_embed": dec.hidden_size, **dict(model.encoder_overrides)})
     if not 0 <= image_token_id < dec.vocab_size:

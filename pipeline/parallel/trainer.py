@@ -166,15 +166,18 @@ def run_pipeline_training(
     eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
     logger: RunLogger | NullLogger | None = None,
     view_sizes=VIEW_SIZES,
+    final_checkpoint: bool = True,
 ) -> PipelineResult:
-    """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer)."""
+    """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer).
+
+    final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay."""
     env = dist_env()
     topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
     device = _init_distributed()
     trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
     trainer.setup(model_dict, resume_from, loader_factory, logger)
     try:
-        return trainer.train(eval_hook)
+        return trainer.train(eval_hook, final_checkpoint=final_checkpoint)
     finally:
         trainer.logger.close()
 
@@ -281,7 +284,7 @@ class PipelineTrainer:
         torch.distributed.all_reduce(flag, op=op)
         return int(flag.item())
 
-    def train(self, eval_hook=None) -> PipelineResult:
+    def train(self, eval_hook=None, *, final_checkpoint: bool = True) -> PipelineResult:
         cfg = self.run.train
         result = PipelineResult(steps=self.step, stage=self.stage, dp_rank=self.dp_rank)
         saved_at = None
@@ -326,7 +329,7 @@ class PipelineTrainer:
                         {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
                     )
                     break
-        if not result.stopped_by_signal and saved_at != self.step:
+        if final_checkpoint and not result.stopped_by_signal and saved_at != self.step:
             result.last_checkpoint = self.save()
         result.steps = self.step
         return result

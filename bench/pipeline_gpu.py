@@ -1,0 +1,137 @@
+"""GPU benchmark of stage-2 pipeline training: full preset, sequence 8192, Base + Gundam pages mixed
+with text-only rows, bf16 + ZeRO-1 on DeepSpeed's pipeline engine (pipeline/parallel/trainer.py).
+
+Two phases (bench/pipeline_gpu.sh runs both layouts):
+  python bench/pipeline_gpu.py make-data DIR           synthetic shards (pages 1240x1754 + text)
+  torchrun --nproc_per_node 4 bench/pipeline_gpu.py train DIR --pp 4 [--steps 20]
+Every rank trains; the last stage of data-parallel rank 0 writes DIR/<layout>/metrics.jsonl.
+Rank 0 prints one JSON summary: tokens/s per GPU (mean over steps after --warmup), first/last
+loss, peak GPU memory per stage (torch.cuda.max_memory_allocated, max over DP ranks), the 1F1B
+bubble (p-1)/(m+p-1) and the MFU estimate. Target (issue 7): >= 25,000 tokens/s per H200 for
+PP=4, and per-stage peaks that fit a 40 GB A100 at micro-batch 1.
+The vocabulary is the release's 129,280 (a character tokenizer covers the synthetic text; the
+embedding and lm_head have the full size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import string
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ALPHABET = string.ascii_letters + string.digits + " .,;:-_()"
+
+
+def make_data(root: Path, *, pages: int = 256, texts: int = 128) -> None:
+    from pipeline.data.testing import sample_members, write_ocr_shards, write_tar
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "pages").is_dir():
+        write_ocr_shards(
+            root / "pages", num_shards=8, per_shard=pages // 8, size=(1240, 1754), answer_chars=2400
+        )
+    if not (root / "text").is_dir():
+        for s in range(4):
+            members = []
+            for i in range(texts // 4):
+                words = " ".join(f"word{(s * 7919 + i * 31 + j) % 997}" for j in range(600))
+                members += sample_members(f"text{s:03d}_{i:04d}", None, None, text=words)
+            write_tar(root / "text" / f"text-{s:03d}.tar", members)
+
+
+def train(root: Path, args) -> None:
+    import torch
+
+    from pipeline.config import RunConfig, SourceConfig
+    from pipeline.data.config import from_run_config
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.parallel.trainer import run_pipeline_training
+    from pipeline.tokenizer import build_char_tokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = f"pp{args.pp}_dp{world // args.pp}"
+    run = RunConfig(name=f"bench-{layout}")
+    run.model.encoder, run.model.decoder = "full", "full"
+    run.model.decoder_overrides = {"vocab_size": 129280}
+    run.model.freeze_sam, run.model.gradient_checkpointing = True, args.checkpointing
+    p = run.parallel
+    p.pp, p.dp, p.micro_batch, p.global_batch = args.pp, None, 1, args.global_batch
+    p.dtype, p.zero_stage = "bf16", 1
+    run.data.kind, run.data.seq_len, run.data.num_workers = "webdataset", args.seq, args.workers
+    run.data.sources = [
+        SourceConfig(
+            "pages", str(root / "pages" / "*.tar"), 0.8, "free_ocr", {"base": 1.0, "gundam": 1.0}, "ocr"
+        ),
+        SourceConfig("text", str(root / "text" / "*.tar"), 0.2, "text_only", {"base": 1.0}, "text"),
+    ]
+    run.optim.lr, run.optim.warmup_steps, run.optim.schedule = 3e-5, 5, "step"
+    run.train.max_steps, run.train.log_every, run.train.save_every = args.steps, 1, 0
+    run.train.out_dir, run.train.resume = str(root / layout), False
+    tokenizer = build_char_tokenizer(ALPHABET)
+
+    def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
+        cfg = from_run_config(run.data, batch_size=1, seed=run.train.seed)
+        return StreamingLoader(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
+
+    result = run_pipeline_training(
+        run, tokenizer=tokenizer, loader_factory=loader_factory, final_checkpoint=False
+    )
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+    peaks = [torch.zeros_like(peak) for _ in range(world)]
+    torch.distributed.all_gather(peaks, peak)
+    if torch.distributed.get_rank() == 0:
+        dp = world // args.pp
+        per_stage = {s: max(float(peaks[s * dp + d]) for d in range(dp)) for s in range(args.pp)}
+        lines = (Path(run.train.out_dir) / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        steps = [r for r in records if "tokens_per_s" in r]
+        timed = steps[args.warmup :] or steps
+        mean = lambda key: sum(r.get(key, 0.0) for r in timed) / len(timed)  # noqa: E731
+        accum = args.global_batch // dp
+        print(
+            json.dumps(
+                {
+                    "layout": layout,
+                    "steps": result.steps,
+                    "tokens_per_s_per_gpu": mean("tokens_per_s_per_gpu"),
+                    "tokens_per_s": mean("tokens_per_s"),
+                    "step_time_s": mean("step_time"),
+                    "mfu": mean("mfu"),
+                    "loss_first": steps[0]["loss"],
+                    "loss_last": steps[-1]["loss"],
+                    "peak_gib_per_stage": per_stage,
+                    "bubble_1f1b": (args.pp - 1) / (accum + args.pp - 1),
+                    "device": torch.cuda.get_device_name(),
+                },
+                indent=2,
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=["make-data", "train"])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput mean")
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    if args.phase == "make-data":
+        make_data(args.root)
+    else:
+        train(args.root, args)
+
+
+if __name__ == "__main__":
+    main()
