@@ -186,6 +186,18 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
         ),
         max_position_embeddings=1024,
     ),
+    # one-GPU demonstration size: 6 layers of width 512, layer 0 dense, 16 experts top-4
+    "small": DecoderConfig(
+        hidden_size=512,
+        num_layers=6,
+        num_heads=8,
+        intermediate_size=1536,
+        first_k_dense_replace=1,
+        moe=MoEConfig(
+            n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, n_shared_experts=2
+        ),
+        max_position_embeddings=4096,
+    ),
     # OPT-125M-sized dense decoder (stage-1 compact LM): 12 layers, width 768, SwiGLU 3072
     "dense-125m": DecoderConfig(
         hidden_size=768,

@@ -198,7 +198,24 @@ def _debug() -> EncoderConfig:
     )
 
 
-ENCODER_PRESETS: dict[str, EncoderConfig] = {"full": _full(), "debug": _debug()}
+def _small() -> EncoderConfig:
+    # One-GPU demonstration size (~25M): the release's structure at a quarter of its widths.
+    return EncoderConfig(
+        sam=SamConfig(
+            embed_dim=256,
+            depth=6,
+            num_heads=4,
+            out_chans=128,
+            window_size=14,
+            global_attn_indexes=(2, 5),
+            compressor_channels=(256, 512),
+        ),
+        clip=ClipConfig(width=512, layers=6, heads=8, mlp_dim=2048),
+        n_embed=512,
+    )
+
+
+ENCODER_PRESETS: dict[str, EncoderConfig] = {"full": _full(), "small": _small(), "debug": _debug()}
 
 
 def encoder_config(name: str, **overrides) -> EncoderConfig:

@@ -60,6 +60,7 @@ class SynthConfig:
     max_chars: int = 8
     image_size: int = 256  # line width in pixels; lines are image_size x image_size/4
     mode: str = "debug-256"  # pipeline.processing.MODES key the lines are processed with
+    workers: int = 0  # rendering processes (0 = in the job's process)
     seed: int = 1234
 
 

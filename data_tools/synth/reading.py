@@ -12,6 +12,7 @@ dynamics": proportional fonts with centred text stay on the character-frequency 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +65,24 @@ def reading_line(index: int, cfg: ReadingLinesConfig) -> tuple[Image.Image, str]
     return image, text
 
 
-def write_reading_lines(cfg: ReadingLinesConfig, writer_cfg: ShardWriterConfig) -> dict:
-    """Render cfg.n lines into webdataset shards; returns the manifest."""
+def reading_sample(args: tuple[int, ReadingLinesConfig]) -> Sample:
+    index, cfg = args
+    image, text = reading_line(index, cfg)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    meta = {"prompt": PROMPT, "answer": text, "source": cfg.source, "lang": "en", "task": "free_ocr"}
+    return Sample(f"{cfg.source}-{index:09d}", meta, buf.getvalue(), "png")
+
+
+def write_reading_lines(cfg: ReadingLinesConfig, writer_cfg: ShardWriterConfig, workers: int = 0) -> dict:
+    """Render cfg.n lines into webdataset shards (in index order, also with workers); returns the manifest."""
+    jobs = ((i, cfg) for i in range(cfg.n))
     with ShardWriter(writer_cfg, extra_manifest={"reading_lines": vars(cfg)}) as writer:
-        for i in range(cfg.n):
-            image, text = reading_line(i, cfg)
-            buf = io.BytesIO()
-            image.save(buf, format="PNG", compress_level=1)
-            meta = {"prompt": PROMPT, "answer": text, "source": cfg.source, "lang": "en", "task": "free_ocr"}
-            writer.write(Sample(f"{cfg.source}-{i:09d}", meta, buf.getvalue(), "png"))
+        if workers > 0:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for sample in pool.imap(reading_sample, jobs, chunksize=256):
+                    writer.write(sample)
+        else:
+            for sample in map(reading_sample, jobs):
+                writer.write(sample)
     return writer.manifest()

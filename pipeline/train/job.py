@@ -70,9 +70,8 @@ def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
         out = data_dir / split
         manifest = out / "manifest.json"
         if not (manifest.exists() and json.loads(manifest.read_text()).get("reading_lines") == vars(cfg)):
-            write_reading_lines(
-                cfg, ShardWriterConfig(str(out), prefix=split, max_count=5000, overwrite=True)
-            )
+            writer = ShardWriterConfig(str(out), prefix=split, max_count=5000, overwrite=True)
+            write_reading_lines(cfg, writer, workers=syn.workers)
         patterns.append(str(out / f"{split}-*.tar"))
     return patterns[0], patterns[1]
 

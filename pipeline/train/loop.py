@@ -147,9 +147,17 @@ class LocalTrainer:
         return ckpt
 
     # ----------------------------------------------------------------- training
+    def _autocast(self):
+        """bf16 autocast with fp32 master weights when parallel.dtype=bf16 (the model stays fp32)."""
+        dtype = self.run.parallel.dtype
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"parallel.dtype must be fp32 or bf16, got {dtype!r}")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
     def _micro_step(self) -> tuple[float, float, float, int, int]:
         batch = batch_to(next(self._data_iter), self.device)
-        out = self.model(batch)
+        with self._autocast():
+            out = self.model(batch)
         if torch.isfinite(out.loss):
             (out.loss / self.grad_accum).backward()
         return float(out.loss), float(out.lm_loss), float(out.aux_loss), batch.num_tokens, batch.num_documents
