@@ -1,0 +1,198 @@
+"""Measurement helpers: device timing, the bf16 matmul peak, host-sync counting, counted FLOPs, machine.
+
+FLOP counts are model FLOPs (2 per multiply-add), counted from the architecture, not from the
+kernels that run (window padding is counted: the architecture computes on padded windows;
+the augmented-q/k channels of our SAM attention are not: they are an implementation detail):
+
+- decoder, training (fwd + bwd = 3 x fwd) over packed documents of lengths n_d:
+      6 * N_active * sum(n_d) + 6 * L * H * sum(n_d^2)
+  N_active = DecoderConfig.activated_params() (attention, dense MLP / router + shared + top-k
+  routed experts, final norm, lm_head; no embedding); causal attention counts n^2/2 pairs of
+  QK^T and PV (4 H FLOPs each) per layer, x3 for the backward. One document of length T gives
+  DecoderConfig.matmul_flops_per_token(T) * T.
+- SAM + neck + compressor, forward only (frozen): patch conv, per block qkv / proj on the
+  zero-padded windows (global blocks: all tokens), MLP on all tokens, attention 4 * C * (sum over attention groups of n_g^2) (windows of
+  14 x 14 on the zero-padded grid, or the whole grid in global blocks), the decomposed
+  relative-position terms 2 * C * n * (h + w), neck and the two stride-2 compressor convs.
+- CLIP-L + projector, training (3 x fwd): per layer 2 * n * (4 W^2 + 2 W M) + 4 * W * n^2 with
+  n = g^2 + 1 tokens, and the projector 2 * g^2 * (C_clip + C_sam) * n_embed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from decoder import DecoderConfig
+from deepencoder.config import VIEW_STRIDE, ClipConfig, EncoderConfig, SamConfig
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of fn(), each call bracketed by device syncs (after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(times: Sequence[float]) -> float:
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, quick: bool) -> tuple[float, str]:
+    """Best of 3 timings of a large bf16 matmul chain (8192^3 on GPU, 512^3 on CPU), TFLOP/s."""
+    n, iters = (512, 3) if quick or device.type != "cuda" else (8192, 20)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(3):
+        times = time_calls(lambda: [a @ b for _ in range(iters)], device, warmup=1, iters=1)
+        best = max(best, 2 * n**3 * iters / times[0] / 1e12)
+    return best, f"best of 3 x {iters} bf16 matmuls {n}x{n}x{n}"
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Synchronising CUDA calls made by fn() (torch's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        fn()
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.set_sync_debug_mode(0)
+            sync(device)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing" in str(w.message).lower() for w in caught)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def decoder_train_flops(cfg: DecoderConfig, doc_lengths: Sequence[int]) -> float:
+    """Training FLOPs of the decoder over packed documents (see the module docstring)."""
+    tokens = sum(doc_lengths)
+    pairs = sum(n * n for n in doc_lengths)
+    return float(6 * cfg.activated_params() * tokens + 6 * cfg.num_layers * cfg.hidden_size * pairs)
+
+
+def sam_forward_flops(cfg: SamConfig, side: int) -> float:
+    """Forward FLOPs of SAM + neck + compressor for one side x side view."""
+    if side % VIEW_STRIDE:
+        raise ValueError(f"view side must be a multiple of {VIEW_STRIDE}, got {side}")
+    c, g = cfg.embed_dim, side // cfg.patch_size
+    n = g * g
+    flops = 2 * n * c * cfg.in_chans * cfg.patch_size**2  # patch embedding conv
+    for i in range(cfg.depth):
+        w = cfg.block_window(i)
+        if w > 0:
+            padded = -(-g // w) * w
+            groups, side_tokens = (padded // w) ** 2, w
+        else:
+            groups, side_tokens = 1, g
+        group_n = side_tokens * side_tokens
+        flops += 2 * groups * group_n * 4 * c * c  # qkv + proj run on the (padded) windows
+        flops += 2 * n * 2 * c * cfg.mlp_dim  # lin1, lin2 on the real tokens
+        flops += groups * (4 * c * group_n * group_n + 2 * c * group_n * 2 * side_tokens)  # attn + rel-pos
+    out = cfg.out_chans
+    flops += 2 * n * c * out + 2 * n * out * out * 9  # neck: 1x1 conv, 3x3 conv
+    c2, c3 = cfg.compressor_channels
+    flops += 2 * (n // 4) * out * c2 * 9 + 2 * (n // 16) * c2 * c3 * 9  # net_2, net_3
+    return float(flops)
+
+
+def clip_train_flops(cfg: ClipConfig, grid: int, feature_dim: int, n_embed: int) -> float:
+    """Training FLOPs (3 x forward) of CLIP + projector for one view with a grid x grid SAM output."""
+    n, w = grid * grid + 1, cfg.width
+    per_layer = 2 * n * (4 * w * w + 2 * w * cfg.mlp_dim) + 4 * w * n * n
+    projector = 2 * grid * grid * feature_dim * n_embed
+    return float(3 * (cfg.layers * per_layer + projector))
+
+
+def full_step_flops(
+    enc: EncoderConfig, dec: DecoderConfig, view_sides: Sequence[int], doc_lengths: Sequence[int]
+) -> dict[str, float]:
+    """Counted FLOPs of one full training step: frozen SAM fwd, CLIP + projector and decoder fwd + bwd."""
+    sam = sum(sam_forward_flops(enc.sam, s) for s in view_sides)
+    clip = sum(clip_train_flops(enc.clip, s // VIEW_STRIDE, enc.feature_dim, enc.n_embed) for s in view_sides)
+    dec_flops = decoder_train_flops(dec, doc_lengths)
+    return {"sam": sam, "clip": clip, "decoder": dec_flops, "total": sam + clip + dec_flops}
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    info = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "device_count": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "cpu": _cpu_name(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else "-",
+        "python": platform.python_version(),
+        "git": _git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info

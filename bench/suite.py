@@ -1,0 +1,450 @@
+"""`dsocr-bench`: every benchmark row of issue 13 in one run, peers measured in the same process.
+
+Rows: (a) decoder training step, (b) frozen SAM + compressor forward, (c) full-model training
+step, (d) data loading per CPU core, (e) pipeline scaling on 4 GPUs. Each row runs inside its
+own try/except: a failure becomes a FAILED row with the error, the run goes on. Optional
+extras (compiled peers) are skipped when the time budget runs low. Writes bench_results.json
+and PERFORMANCE.md (the README fragment) to --out, and with --profile the chrome traces of
+the full step. `BenchSettings.quick` uses the debug presets (CPU smoke test, < 60 s).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.full_step import FullStepSettings, free, measure_full_step
+from bench.measure import machine_info, matmul_peak_tflops
+from bench.report import Row, Target, failed_row, render_text, skipped_row, write_result
+
+SECTIONS = ("decoder", "sam", "full", "data", "pipeline")
+DATA_MODES = ("tiny", "small", "base", "large", "gundam")
+# transformers DeepSeek-OCR-2 image processor settings that produce the same views as our modes
+PEER_PROCESSOR = {
+    "tiny": {"crop_to_patches": False, "tile_size": 512},
+    "small": {"crop_to_patches": False, "tile_size": 640},
+    "base": {"crop_to_patches": False, "tile_size": 1024},
+    "large": {"crop_to_patches": False, "tile_size": 1280},
+    "gundam": {"crop_to_patches": True, "tile_size": 640, "min_patches": 2, "max_patches": 9},
+}
+FOOTNOTES = [
+    "ratio = ours / peer, both measured in this run on this machine; higher is better for every unit.",
+    "MFU = counted model FLOPs per second / the bf16 matmul peak measured in this run. Decoder training: "
+    "6 * N_active * T + 6 * L * H * sum(n_d^2) (N_active = activated parameters incl. lm_head, no embedding; "
+    "L layers, H hidden, n_d document lengths of the packed row, causal). Frozen SAM: forward only "
+    "(2 FLOPs per multiply-add of patch conv, qkv/proj on padded windows, MLP, attention 4*C*n^2 per "
+    "window/global group, decomposed rel-pos terms, neck, compressor convs). CLIP + projector: 3 x forward. "
+    "Formulas: bench/measure.py.",
+    "Decoder peer: transformers DeepseekOcr2TextModel (experts 'grouped_mm', SDPA) + an lm_head, same sizes, "
+    "same initial weights, same loss and AdamW; tokens/s over batch x seq.",
+    "SAM peer: transformers DeepseekOcr2SamVisionEncoder (downsample_channels [512, 1024], SDPA), our weights "
+    "copied in; forward under no_grad (SAM is frozen in stage 2); 'max rel diff' compares the two outputs.",
+    "Full step: bf16 parameters, AdamW, grad clip 1.0, one packed row per step; tokens/s counts real "
+    "(non-padding) tokens. 'LocalTrainer' = pipeline/train/loop.py as is; 'sync-free' = bench/full_step.py "
+    "(host-precomputed counts, prefetch on a side stream, fused AdamW with on-device non-finite skip); peer = "
+    "the same harness with transformers' SAM and text model swapped in (CLIP + projector stay ours). "
+    "'syncs' = synchronising CUDA calls in one step (torch sync debug mode); 'SAM calls' = SAM forwards "
+    "per step vs view-size groups (equal = no recomputation; 'no graph' = frozen SAM kept out of autograd).",
+    "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
+    "transform, tokenize, pack) on rendered 1024 px text pages; peer = PNG decode + transformers "
+    "DeepseekOcr2ImageProcessor with the same view sizes (images only: no tokenizing or packing).",
+    "Pipeline: bench/pipeline_gpu.* run as a subprocess on 4 GPUs; ratio = per-GPU tokens/s over the "
+    "1-GPU full step of this run (scaling efficiency).",
+]
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cuda"
+    quick: bool = False
+    only: tuple[str, ...] = SECTIONS
+    out: Path = Path("dsocr-bench-out")
+    profile: bool = False
+    budget_s: float = 330.0
+    command: str = "dsocr-bench"
+    # derived from `quick` in __post_init__
+    decoder_preset: str = field(init=False)
+    seq_len: int = field(init=False)
+    steps: int = field(init=False)
+    warmup: int = field(init=False)
+    compile: bool = field(init=False)
+    sam_sizes: tuple[int, ...] = field(init=False)
+    sam_batch: int = field(init=False)
+    full: FullStepSettings = field(init=False)
+    data_modes: tuple[str, ...] = field(init=False)
+    data_samples: int = field(init=False)
+    data_pages: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but CUDA is not available: use --device cpu --quick")
+        unknown = set(self.only) - set(SECTIONS)
+        if unknown or not self.only:
+            raise ValueError(f"--only takes a comma list of {','.join(SECTIONS)}, got {','.join(self.only)}")
+        self.out = Path(self.out)
+        gpu_full = not self.quick
+        self.decoder_preset = "full" if gpu_full else "debug"
+        self.seq_len = 8192 if gpu_full else 256
+        self.steps, self.warmup = (10, 3) if gpu_full else (3, 1)
+        self.compile = gpu_full and self.device == "cuda"
+        self.sam_sizes, self.sam_batch = ((1024, 640), 16) if gpu_full else ((128, 64), 2)
+        if gpu_full:
+            self.full = FullStepSettings(compile=self.compile)
+        else:
+            self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
+                                         text_range=(20, 60), rows=2, steps=2, warmup=2, compile=False)  # fmt: skip
+        self.data_modes = DATA_MODES if gpu_full else ("tiny", "base")
+        self.data_samples, self.data_pages = (48, 16) if gpu_full else (6, 2)
+
+
+class Run:
+    """Shared state of one benchmark run: device, measured peak, clock, collected rows."""
+
+    def __init__(self, s: BenchSettings) -> None:
+        self.s = s
+        self.device = torch.device(s.device)
+        self.start = time.perf_counter()
+        self.rows: list[Row] = []
+        self.details: dict = {}
+        self.peak_tflops, self.peak_note = matmul_peak_tflops(self.device, s.quick)
+
+    def time_left(self) -> float:
+        return self.s.budget_s - (time.perf_counter() - self.start)
+
+    def guarded(self, section: str, name: str, unit: str, target: Target, fn) -> None:
+        """Run fn() -> list[Row]; on an exception append one FAILED row instead."""
+        t0 = time.perf_counter()
+        try:
+            rows = fn()
+        except Exception as error:  # the table reports it, the other rows still run
+            rows = [failed_row(section, name, unit, error, target)]
+        for row in rows:
+            row.extra.setdefault("wall_s", round(time.perf_counter() - t0, 1))
+        self.rows += rows
+        free(self.device)
+        print(render_text(rows), flush=True)
+
+
+def _mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float) -> float:
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
+# ----------------------------------------------------------------------------- (a) decoder
+
+
+def decoder_rows(run: Run) -> list[Row]:
+    from bench.bench_decoder import OracleWithHead, OursWrapped, oracle_model, time_training
+    from decoder import DecoderModel, decoder_config
+
+    s, device, dtype = run.s, run.device, torch.bfloat16
+    cfg = decoder_config(s.decoder_preset, max_position_embeddings=max(s.seq_len, 8192))
+    fpt = cfg.matmul_flops_per_token(s.seq_len, causal=True)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = DecoderModel(cfg)
+    ours.to_empty(device=device)
+    ours.init_weights()
+    for p in ours.parameters():
+        p.data = p.data.to(dtype)
+    init = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (1, s.seq_len), device=device)
+    labels = torch.roll(ids, -1, dims=1)
+
+    def timed(model) -> dict:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, loss = time_training(model, ids, labels, s.steps, s.warmup, device)
+        step = sorted(times)[len(times) // 2]
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return {"tokens_per_s": s.seq_len / step, "ms": 1e3 * step, "first_loss": loss, "peak_gib": mem}
+
+    res = {"ours": timed(OursWrapped(ours.train()))}
+    if s.compile:
+        ours.load_state_dict(init)
+        ours.compile_layers()
+        res["ours_compiled"] = timed(OursWrapped(ours))
+    ours = None
+    free(device)
+    body = oracle_model(cfg, device, dtype)
+    body.load_state_dict({k: v for k, v in init.items() if k != "lm_head.weight"}, strict=True)
+    peer = OracleWithHead(body, cfg.vocab_size, cfg.hidden_size, device, dtype).train()
+    peer.lm_head.weight.data.copy_(init["lm_head.weight"])
+    res["peer"] = timed(peer)
+    if s.compile and run.time_left() > 200:
+        body.load_state_dict({k: v for k, v in init.items() if k != "lm_head.weight"}, strict=True)
+        peer.lm_head.weight.data.copy_(init["lm_head.weight"])
+        for layer in body.layers:
+            layer.compile()
+        res["peer_compiled"] = timed(peer)
+    run.details["decoder"] = res
+    section = f"decoder step ({s.decoder_preset}, 1x{s.seq_len}, bf16)"
+    target = Target("ratio", 1.5, "vs transformers eager") if not s.quick else Target()
+
+    def row(name: str, key: str, peer_key: str, peer_name: str, tgt: Target) -> Row:
+        o, p = res[key], res[peer_key]
+        notes = (f"MFU {100 * _mfu(o['tokens_per_s'], fpt, run.peak_tflops):.1f}% vs "
+                 f"{100 * _mfu(p['tokens_per_s'], fpt, run.peak_tflops):.1f}%; {o['ms']:.1f} vs {p['ms']:.1f} ms/step; "
+                 f"first loss {o['first_loss']:.4f} vs {p['first_loss']:.4f}")  # fmt: skip
+        if o["peak_gib"] is not None:
+            notes += f"; peak {o['peak_gib']:.1f} vs {p['peak_gib']:.1f} GiB"
+        return Row(
+            section, name, "tokens/s", o["tokens_per_s"], p["tokens_per_s"], peer_name, tgt, notes, extra=o
+        )
+
+    rows = [row("ours eager", "ours", "peer", "transformers eager", target)]
+    if "ours_compiled" in res:
+        rows.append(row("ours + compile_layers", "ours_compiled", "peer", "transformers eager", target))
+        if "peer_compiled" in res:
+            rows.append(
+                row(
+                    "ours + compile_layers",
+                    "ours_compiled",
+                    "peer_compiled",
+                    "transformers + compile",
+                    Target(),
+                )
+            )
+        else:
+            rows.append(
+                skipped_row(section, "ours + compile vs transformers + compile", "tokens/s", "time budget")
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- (b) SAM
+
+
+def sam_rows(run: Run) -> list[Row]:
+    from bench.bench_sam import measure_sam
+    from deepencoder.config import encoder_config
+
+    s = run.s
+    cfg = encoder_config("full" if not s.quick else "debug").sam
+    iters, warmup = (10, 3) if not s.quick else (2, 1)
+    res = measure_sam(cfg, list(s.sam_sizes), s.sam_batch, run.device, warmup=warmup, iters=iters,
+                      compile_ours=s.compile and run.time_left() > 150)  # fmt: skip
+    run.details["sam"] = {str(k): v for k, v in res.items()}
+    target = Target("ratio", 2.0, "vs transformers") if not s.quick else Target()
+    rows = []
+    for side, r in res.items():
+        section = f"frozen SAM + compressor fwd ({side} px, batch {s.sam_batch}, bf16)"
+        peer = r["peer"]["images_per_s"]
+        for key, name in (("ours", "ours eager"), ("ours_compiled", "ours + compiled blocks")):
+            if key not in r:
+                continue
+            o = r[key]
+            mfu = o["images_per_s"] * r["flops_per_image"] / (run.peak_tflops * 1e12)
+            notes = f"MFU {100 * mfu:.1f}%; {o['ms']:.1f} vs {r['peer']['ms']:.1f} ms/batch; max rel diff {r['max_rel_diff']:.1e}"
+            if o["peak_gib"] is not None:
+                notes += f"; peak {o['peak_gib']:.1f} vs {r['peer']['peak_gib']:.1f} GiB"
+            rows.append(
+                Row(section, name, "images/s", o["images_per_s"], peer, "transformers", target, notes)
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- (c) full step
+
+
+def full_rows(run: Run) -> list[Row]:
+    s = run.s
+    profile_dir = s.out if s.profile else None
+    res = measure_full_step(s.full, run.device, run.peak_tflops, profile_dir)
+    run.details["full"] = res
+    f = s.full
+    section = f"full step ({f.encoder}+{f.decoder}, {f.mode} pages in 1x{f.seq_len} rows, bf16)"
+    target = Target("value", 35000, "one H200") if not s.quick else Target()
+    peer = res["variants"].get("peer")
+    peer_tps = peer["tokens_per_s"] if peer else None
+    peer_name = (
+        "transformers SAM + decoder" if peer else ("peer failed: " + res["errors"].get("peer", "not run"))
+    )
+    rows = []
+    for key, name in (("local_trainer", "LocalTrainer (today)"), ("sync_free", "sync-free step"),
+                      ("sync_free_compiled", "sync-free + compile")):  # fmt: skip
+        if key in res["errors"]:
+            rows.append(
+                Row(section, name, "tokens/s", target=target, status="failed", reason=res["errors"][key])
+            )
+            continue
+        v = res["variants"].get(key)
+        if v is None:
+            continue
+        notes = f"MFU {100 * v['mfu']:.1f}%" if v["mfu"] is not None else "MFU -"
+        if peer and peer["mfu"] is not None:
+            notes += f" (peer {100 * peer['mfu']:.1f}%)"
+        notes += f"; {v['step_ms']:.0f} ms/step; {v['tflops_per_step']:.1f} TFLOP/step"
+        if v.get("host_syncs") is not None:
+            notes += f"; syncs {v['host_syncs']}" + (f" (peer {peer['host_syncs']})" if peer else "")
+        if "sam_calls_per_step" in v:
+            graph = "graph!" if v["sam_graph"] else "no graph"
+            notes += f"; SAM calls {v['sam_calls_per_step']}/{v['view_groups_per_step']} groups, {graph}"
+        if v.get("data_wait_ms_per_step") is not None:
+            notes += f"; data wait {v['data_wait_ms_per_step']:.1f} ms/step"
+        if v.get("peak_gib") is not None:
+            notes += f"; peak {v['peak_gib']:.1f} GiB"
+        rows.append(
+            Row(section, name, "tokens/s", v["tokens_per_s"], peer_tps, peer_name, target, notes, extra=v)
+        )
+    if rows:
+        rows[-1].notes += (f"; {res['docs_per_row']:.1f} pages/row, packing {res['packing']:.3f}, "
+                           f"loss check |diff| {res['loss_check_abs_diff']:.1e}")  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- (d) data
+
+
+def data_rows(run: Run) -> list[Row]:
+    import random
+
+    from bench.bench_data import end_to_end, render_page
+    from pipeline.data.testing import sample_members, write_tar
+    from pipeline.tokenizer import build_tokenizer
+
+    s = run.s
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = random.Random(0)
+        pages = [render_page(rng, 1024, 0) for _ in range(s.data_pages)]
+        tokenizer = build_tokenizer([text for _, text in pages] * 4, vocab_size=2000)
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            members = []
+            for i, (png, text) in enumerate(pages):
+                members += sample_members(f"page{i:04d}", text, png)
+            shard = str(write_tar(Path(tmp) / "bench-000000.tar", members))
+            for mode in s.data_modes:
+                ours, packing = end_to_end(shard, tokenizer, mode, s.data_samples, 8192)
+                peer = _peer_processor_rate(mode, [png for png, _ in pages], s.data_samples)
+                target = Target("value", 30, "issue 6") if mode == "base" and not s.quick else Target()
+                notes = f"end to end incl. tokenize + pack (packing {packing:.3f}); peer: images only"
+                rows.append(Row(f"data loading ({mode})", "StreamingLoader, 1 core", "samples/s/core", ours, peer,
+                                "transformers image processor", target, notes))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _peer_processor_rate(mode: str, pngs: list[bytes], samples: int) -> float:
+    """PNG decode + transformers' DeepSeek-OCR-2 image processor with our mode's view sizes, per core."""
+    import io
+
+    from PIL import Image
+    from transformers.models.deepseek_ocr2.image_processing_deepseek_ocr2 import DeepseekOcr2ImageProcessor
+
+    proc = DeepseekOcr2ImageProcessor(size={"height": 1024, "width": 1024}, **PEER_PROCESSOR[mode])
+    decode = lambda png: Image.open(io.BytesIO(png)).convert("RGB")  # noqa: E731
+    proc(images=[decode(pngs[0])], return_tensors="pt")  # warm-up
+    start = time.perf_counter()
+    for i in range(samples):
+        proc(images=[decode(pngs[i % len(pngs)])], return_tensors="pt")
+    return samples / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- (e) pipeline
+
+
+def pipeline_script() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for name in ("pipeline_gpu.py", "pipeline_gpu.sh"):
+        if (here / name).exists():
+            return here / name
+    return None
+
+
+def parse_pipeline_json(data) -> dict[str, float]:
+    """{name: tokens/s per GPU} from the script's JSON: {name: number | {tokens_per_s_per_gpu: x}} or a
+    list of {name, tokens_per_s_per_gpu}."""
+    if isinstance(data, list):
+        data = {d["name"]: d for d in data}
+    if not isinstance(data, dict):
+        raise ValueError(f"pipeline benchmark JSON must be an object or a list, got {type(data).__name__}")
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            if "tokens_per_s_per_gpu" not in value:
+                continue
+            value = value["tokens_per_s_per_gpu"]
+        if isinstance(value, (int, float)):
+            out[str(name)] = float(value)
+    if not out:
+        raise ValueError("pipeline benchmark JSON has no tokens_per_s_per_gpu figure")
+    return out
+
+
+def pipeline_rows(run: Run) -> list[Row]:
+    section, unit = "pipeline scaling (4 GPUs)", "tokens/s/GPU"
+    target = Target("value", 5060, "paper, per A100-40G")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    script = pipeline_script()
+    if gpus < 4:
+        return [skipped_row(section, "PP=4, PP=2 x DP=2", unit, f"{gpus} GPU(s) visible, needs 4", target)]
+    if script is None:
+        return [skipped_row(section, "PP=4, PP=2 x DP=2", unit, "bench/pipeline_gpu.* not present", target)]
+    json_path = run.s.out / "pipeline_gpu.json"
+    cmd = [sys.executable, str(script)] if script.suffix == ".py" else ["bash", str(script)]
+    timeout = max(60.0, run.time_left())
+    proc = subprocess.run(cmd + ["--json", str(json_path)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(4)))})  # fmt: skip
+    (run.s.out / "pipeline_gpu.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script.name} exited {proc.returncode}: {proc.stderr.strip()[-240:]}")
+    figures = parse_pipeline_json(json.loads(json_path.read_text()))
+    single = run.details.get("full", {}).get("variants", {})
+    best = max((v["tokens_per_s"] for v in single.values()), default=None)
+    return [
+        Row(section, name, unit, tps, best, "1 GPU full step" if best else "", target)
+        for name, tps in figures.items()
+    ]
+
+
+# ----------------------------------------------------------------------------- the run
+
+ROWS = {
+    "decoder": ("decoder step", "tokens/s", decoder_rows),
+    "sam": ("frozen SAM + compressor fwd", "images/s", sam_rows),
+    "full": ("full step", "tokens/s", full_rows),
+    "data": ("data loading", "samples/s/core", data_rows),
+    "pipeline": ("pipeline scaling (4 GPUs)", "tokens/s/GPU", pipeline_rows),
+}
+
+
+def run_suite(s: BenchSettings) -> dict:
+    """Run the selected sections; returns the result dict written to --out (JSON + PERFORMANCE.md)."""
+    s.out.mkdir(parents=True, exist_ok=True)
+    run = Run(s)
+    print(f"dsocr-bench: {s.device}, quick={s.quick}, sections {','.join(s.only)}; "
+          f"measured bf16 matmul peak {run.peak_tflops:.1f} TFLOP/s", flush=True)  # fmt: skip
+    for section in SECTIONS:
+        if section in s.only:
+            title, unit, fn = ROWS[section]
+            run.guarded(title, "all variants", unit, Target(), lambda fn=fn: fn(run))
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": s.command,
+        "quick": s.quick,
+        "machine": machine_info(run.device),
+        "peak_tflops": run.peak_tflops,
+        "peak_note": run.peak_note,
+        "wall_s": time.perf_counter() - run.start,
+        "rows": [r.to_dict() for r in run.rows],
+        "details": run.details,
+        "footnotes": FOOTNOTES,
+    }
+    json_path, md_path = write_result(result, s.out)
+    print("\n" + render_text(run.rows))
+    print(f"\nwrote {json_path} and {md_path} ({result['wall_s']:.0f} s)", flush=True)
+    return result

@@ -1,0 +1,192 @@
+"""dsocr-bench on CPU: table structure, ratios from the two measured figures, failure rows, the README
+fragment round trip, counted FLOPs against torch's FlopCounterMode, and the sync-free step's loss
+against DeepSeekOCR.forward. No timing assertion anywhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import suite
+from bench.full_step import ocr_loss
+from bench.measure import clip_train_flops, decoder_train_flops, sam_forward_flops
+from bench.report import Row, Target, load_result, render_markdown, render_text
+from bench.step_data import make_batches, make_documents, stage_batch
+from decoder import decoder_config
+from deepencoder.clip import ClipVisionModel
+from deepencoder.config import SamConfig, encoder_config
+from deepencoder.sam import SamEncoder
+from pipeline.batch import ImageViews
+from pipeline.cli.bench import main as bench_main
+from pipeline.model import build_model
+from pipeline.processing import num_placeholders
+
+
+@pytest.mark.unit
+def test_row_ratio_and_target_come_from_the_two_figures():
+    row = Row("s", "v", "tokens/s", ours=300.0, peer=200.0, peer_name="p", target=Target("ratio", 1.5))
+    assert row.ratio == 1.5 and row.target_met is True
+    assert Row("s", "v", "x", ours=299.0, peer=200.0, target=Target("ratio", 1.5)).target_met is False
+    assert Row("s", "v", "x", ours=5.0, target=Target("value", 4.0)).target_met is True
+    assert Row("s", "v", "x", ours=5.0).ratio is None
+    failed = Row("s", "v", "x", status="failed", reason="boom", target=Target("value", 1.0))
+    assert failed.target_met is None and "FAILED" in render_text([failed]) and "boom" in render_text([failed])
+    assert Row.from_dict(json.loads(json.dumps(row.to_dict()))) == row
+    with pytest.raises(ValueError, match="threshold"):
+        Target("ratio", 0.0)
+    with pytest.raises(ValueError, match="status"):
+        Row("s", "v", "x", status="maybe")
+
+
+@pytest.mark.unit
+def test_quick_sam_rows_json_and_fragment(tmp_path):
+    settings = suite.BenchSettings(
+        device="cpu", quick=True, only=("sam",), out=tmp_path, command="dsocr-bench test"
+    )
+    result = suite.run_suite(settings)
+    rows = result["rows"]
+    assert [r["section"].split(" (")[1].split(" px")[0] for r in rows] == ["128", "64"]
+    for r in rows:
+        assert r["status"] == "ok" and r["unit"] == "images/s"
+        assert r["ours"] > 0 and r["peer"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"] / r["peer"], rel=1e-12)
+    # measured figures: ours and the peer per size in the details, the rows derived from them
+    for side, detail in result["details"]["sam"].items():
+        row = next(r for r in rows if f"({side} px" in r["section"])
+        assert row["ours"] == detail["ours"]["images_per_s"] and row["peer"] == detail["peer"]["images_per_s"]
+        assert detail["max_rel_diff"] < 0.05  # same weights: the two encoders compute the same function
+    on_disk = load_result(tmp_path / "bench_results.json")
+    md = (tmp_path / "PERFORMANCE.md").read_text()
+    assert md == render_markdown(on_disk)
+    assert "| benchmark | variant | unit | ours | peer (same run) | ratio | target | met | notes |" in md
+    assert f"{rows[0]['ratio']:.2f}x" in md and "dsocr-bench test" in md and on_disk["date"] in md
+    assert "6 * N_active * T" in md  # the FLOP formula footnote
+
+
+@pytest.mark.unit
+def test_a_failing_section_becomes_a_failed_row(tmp_path, monkeypatch):
+    def boom(run):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(suite.ROWS, "sam", ("frozen SAM", "images/s", boom))
+    result = suite.run_suite(
+        suite.BenchSettings(device="cpu", quick=True, only=("sam", "pipeline"), out=tmp_path)
+    )
+    statuses = {r["section"]: (r["status"], r["reason"]) for r in result["rows"]}
+    assert statuses["frozen SAM"] == ("failed", "RuntimeError: CUDA out of memory (simulated)")
+    assert statuses["pipeline scaling (4 GPUs)"][0] == "skipped"
+    assert "FAILED" in (tmp_path / "PERFORMANCE.md").read_text()
+
+
+@pytest.mark.unit
+def test_cli_render_and_bad_arguments(tmp_path, capsys):
+    result = {
+        "date": "2026-01-01 00:00 UTC", "command": "dsocr-bench", "quick": False, "wall_s": 1.0,
+        "machine": {"device_name": "GPU", "device_count": 1}, "peak_tflops": 800.0, "peak_note": "n",
+        "rows": [Row("a", "b", "tokens/s", 3.0, 2.0, "p").to_dict()], "footnotes": ["f"],
+    }  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert bench_main(["--render", str(path)]) == 0
+    assert "| a | b | tokens/s | 3.00 | 2.00 (p) | 1.50x |" in (tmp_path / "PERFORMANCE.md").read_text()
+    assert bench_main(["--device", "cpu", "--quick", "--only", "decoder,nope", "--out", str(tmp_path)]) == 2
+    assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_pipeline_json_contract():
+    assert suite.parse_pipeline_json({"pp4": 9000, "pp2_dp2": {"tokens_per_s_per_gpu": 8000.5}}) == {
+        "pp4": 9000.0,
+        "pp2_dp2": 8000.5,
+    }
+    assert suite.parse_pipeline_json([{"name": "pp4", "tokens_per_s_per_gpu": 1}]) == {"pp4": 1.0}
+    with pytest.raises(ValueError, match="tokens_per_s_per_gpu"):
+        suite.parse_pipeline_json({"pp4": {"step_ms": 3}})
+
+
+# ----------------------------------------------------------------------------- counted FLOPs
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("side", [128, 192])
+def test_sam_flops_match_flop_counter(side):
+    # window 5 on a grid of 8 / 12 patches: zero-padded windows; "bias" = plain SDPA + einsum terms
+    cfg = SamConfig(img_size=128, embed_dim=32, depth=3, num_heads=2, out_chans=16, window_size=5,
+                    global_attn_indexes=(1,), compressor_channels=(24, 32), attn_impl="bias")  # fmt: skip
+    model = SamEncoder(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, side, side))
+    assert sam_forward_flops(cfg, side) == counter.get_total_flops()
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("grid", [2, 3])
+def test_clip_flops_match_flop_counter(grid):
+    enc = encoder_config("debug")
+    clip = ClipVisionModel(enc.clip)
+    projector = torch.nn.Linear(enc.feature_dim, enc.n_embed)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = clip(torch.randn(1, enc.clip.width, grid, grid))[:, 1:]
+        projector(torch.cat([out, torch.randn(1, grid * grid, enc.sam.out_channels)], dim=-1))
+    assert clip_train_flops(enc.clip, grid, enc.feature_dim, enc.n_embed) == 3 * counter.get_total_flops()
+
+
+@pytest.mark.unit
+def test_decoder_flops_add_up_over_documents():
+    cfg = decoder_config("full")
+    assert decoder_train_flops(cfg, [8192]) == cfg.matmul_flops_per_token(8192) * 8192
+    whole = decoder_train_flops(cfg, [1000, 3000])
+    assert whole == decoder_train_flops(cfg, [1000]) + decoder_train_flops(cfg, [3000])
+    assert whole < decoder_train_flops(cfg, [4000])  # packing removes cross-document attention
+
+
+# ----------------------------------------------------------------------------- the sync-free step
+
+
+def _debug_batches(rows: int):
+    side = 128
+    views = [
+        ImageViews(torch.randn(3, side, side), None, (1, 1), num_placeholders("debug")) for _ in range(3)
+    ]
+    docs = make_documents(views, 12, text_range=(10, 40), vocab_size=512, image_token_id=511, seed=1)
+    return make_batches(docs, 160, rows, pad_id=1)
+
+
+@pytest.mark.unit
+def test_stage_batch_precomputes_consistent_counts():
+    batch = _debug_batches(2)[0]
+    staged = stage_batch(batch, image_token_id=511)
+    assert (
+        staged.image_positions.numel() == staged.gather_index.numel() == int((batch.input_ids == 511).sum())
+    )
+    assert torch.equal(staged.targets[:, :-1], batch.labels[:, 1:]) and (staged.targets[:, -1] == -100).all()
+    assert staged.num_label_tokens == int((batch.labels[:, 1:] != -100).sum())
+    assert sum(staged.doc_lengths) == staged.num_tokens == batch.num_tokens
+    assert (
+        len(staged.doc_lengths) == batch.num_documents
+        and staged.view_sides == [128] * staged.pixels[0].shape[0]
+    )
+
+
+@pytest.mark.parity
+def test_sync_free_loss_and_grads_equal_model_forward():
+    torch.manual_seed(0)
+    model = build_model("debug", "debug", 512, image_token_id=511).train()
+    model.encoder.freeze_sam()
+    batch = _debug_batches(2)[0]
+    reference = model(batch).loss
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss = ocr_loss(model, stage_batch(batch, image_token_id=511))
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and not any(n.startswith("encoder.sam_model") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
