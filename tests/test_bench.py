@@ -5,6 +5,8 @@ against DeepSeekOCR.forward. No timing assertion anywhere."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -77,7 +79,7 @@ def test_a_failing_section_becomes_a_failed_row(tmp_path, monkeypatch):
     )
     statuses = {r["section"]: (r["status"], r["reason"]) for r in result["rows"]}
     assert statuses["frozen SAM"] == ("failed", "RuntimeError: CUDA out of memory (simulated)")
-    assert statuses["pipeline scaling (4 GPUs)"][0] == "skipped"
+    assert statuses["pipeline scaling (4 GPUs, full, 1x8192 rows)"][0] == "skipped"
     assert "FAILED" in (tmp_path / "PERFORMANCE.md").read_text()
 
 
@@ -97,14 +99,24 @@ def test_cli_render_and_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.unit
-def test_pipeline_json_contract():
-    assert suite.parse_pipeline_json({"pp4": 9000, "pp2_dp2": {"tokens_per_s_per_gpu": 8000.5}}) == {
-        "pp4": 9000.0,
-        "pp2_dp2": 8000.5,
-    }
-    assert suite.parse_pipeline_json([{"name": "pp4", "tokens_per_s_per_gpu": 1}]) == {"pp4": 1.0}
-    with pytest.raises(ValueError, match="tokens_per_s_per_gpu"):
-        suite.parse_pipeline_json({"pp4": {"step_ms": 3}})
+def test_pipeline_summaries_are_read_from_the_script_output():
+    summary = {"layout": "pp4_dp1", "tokens_per_s_per_gpu": 26000.5, "peak_gib_per_stage": {"0": 20.0}}
+    stdout = "[rank0] {not json}\nstep 3 {'a': 1}\n" + json.dumps(summary, indent=2) + "\n[rank1] done {}\n"
+    stdout += json.dumps({**summary, "layout": "pp2_dp2", "tokens_per_s_per_gpu": 1}) + "\n"
+    assert suite.pipeline_summaries(stdout) == [
+        summary,
+        {**summary, "layout": "pp2_dp2", "tokens_per_s_per_gpu": 1},
+    ]
+    assert suite.pipeline_summaries('{"layout": "x"}') == []  # no throughput figure
+
+
+@pytest.mark.unit
+def test_script_timeout_ends_the_whole_process_group(monkeypatch):
+    monkeypatch.setattr(suite, "PIPELINE_TIMEOUT_S", 1)
+    start = time.perf_counter()
+    code, out, err = suite.run_script(["bash", "-c", "echo started; sleep 30 & sleep 30"], dict(os.environ))
+    assert time.perf_counter() - start < 10  # the background sleep (a grandchild) was ended too
+    assert out.strip() == "started" and "killed after 1 s" in err and code != 0
 
 
 # ----------------------------------------------------------------------------- counted FLOPs
