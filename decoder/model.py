@@ -136,7 +136,9 @@ class DecoderModel(nn.Module):
         self.rotary.init_weights()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        for layer in self.layers:
+        # a pipeline stage keeps only its own layers, in a ModuleDict keyed by layer index
+        layers = self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
+        for layer in layers:
             layer.set_gradient_checkpointing(enabled)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:

@@ -66,8 +66,9 @@ class DeepEncoder(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each SAM and CLIP block in backward (non-reentrant checkpointing)."""
-        self.sam_model.set_gradient_checkpointing(enabled)
-        self.vision_model.set_gradient_checkpointing(enabled)
+        for part in (self.sam_model, self.vision_model):
+            if part is not None:  # a pipeline stage may hold only one of them
+                part.set_gradient_checkpointing(enabled)
 
     def freeze_sam(self) -> None:
         """Freeze SAM + neck + compressor (stage-2 PP0); `sam_features` then runs under no_grad."""

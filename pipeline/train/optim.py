@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig
 
+SCHEDULES = ("step", "cosine", "constant")
 _NO_DECAY_NAMES = ("embed", "norm", "image_newline", "view_seperator", "class_embedding", "pos_embed")
 
 
@@ -41,6 +42,8 @@ def build_optimizer(params: Iterable[dict], cfg: OptimConfig) -> torch.optim.Ada
 
 def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the base LR at optimizer step `step` (0-based)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -49,10 +52,8 @@ def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
         span = max(1, max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "step":
-        passed = sum(step >= int(m * max_steps) for m in cfg.step_milestones)
-        return cfg.step_gamma**passed
-    raise ValueError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {cfg.schedule!r}")
+    passed = sum(step >= int(m * max_steps) for m in cfg.step_milestones)  # "step"
+    return cfg.step_gamma**passed
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, cfg: OptimConfig):
