@@ -318,3 +318,28 @@ def test_cli_exports_a_saved_checkpoint_and_inspects_it(tmp_path, capsys):
     assert report["parts"] == ["sam", "compressor", "clip"]
     assert report["parameters"] == expected - 2 * model.encoder.config.n_embed
     assert stage1_cli(["inspect", str(tmp_path / "model")]) == 2  # not an export: error, exit 2
+
+
+@pytest.mark.config
+@pytest.mark.parametrize("experiment", ["paper_stage1", "stage1_small"])
+def test_stage1_presets_train_everything_and_export(experiment, monkeypatch, tmp_path):
+    from pipeline.cli.dryrun import compose_config
+    from pipeline.config import to_run_config
+    from pipeline.stage1 import frozen_parts
+
+    monkeypatch.delenv("DSOCR_SAM_INIT", raising=False)
+    monkeypatch.delenv("DSOCR_CLIP_INIT", raising=False)
+    m = to_run_config(compose_config([f"experiment={experiment}"])).model
+    assert (m.encoder, m.decoder) == ("full", "dense-125m")
+    assert frozen_parts(m) == [] and m.export_encoder and not m.export_projector
+    assert m.sam_init is None and m.clip_init is None
+    validate_model_options(m)
+    if experiment == "paper_stage1":  # upstream weights come from the environment
+        sam = tmp_path / "sam_vit_b_01ec64.pth"
+        sam.touch()
+        monkeypatch.setenv("DSOCR_SAM_INIT", str(sam))
+        monkeypatch.setenv("DSOCR_CLIP_INIT", str(tmp_path / "missing.pt"))
+        m = to_run_config(compose_config([f"experiment={experiment}"])).model
+        assert m.sam_init == str(sam)
+        with pytest.raises(ValueError, match=r"model\.clip_init=.*missing\.pt: no such file"):
+            validate_model_options(m)
