@@ -7,6 +7,10 @@
     dsocr-finetune experiment=finetune_full ...       # full fine-tune (SAM frozen)
     dsocr-finetune --cfg job                          # print the composed config and exit
 
+Data parallel on several GPUs: launch with torchrun (WORLD_SIZE > 1 dispatches to
+pipeline.finetune.distributed), e.g. `torchrun --nproc-per-node 8 -m pipeline.cli.finetune
+experiment=finetune_lora parallel.dp=8 parallel.global_batch=16`.
+
 Composes the same config tree as `dsocr-train` (configs/train.yaml + the `finetune` schema,
 pipeline.finetune.config); without an `experiment=` override it applies
 `experiment=finetune_demo`. CSV (`image_file,text_label`) or JSONL data: convert to shards
@@ -33,16 +37,24 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from pipeline.config import register_configs, to_run_config
+    from pipeline.parallel.topology import dist_env, strip_local_rank_arg
 
+    sys.argv = [sys.argv[0], *strip_local_rank_arg(sys.argv[1:])]
     sys.argv = [sys.argv[0], *with_default_experiment(sys.argv[1:])]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
     def _run(cfg: DictConfig) -> None:
-        from pipeline.finetune.job import run_finetune
-
         run = to_run_config(cfg)
-        run_finetune(run, OmegaConf.to_yaml(cfg, resolve=True))
+        resolved = OmegaConf.to_yaml(cfg, resolve=True)
+        if dist_env().world_size > 1:
+            from pipeline.finetune.distributed import run_finetune_dp
+
+            run_finetune_dp(run, resolved)
+        else:
+            from pipeline.finetune.job import run_finetune
+
+            run_finetune(run, resolved)
 
     _run()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 METHODS = ("lora", "full")
 # Model parts that can be trained or frozen as a whole (pipeline.finetune.lora.COMPONENT_PATHS).
 COMPONENTS = ("sam", "clip", "projector", "embed", "decoder", "lm_head")
-# Where LoRA target names are looked up.
+# Where LoRA target names are looked up ("decoder": blocks + lm_head).
 LORA_SCOPES = ("sam", "clip", "projector", "decoder")
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # stacked routed-expert weights [E, out, in]
 EXPORTS = ("adapter", "merged", "both", "none")

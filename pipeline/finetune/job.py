@@ -35,6 +35,8 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.export import export_merged, save_adapter
 from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
 from pipeline.finetune.vocab import cover_texts, is_char_tokenizer
+from pipeline.model import DeepSeekOCR
+from pipeline.tokenizer import OCRTokenizer
 from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
 from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
@@ -174,21 +176,22 @@ def prepare_model(model, tokenizer, ft: FinetuneConfig, texts: list[str]):
 
 
 # ----------------------------------------------------------------------------- job
-def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult:
-    ft = run.finetune
-    out = Path(run.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if resolved_yaml is not None:
-        (out / "config.yaml").write_text(resolved_yaml)
-    if run.parallel.pp != 1 or (run.parallel.dp or 1) != 1:
-        raise ValueError(
-            f"parallel.pp={run.parallel.pp}, parallel.dp={run.parallel.dp}: dsocr-finetune runs one process "
-            "(pp=1, dp=1); multi-GPU data parallelism is not wired into the fine-tune yet"
-        )
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
-    device = resolve_device(run.train.device)
+@dataclass
+class Prepared:
+    """Everything a fine-tune needs before its first step (built identically on every rank)."""
 
+    base_path: Path
+    data: FinetuneData
+    model: DeepSeekOCR  # adapted in place when LoRA: train and evaluate this
+    peft_model: object | None  # the peft wrapper, for saving and merging
+    tokenizer: OCRTokenizer
+    added: list[str]
+    evals: dict[str, list]  # "target" / "original" -> EvalSample list (may be empty)
+
+
+def prepare(run: RunConfig, out: Path) -> Prepared:
+    """Base checkpoint, data, vocabulary coverage, freezing / adapters (no device move)."""
+    ft = run.finetune
     if run.data.kind == "synth_lines":
         base_path = Path(run.model.init_from) if run.model.init_from else demo_base(run, out)
         original_dir = out / "base" / "data" if not run.model.init_from else out / "data" / "original"
@@ -200,7 +203,6 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     else:
         raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
     torch.manual_seed(run.train.seed)
-
     model, tokenizer = load_any(base_path)
     target_val = read_eval_set(data.target_val, limit=ft.eval_samples)
     original_val = read_eval_set(data.original_val, limit=ft.eval_samples) if data.original_val else []
@@ -208,64 +210,100 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     if is_char_tokenizer(tokenizer):
         texts += training_texts(data.target_train, VOCAB_SCAN_LIMIT)
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
-    tokenizer.save(out / "tokenizer")
-    model.to(device)
-    trainable, total = trainable_summary(model)
-    print(f"[finetune] {run.name}: base {base_path}, method {ft.method}, {trainable:,} of {total:,} parameters "
-          f"trainable, replay share {ft.replay.share}, device {device}, out {out}", flush=True)  # fmt: skip
-
-    ecfg = eval_config(run)
     evals = {"target": target_val, "original": original_val}
-    reports: dict[str, EvalReport] = {}
-    for name, samples in evals.items():
-        if samples:
-            reports[f"{name}_before"] = run_eval(
-                model, tokenizer, samples, ecfg, out / "eval", f"{name}_before"
-            )
+    return Prepared(base_path, data, model, peft_model, tokenizer, added, evals)
 
-    loader = StreamingLoader(loader_config(run, data), tokenizer, dp_rank=0, dp_world=1)
-    optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
-    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
-    logger = RunLogger(out, run.logger, asdict(run), run.name)
-    trainer = LocalTrainer(model, optimizer, scheduler, loader, run, device=device, logger=logger)
-    trainer.maybe_resume()
-    result = trainer.train()
-    if not result.stopped_by_signal:
-        trainer.save()
 
-    for name, samples in evals.items():
-        if samples and not result.stopped_by_signal:
-            report = run_eval(model, tokenizer, samples, ecfg, out / "eval", f"{name}_after")
-            reports[f"{name}_after"] = report
-            logger.log(
-                {"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer},
-                console=False,
-            )
-    logger.close()
-    plot_run(out / "metrics.jsonl", out / "plots")
+def evaluate_sets(run: RunConfig, prep: Prepared, out: Path, when: str) -> dict[str, EvalReport]:
+    """CER reports of the held-out target and original-capability sets, named "<set>_<when>"."""
+    ecfg = eval_config(run)
+    return {
+        f"{name}_{when}": run_eval(prep.model, prep.tokenizer, samples, ecfg, out / "eval", f"{name}_{when}")
+        for name, samples in prep.evals.items()
+        if samples
+    }
 
+
+def finish(
+    run: RunConfig, prep: Prepared, out: Path, reports, steps: int, losses: list[float]
+) -> FinetuneResult:
+    """Exports (adapter and/or merged release layout), summary file and the printed report."""
+    ft = run.finetune
     adapter_dir = merged_dir = None
-    if not result.stopped_by_signal:
-        if peft_model is not None and ft.export in ("adapter", "both"):
-            adapter_dir = save_adapter(peft_model, tokenizer, out / "adapter", base=str(base_path),
-                                       meta={"added_chars": "".join(added)})  # fmt: skip
-        if ft.export in ("merged", "both"):
-            merged_dir = export_merged(
-                peft_model if peft_model is not None else model, tokenizer, out / "merged"
-            )
+    if prep.peft_model is not None and ft.export in ("adapter", "both"):
+        adapter_dir = save_adapter(prep.peft_model, prep.tokenizer, out / "adapter", base=str(prep.base_path),
+                                   meta={"added_chars": "".join(prep.added)})  # fmt: skip
+    if ft.export in ("merged", "both"):
+        target = prep.peft_model if prep.peft_model is not None else prep.model
+        merged_dir = export_merged(target, prep.tokenizer, out / "merged")
     job = FinetuneResult(
         out_dir=out,
-        steps=result.steps,
-        first_loss=result.losses[0] if result.losses else None,
-        last_loss=sum(result.losses[-20:]) / len(result.losses[-20:]) if result.losses else None,
+        steps=steps,
+        first_loss=losses[0] if losses else None,
+        last_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
         reports=reports,
-        added_chars=added,
+        added_chars=prep.added,
         adapter_dir=adapter_dir,
         merged_dir=merged_dir,
     )
     write_summary(job)
     print_report(job)
     return job
+
+
+def start_output(run: RunConfig, resolved_yaml: str | None) -> Path:
+    out = Path(run.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resolved_yaml is not None:
+        (out / "config.yaml").write_text(resolved_yaml)
+    if run.parallel.pp != 1:
+        raise ValueError(f"parallel.pp={run.parallel.pp}: a fine-tune runs data parallel only (pp=1)")
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    return out
+
+
+def describe(run: RunConfig, prep: Prepared, device, out: Path) -> None:
+    trainable, total = trainable_summary(prep.model)
+    print(f"[finetune] {run.name}: base {prep.base_path}, method {run.finetune.method}, {trainable:,} of "
+          f"{total:,} parameters trainable, replay share {run.finetune.replay.share}, device {device}, "
+          f"out {out}", flush=True)  # fmt: skip
+
+
+def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult:
+    """The single-process fine-tune (one device); see the module docstring."""
+    out = start_output(run, resolved_yaml)
+    if (run.parallel.dp or 1) != 1:
+        raise ValueError(
+            f"parallel.dp={run.parallel.dp}: this entry runs one process; launch data-parallel fine-tunes "
+            "with torchrun (dsocr-finetune dispatches to pipeline.finetune.distributed when WORLD_SIZE > 1)"
+        )
+    device = resolve_device(run.train.device)
+    prep = prepare(run, out)
+    prep.tokenizer.save(out / "tokenizer")
+    prep.model.to(device)
+    describe(run, prep, device, out)
+    reports = evaluate_sets(run, prep, out, "before")
+
+    loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer, dp_rank=0, dp_world=1)
+    optimizer = build_optimizer(param_groups(prep.model, run.optim.weight_decay), run.optim)
+    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
+    logger = RunLogger(out, run.logger, asdict(run), run.name)
+    trainer = LocalTrainer(prep.model, optimizer, scheduler, loader, run, device=device, logger=logger)
+    trainer.maybe_resume()
+    result = trainer.train()
+    if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
+        logger.close()
+        return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None)
+    trainer.save()
+    after = evaluate_sets(run, prep, out, "after")
+    for name, report in after.items():
+        logger.log(
+            {"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer}, console=False
+        )
+    logger.close()
+    plot_run(out / "metrics.jsonl", out / "plots")
+    return finish(run, prep, out, {**reports, **after}, result.steps, result.losses)
 
 
 def write_summary(job: FinetuneResult) -> Path:

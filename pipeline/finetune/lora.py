@@ -35,6 +35,13 @@ COMPONENT_PATHS: dict[str, tuple[str, ...]] = {
     "decoder": ("decoder.layers", "decoder.norm"),
     "lm_head": ("decoder.lm_head",),
 }
+# Where LoRA targets are looked up per `LoraSpec.scope` entry (the decoder's includes lm_head).
+LORA_SCOPE_PATHS: dict[str, tuple[str, ...]] = {
+    "sam": ("encoder.sam_model",),
+    "clip": ("encoder.vision_model",),
+    "projector": ("encoder.projector",),
+    "decoder": ("decoder.layers", "decoder.lm_head"),
+}
 # Module paths that LoRA's `modules_to_save` copies when a component trains fully next to
 # the adapters (the projector's two vectors are parameters of the encoder itself: they stay frozen).
 SAVED_MODULES: dict[str, tuple[str, ...]] = {
@@ -75,7 +82,7 @@ def set_trainable(model: DeepSeekOCR, components: Iterable[str]) -> dict[str, in
 
 def lora_candidates(model: DeepSeekOCR, scope: Iterable[str]) -> tuple[list[str], list[str]]:
     """Full names of the nn.Linear modules and of the stacked expert parameters inside `scope`."""
-    prefixes = [p for s in scope for p in COMPONENT_PATHS[s]]
+    prefixes = [p for s in scope for p in LORA_SCOPE_PATHS[s]]
     linears = [
         name
         for name, module in model.named_modules()
