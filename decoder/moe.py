@@ -33,6 +33,12 @@ from torch import nn
 from .config import DecoderConfig, MoEConfig
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """grouped_mm needs 16-byte aligned operands; parameters that are views into a flat
+    buffer (DeepSpeed ZeRO-1 with DP > 1) can start at any element offset: copy those."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); no biases. The dense layer-0 MLP and the shared experts."""
 
@@ -153,10 +159,10 @@ class GroupedExperts(nn.Module):
         self, x_sorted: torch.Tensor, sizes: torch.Tensor, w_sorted: torch.Tensor
     ) -> torch.Tensor:
         offs = sizes.cumsum(0).to(torch.int32)  # (E,) group ends
-        w1 = self.gate_up_proj.to(x_sorted.dtype).transpose(-2, -1)  # (E, H, 2I)
-        w2 = self.down_proj.to(x_sorted.dtype).transpose(-2, -1)  # (E, I, H)
-        hidden = self._swiglu(F.grouped_mm(x_sorted, w1, offs=offs), w_sorted)  # (S, I)
-        return F.grouped_mm(hidden, w2, offs=offs)  # (S, H)
+        w1 = _aligned(self.gate_up_proj.to(x_sorted.dtype)).transpose(-2, -1)  # (E, H, 2I)
+        w2 = _aligned(self.down_proj.to(x_sorted.dtype)).transpose(-2, -1)  # (E, I, H)
+        hidden = self._swiglu(F.grouped_mm(_aligned(x_sorted), w1, offs=offs), w_sorted)  # (S, I)
+        return F.grouped_mm(_aligned(hidden), w2, offs=offs)  # (S, H)
 
     def _run_loop(self, x_sorted: torch.Tensor, sizes: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:
         outs = []
