@@ -164,7 +164,7 @@ def choose_grid(
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, ToTensor then Normalize(mean=std=0.5)."""
     # uint8 -> float once, then in-place ops: half the time of a float64/float32 numpy path
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous().float()  # (3, H, W)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()  # (3, H, W); np.array: writable copy
     pixels.div_(255.0)
     pixels.sub_(torch.tensor(IMAGE_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGE_STD).view(3, 1, 1))
     return pixels

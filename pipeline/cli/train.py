@@ -22,23 +22,16 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from pipeline.config import register_configs, to_run_config
-    from pipeline.parallel.topology import dist_env, strip_local_rank_arg
+    from pipeline.parallel.topology import strip_local_rank_arg
 
     sys.argv = [sys.argv[0], *strip_local_rank_arg(sys.argv[1:])]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
     def _run(cfg: DictConfig) -> None:
-        run = to_run_config(cfg)
-        resolved = OmegaConf.to_yaml(cfg, resolve=True)
-        if run.parallel.pp > 1 or dist_env().world_size > 1:
-            from pipeline.parallel.trainer import run_from_config
+        from pipeline.train.job import run_from_config
 
-            run_from_config(run, resolved)
-        else:
-            from pipeline.train.job import run_job
-
-            run_job(run, resolved)
+        run_from_config(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
 
     _run()
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.batch import PackedBatch
 from pipeline.checkpoint_io import export_release, load_any
 from pipeline.config import RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
@@ -27,6 +26,8 @@ from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport
 from pipeline.eval.runner import EvalRunConfig, evaluate
 from pipeline.model import DeepSeekOCR, build_model
+from pipeline.parallel.topology import dist_env
+from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
 from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
@@ -43,6 +44,8 @@ class JobResult:
     last_loss: float | None
     cer_before: float | None
     cer_after: float | None
+    capped_before: float | None
+    capped_after: float | None
     checkpoint: Path | None
 
 
@@ -110,8 +113,8 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
         model = build_model(m.encoder, m.decoder, tokenizer.vocab_size, image_token_id=tokenizer.image_id,
                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                             encoder_overrides=dict(m.encoder_overrides), **dict(m.decoder_overrides))  # fmt: skip
-    if m.freeze_sam:
-        model.encoder.freeze_sam()
+    applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
+    print(f"[job] {applied.summary()}", flush=True)
     if m.gradient_checkpointing:
         model.encoder.set_gradient_checkpointing(True)
         model.decoder.set_gradient_checkpointing(True)
@@ -158,11 +161,69 @@ def contact_sheet(samples: list[EvalSample], report: EvalReport, path: Path, lim
 
 
 # ----------------------------------------------------------------------------- job
-def run_job(run: RunConfig, resolved_yaml: str | None = None) -> JobResult:
+@dataclass
+class JobData:
+    train_shards: str | None
+    val_samples: list[EvalSample]
+    tokenizer: OCRTokenizer
+
+
+def prepare_job_data(run: RunConfig, out: Path, *, rank: int = 0) -> JobData:
+    """Shards, held-out samples and the tokenizer; identical on every rank of a job."""
+    train_shards = None
+    if run.data.kind == "synth_lines":
+        if rank != 0:
+            raise ValueError(
+                "data.kind=synth_lines renders its data inside one process; for multi-process runs write "
+                "shards first (dsocr-data synth / convert-*) and use data.kind=webdataset"
+            )
+        train_shards, val_shards = prepare_synth_lines(run, out / "data")
+    else:
+        val_shards = run.data.val_shards
+    val_samples = read_eval_set(val_shards, limit=run.eval.num_samples) if val_shards else []
+    tokenizer = build_tokenizer_for(run, [s.reference for s in val_samples])
+    return JobData(train_shards, val_samples, tokenizer)
+
+
+def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
+    """Entry of `dsocr-train`: one process, or this rank of a pipeline/data-parallel job."""
+    validate_model_options(run.model)
+    out = Path(run.train.out_dir)
+    env = dist_env()
+    if env.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if resolved_yaml is not None:
+            (out / "config.yaml").write_text(resolved_yaml)
+    if run.parallel.pp > 1 or env.world_size > 1:
+        run_distributed_job(run, out, env.rank)
+        return None
+    return run_job(run)
+
+
+def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
+    """This rank's share of a DeepSpeed pipeline job (launch/ starts one process per GPU)."""
+    from pipeline.parallel.trainer import run_pipeline_training
+
+    data = prepare_job_data(run, out, rank=rank)
+    if rank == 0:
+        data.tokenizer.save(out / "tokenizer")
+    config = loader_config(run, data.train_shards)
+    result = run_pipeline_training(
+        run,
+        tokenizer=data.tokenizer,
+        loader_factory=lambda dp_rank, dp_world: StreamingLoader(
+            config, data.tokenizer, dp_rank=dp_rank, dp_world=dp_world
+        ),
+    )
+    if result.losses:
+        print(f"[job] rank {rank} (stage {result.stage}, dp {result.dp_rank}): {result.steps} steps, loss "
+              f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint {result.last_checkpoint}")  # fmt: skip
+
+
+def run_job(run: RunConfig) -> JobResult:
+    """The single-process job (PP=1, one device): train, evaluate before/after, export."""
     out = Path(run.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if resolved_yaml is not None:
-        (out / "config.yaml").write_text(resolved_yaml)
     if run.parallel.pp != 1 or (run.parallel.dp or 1) != 1:
         raise ValueError(
             f"parallel.pp={run.parallel.pp}, parallel.dp={run.parallel.dp}: this entry runs one process; "
@@ -174,15 +235,10 @@ def run_job(run: RunConfig, resolved_yaml: str | None = None) -> JobResult:
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     device = resolve_device(run.train.device)
 
-    train_shards = None
-    if run.data.kind == "synth_lines":
-        train_shards, val_shards = prepare_synth_lines(run, out / "data")
-    else:
-        val_shards = run.data.val_shards
-    val_samples = read_eval_set(val_shards, limit=run.eval.num_samples) if val_shards else []
-    tokenizer = build_tokenizer_for(run, [s.reference for s in val_samples])
+    data = prepare_job_data(run, out)
+    tokenizer, val_samples = data.tokenizer, data.val_samples
     tokenizer.save(out / "tokenizer")
-    loader = StreamingLoader(loader_config(run, train_shards), tokenizer, dp_rank=0, dp_world=1)
+    loader = StreamingLoader(loader_config(run, data.train_shards), tokenizer, dp_rank=0, dp_world=1)
 
     model = build_run_model(run, tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -202,6 +258,7 @@ def run_job(run: RunConfig, resolved_yaml: str | None = None) -> JobResult:
     if not result.stopped_by_signal:
         result.last_checkpoint = trainer.save()
     export_release(model, tokenizer, out / "model")
+    export_encoder_if_requested(model, run, out, step=trainer.step)
 
     after = None
     if val_samples and not result.stopped_by_signal:
@@ -218,6 +275,8 @@ def run_job(run: RunConfig, resolved_yaml: str | None = None) -> JobResult:
         last_loss=sum(result.losses[-20:]) / len(result.losses[-20:]) if result.losses else None,
         cer_before=before.raw.corpus_cer if before else None,
         cer_after=after.raw.corpus_cer if after else None,
+        capped_before=before.raw.capped_cer if before else None,
+        capped_after=after.raw.capped_cer if after else None,
         checkpoint=result.last_checkpoint,
     )
     print_summary(job)
@@ -229,13 +288,16 @@ def print_summary(job: JobResult) -> None:
     print("\n=== run summary ===")
     print(f"steps trained        {job.steps}")
     print(f"train loss           {fmt(job.first_loss)} -> {fmt(job.last_loss)} (mean of the last 20 steps)")
-    print(f"held-out CER         {fmt(job.cer_before)} before -> {fmt(job.cer_after)} after")
+    print(f"held-out CER         {fmt(job.cer_before)} before -> {fmt(job.cer_after)} after (corpus)")
+    print(
+        f"  capped at 1        {fmt(job.capped_before)} before -> {fmt(job.capped_after)} after (mean per line)"
+    )
     print(f"run directory        {job.out_dir}")
     print(f"  checkpoint         {job.checkpoint}")
-    print(f"  model (release layout){job.out_dir / 'model'}")
+    print(f"  model (release)    {job.out_dir / 'model'}")
     print(f"  metrics log        {job.out_dir / 'metrics.jsonl'}")
     print(f"  plots              {job.out_dir / 'plots'}")
     print(f"  eval reports       {job.out_dir / 'eval'} (before.*, after.*, contact_sheet.png)", flush=True)
 
 
-__all__ = ["JobResult", "PackedBatch", "run_job"]
+__all__ = ["JobResult", "run_from_config", "run_job"]

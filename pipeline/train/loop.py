@@ -154,13 +154,15 @@ class LocalTrainer:
             raise ValueError(f"parallel.dtype must be fp32 or bf16, got {dtype!r}")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def _micro_step(self) -> tuple[float, float, float, int, int]:
-        batch = batch_to(next(self._data_iter), self.device)
+    def _micro_step(self) -> tuple[torch.Tensor, int, int]:
+        """Forward + backward of one micro-batch; returns detached (loss, lm, aux) without a host sync."""
+        cpu_batch = next(self._data_iter)
+        tokens, docs = cpu_batch.num_tokens, cpu_batch.num_documents  # counted before the copy
         with self._autocast():
-            out = self.model(batch)
-        if torch.isfinite(out.loss):
-            (out.loss / self.grad_accum).backward()
-        return float(out.loss), float(out.lm_loss), float(out.aux_loss), batch.num_tokens, batch.num_documents
+            out = self.model(batch_to(cpu_batch, self.device))
+        # a non-finite loss poisons the gradients: the whole step is dropped below
+        (out.loss / self.grad_accum).backward()
+        return torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach().float(), tokens, docs
 
     def train(self) -> TrainResult:
         cfg = self.run.train
@@ -171,12 +173,12 @@ class LocalTrainer:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
-                losses, lm, aux, tokens, rows = [], [], [], 0, 0
+                parts, tokens, docs = [], 0, 0
                 for _ in range(self.grad_accum):
-                    loss, lm_loss, aux_loss, n_tok, n_rows = self._micro_step()
-                    losses.append(loss), lm.append(lm_loss), aux.append(aux_loss)
-                    tokens, rows = tokens + n_tok, rows + n_rows
-                loss = sum(losses) / len(losses)
+                    values, n_tok, n_docs = self._micro_step()
+                    parts.append(values)
+                    tokens, docs = tokens + n_tok, docs + n_docs
+                loss, lm, aux = torch.stack(parts).mean(dim=0).tolist()  # the step's one host sync
                 if not math.isfinite(loss):
                     bad_in_row += 1
                     result.bad_steps += 1
@@ -201,7 +203,7 @@ class LocalTrainer:
                 result.losses.append(loss)
                 dt = time.perf_counter() - t0
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    self._log_step(loss, lm, aux, float(grad_norm), tokens, rows, dt)
+                    self._log_step(loss, lm, aux, float(grad_norm), tokens, docs, dt)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._run_eval()
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -216,16 +218,16 @@ class LocalTrainer:
         result.steps = self.step
         return result
 
-    def _log_step(self, loss, lm, aux, grad_norm, tokens, rows, dt) -> None:
+    def _log_step(self, loss, lm, aux, grad_norm, tokens, docs, dt) -> None:
         record = {
             "step": self.step,
             "loss": loss,
-            "lm_loss": sum(lm) / len(lm),
-            "aux_loss": sum(aux) / len(aux),
+            "lm_loss": lm,
+            "aux_loss": aux,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
-            "samples_per_s": rows / dt,
+            "samples_per_s": docs / dt,
         }
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
