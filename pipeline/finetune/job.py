@@ -1,7 +1,8 @@
 """One fine-tuning job from a typed RunConfig: base -> adapters/freezing -> replay mix -> train -> eval -> export.
 
-1. Base model: `model.init_from` (released-layout directory, our checkpoint, an export), read
-   by `load_any`. The embedded default (data.kind=synth_lines, no init_from) first trains a
+1. Base model: `model.init_from` (released-layout directory, our checkpoint, a consolidated
+   pipeline checkpoint converted by `dsocr-convert consolidate`), read by `load_any`; a stage-1
+   encoder export goes in `model.encoder_init` (loaded over the base's encoder, strict). The embedded default (data.kind=synth_lines, no init_from) first trains a
    tiny base on Latin reading lines with `pipeline.train.job.run_job` (finetune.demo.base_steps).
 2. Data: target = `data.sources` (webdataset) or, for the demo, reading lines of a new script
    (`pipeline.finetune.demo`); replay = `finetune.replay.shards` (the demo: the Latin lines),
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 
+log = logging.getLogger(__name__)
 VOCAB_SCAN_LIMIT = 20_000  # training samples scanned for characters a char vocabulary lacks
 
 
@@ -204,11 +207,21 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_any(base_path)
+    m = run.model
+    if m.encoder_init or m.sam_init or m.clip_init:  # e.g. a stage-1 encoder export over the release
+        from pipeline.stage1.options import apply_model_options
+
+        print(
+            f"[finetune] {apply_model_options(model, m).summary()}", flush=True
+        )  # trainability is set below
     target_val = read_eval_set(data.target_val, limit=ft.eval_samples)
     original_val = read_eval_set(data.original_val, limit=ft.eval_samples) if data.original_val else []
     texts = [s.reference for s in target_val]
     if is_char_tokenizer(tokenizer):
         texts += training_texts(data.target_train, VOCAB_SCAN_LIMIT)
+    if m.freeze or (m.freeze_sam and "sam" in ft.trained_components):
+        log.warning("model.freeze / model.freeze_sam are not read by a fine-tune: finetune.train_components "
+                    "(and finetune.method) decide what trains, here %s", ft.trained_components or "adapters only")  # fmt: skip
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
     evals = {"target": target_val, "original": original_val}
     return Prepared(base_path, data, model, peft_model, tokenizer, added, evals)

@@ -261,4 +261,6 @@ def test_lora_sweep_has_a_rank_axis():
     runs = [to_run_config(compose_config(job, job_num=i)) for i, job in enumerate(jobs)]
     combos = {(r.optim.lr, r.finetune.lora.r, r.finetune.lora.alpha) for r in runs}
     assert combos == {(lr, r, float(r)) for lr in (1e-4, 2e-4, 4e-4) for r in (8, 16, 32)}
-    assert len({r.train.out_dir for r in runs}) == 9 and {r.logger.group for r in runs} == {"finetune_lora_sweep"}
+    assert len({r.train.out_dir for r in runs}) == 9 and {r.logger.group for r in runs} == {
+        "finetune_lora_sweep"
+    }
