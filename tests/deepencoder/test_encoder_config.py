@@ -71,7 +71,7 @@ def test_encoder_config_copies_and_overrides():
 
 
 def test_encoder_config_unknown_name_lists_presets():
-    with pytest.raises(ValueError, match=r"known presets: \['debug', 'full'\]"):
+    with pytest.raises(ValueError, match=r"known presets: \['debug', 'full', 'small'\]"):
         encoder_config("huge")
     with pytest.raises(ValueError, match="unknown EncoderConfig fields"):
         encoder_config("debug", width=3)
