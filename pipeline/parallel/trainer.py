@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.train.loop import SigtermFlag
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
@@ -82,25 +82,6 @@ class _StageBatches:
         images = int((batch.input_ids == self.image_id).sum())
         self.records.append((batch.num_tokens, batch.input_ids.shape[0], images, batch.labels.long()))
         return inputs, batch.labels
-
-
-class _Sigterm:
-    def __init__(self) -> None:
-        self.raised, self._previous = False, None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def peak_flops() -> float:
@@ -288,7 +269,7 @@ class PipelineTrainer:
         cfg = self.run.train
         result = PipelineResult(steps=self.step, stage=self.stage, dp_rank=self.dp_rank)
         saved_at = None
-        with _Sigterm() as sigterm:
+        with SigtermFlag() as sigterm:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 self._skipped = False

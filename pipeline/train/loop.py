@@ -52,7 +52,7 @@ def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
     )
 
 
-class _SigtermFlag:
+class SigtermFlag:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
     def __init__(self) -> None:
@@ -169,7 +169,7 @@ class LocalTrainer:
         result = TrainResult(steps=0)
         bad_in_row = 0
         self.model.train()
-        with _SigtermFlag() as sigterm:
+        with SigtermFlag() as sigterm:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
