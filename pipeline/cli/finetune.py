@@ -39,8 +39,7 @@ def main() -> None:
     from pipeline.config import register_configs, to_run_config
     from pipeline.parallel.topology import dist_env, strip_local_rank_arg
 
-    sys.argv = [sys.argv[0], *strip_local_rank_arg(sys.argv[1:])]
-    sys.argv = [sys.argv[0], *with_default_experiment(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *with_default_experiment(strip_local_rank_arg(sys.argv[1:]))]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
