@@ -74,10 +74,18 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------------------- base and data
 def demo_base(run: RunConfig, out: Path) -> Path:
-    """Train (or reuse) the embedded default's Latin base model under out/base; returns its model dir."""
+    """Train (or reuse) the embedded default's Latin base model under out/base; returns its model dir.
+
+    Reused only when it was trained with the same model, data, optimiser and step settings."""
     base_dir = out / "base"
     model_dir = base_dir / "model"
-    if (model_dir / OUR_CONFIG).is_file():
+    recipe = json.loads(json.dumps(
+        {"model": asdict(run.model), "data": asdict(run.data), "optim": asdict(run.optim),
+         "steps": run.finetune.demo.base_steps, "batch": run.parallel.global_batch, "seed": run.train.seed},
+        default=str,
+    ))  # fmt: skip
+    marker = base_dir / "finetune_base.json"
+    if (model_dir / OUR_CONFIG).is_file() and marker.is_file() and json.loads(marker.read_text()) == recipe:
         print(f"[finetune] reusing the base model {model_dir}", flush=True)
         return model_dir
     base = copy.deepcopy(run)
@@ -85,11 +93,13 @@ def demo_base(run: RunConfig, out: Path) -> Path:
     base.train.max_steps = run.finetune.demo.base_steps
     base.train.out_dir = str(base_dir)
     base.train.save_every = 0
+    base.train.resume = False
     print(
         f"[finetune] no model.init_from: training a Latin base model for {base.train.max_steps} steps",
         flush=True,
     )
     run_job(base)
+    marker.write_text(json.dumps(recipe, indent=2) + "\n")
     return model_dir
 
 
