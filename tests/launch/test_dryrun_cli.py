@@ -72,7 +72,7 @@ def test_preset_shape_is_the_default_cluster():
         (["experiment=paper_stge2"], r"unknown experiment 'paper_stge2'"),
         (["experiment=paper_stage2", "cluster.gpus=8"], r"unknown dry-run option"),
         (["experiment=paper_stage2", "parallel.zero_stage=3"], r"ZeRO 0 or 1"),
-        (["model=full"], r"parallel\.dp is not pinned"),
+        (["model=full", "parallel=pp4"], r"parallel\.dp is not pinned"),
     ],
 )
 def test_impossible_layouts_are_refused(capsys, argv, message):
