@@ -24,7 +24,7 @@ from pipeline.data.loader import StreamingLoader
 from pipeline.eval.data import EvalSample, read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport
-from pipeline.eval.runner import EvalRunConfig, evaluate
+from pipeline.eval.runner import EvalRunConfig, evaluate, training_eval_hook
 from pipeline.model import DeepSeekOCR, build_model
 from pipeline.parallel.topology import dist_env
 from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
@@ -252,7 +252,12 @@ def run_job(run: RunConfig) -> JobResult:
     optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
     scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
     logger = RunLogger(out, run.logger, asdict(run), run.name)
-    trainer = LocalTrainer(model, optimizer, scheduler, loader, run, device=device, logger=logger)
+    periodic = None
+    if run.train.eval_every and val_samples:  # held-out CER during training (cer in metrics.jsonl)
+        periodic = training_eval_hook(tokenizer, val_samples, ecfg, out_dir=out / "eval")
+    trainer = LocalTrainer(
+        model, optimizer, scheduler, loader, run, device=device, logger=logger, evaluate=periodic
+    )
     trainer.maybe_resume()
     result = trainer.train()
     if not result.stopped_by_signal:

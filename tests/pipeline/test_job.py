@@ -27,6 +27,7 @@ def test_embedded_default_loss_falls_and_run_leaves_artifacts(tmp_path):
         "train.max_steps=80",
         "train.log_every=10",
         "train.save_every=40",
+        "train.eval_every=40",
         "optim.warmup_steps=20",
     )
     job = run_job(run)
@@ -46,8 +47,11 @@ def test_embedded_default_loss_falls_and_run_leaves_artifacts(tmp_path):
     ):
         assert (out / rel).exists(), rel
     assert job.checkpoint is not None and job.checkpoint.name == "step_00000080"
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[0] == 1 and 80 in steps
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and any(r["step"] == 80 for r in records)
+    periodic = [r for r in records if r.get("event") == "eval" and "capped_cer" in r]
+    assert [r["step"] for r in periodic] == [40, 80]
+    assert all(0.0 <= r["capped_cer"] <= 1.0 for r in periodic)
 
 
 @pytest.mark.unit
