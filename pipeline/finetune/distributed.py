@@ -19,7 +19,6 @@ short: rerun); a non-finite loss stops the run instead of being skipped.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict
 
@@ -39,22 +38,10 @@ from pipeline.finetune.job import (
 )
 from pipeline.parallel.ds_config import deepspeed_config
 from pipeline.parallel.topology import Topology, dist_env
+from pipeline.parallel.trainer import init_distributed
 from pipeline.train.logging import NullLogger, RunLogger
 from pipeline.train.loop import batch_to
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
-
-
-def init_process_group() -> torch.device:
-    """DeepSpeed's process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
 
 
 def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult | None:
@@ -71,7 +58,7 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
     ds_config = deepspeed_config(run, topology)  # validates dtype / ZeRO / schedule before any work
     rank = env.rank
     out = start_output(run, resolved_yaml if rank == 0 else None)
-    device = init_process_group()
+    device = init_distributed()
     prep = prepare(run, out)
     prep.model.to(device)
     reports = {}

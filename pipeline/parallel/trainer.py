@@ -127,7 +127,8 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
     return topology, split, configs, model_dict, resume_from
 
 
-def _init_distributed() -> torch.device:
+def init_distributed() -> torch.device:
+    """DeepSpeed's process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -154,7 +155,7 @@ def run_pipeline_training(
     final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay."""
     env = dist_env()
     topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
-    device = _init_distributed()
+    device = init_distributed()
     trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
     trainer.setup(model_dict, resume_from, loader_factory, logger)
     try:
