@@ -134,8 +134,11 @@ class SyncFreeStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=self.fused or None)
         if self.fused:
-            # the fused kernel skips the update (and the step count) when found_inf is 1
-            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float().reshape(1)
+            # the fused kernel skips the update (and the step count) when found_inf is 1; 0-dim,
+            # because AdamW subtracts it in place from the 0-dim per-parameter `step` tensors
+            # (a shape-[1] tensor failed there on the H200: "output with shape [] doesn't match
+            # the broadcast shape [1]")
+            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float().reshape(())
             self.optimizer.step()
         elif torch.isfinite(loss):  # CPU: no device round trip to avoid
             self.optimizer.step()
