@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("pp_worker.py")
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 _"
 EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "dsocr-torch-extensions"))
 
 
@@ -61,3 +62,25 @@ def launch(spec: dict, world_size: int, work: Path, *, timeout: float = 240) -> 
         )
         raise AssertionError(f"ranks exited with {codes}\n{logs}")
     return [json.loads((work / f"result.rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def debug_model_and_shards(work: Path):
+    """The tokenizer, 4 x 16 synthetic OCR shards and the seeded debug model the ranks start from."""
+    import torch
+
+    from pipeline.data.testing import write_ocr_shards
+    from pipeline.model import build_model
+    from pipeline.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(ALPHABET)
+    shards = write_ocr_shards(work / "shards", num_shards=4, per_shard=16)
+    torch.manual_seed(0)
+    model = build_model(
+        "debug",
+        "debug",
+        tok.vocab_size,
+        image_token_id=tok.image_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+    )
+    return tok, shards, model

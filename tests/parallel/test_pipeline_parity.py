@@ -14,16 +14,12 @@ from pipeline.cli.convert import main as convert_main
 from pipeline.config import OptimConfig
 from pipeline.data.config import LoaderConfig
 from pipeline.data.loader import StreamingLoader
-from pipeline.data.testing import write_ocr_shards
-from pipeline.model import build_model
 from pipeline.parallel.consolidate import consolidate
-from pipeline.tokenizer import build_char_tokenizer
 from pipeline.train.optim import build_optimizer, param_groups
-from tests.parallel.harness import launch
+from tests.parallel.harness import ALPHABET, debug_model_and_shards, launch
 
 pytestmark = pytest.mark.distributed
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 _"
 SEQ_LEN = 128
 OPTIM = {
     "lr": 1e-3,
@@ -38,17 +34,7 @@ OPTIM = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("pp")
-    tok = build_char_tokenizer(ALPHABET)
-    shards = write_ocr_shards(work / "shards", num_shards=4, per_shard=16)
-    torch.manual_seed(0)
-    model = build_model(
-        "debug",
-        "debug",
-        tok.vocab_size,
-        image_token_id=tok.image_id,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-    )
+    tok, shards, model = debug_model_and_shards(work)
     save_checkpoint(model, tok, work / "ours")
     export_release(model, tok, work / "release")
     return work, tok, shards

@@ -10,32 +10,17 @@ import pytest
 import torch
 
 from pipeline.checkpoint_io import save_checkpoint
-from pipeline.data.testing import write_ocr_shards
-from pipeline.model import build_model
 from pipeline.parallel.consolidate import read_pipeline_state
-from pipeline.tokenizer import build_char_tokenizer
 from pipeline.train.checkpoint import checkpoint_root, complete_checkpoints
-from tests.parallel.harness import launch
+from tests.parallel.harness import ALPHABET, debug_model_and_shards, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 _"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("resume")
-    tok = build_char_tokenizer(ALPHABET)
-    shards = write_ocr_shards(work / "shards", num_shards=4, per_shard=16)
-    torch.manual_seed(0)
-    model = build_model(
-        "debug",
-        "debug",
-        tok.vocab_size,
-        image_token_id=tok.image_id,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
-    )
+    tok, shards, model = debug_model_and_shards(work)
     save_checkpoint(model, tok, work / "init")
     return work, shards
 
