@@ -20,8 +20,8 @@ Training step of the full model at 8192 tokens on an H200 (bench/bench_decoder.p
 124 ms, padded_bmm 237 ms, loop 546 ms. Not measured on an A100.
 "auto" picks grouped_mm on CUDA sm90+ with bf16, padded_bmm on other CUDA devices, and on
 CPU grouped_mm when this torch build supports the dtype there (bf16 always; fp32 from
-torch 2.15), else loop. DeepSpeed's Triton grouped GEMM is not used: decoder/ does not
-import deepspeed.
+torch 2.15), else loop. DeepSpeed's Triton grouped GEMM is not used: the model packages
+stay free of the training stack.
 """
 
 from __future__ import annotations
