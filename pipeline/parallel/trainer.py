@@ -106,6 +106,14 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
             "parallel.pp=1 runs without the pipeline engine: use the single-process trainer "
             "(pipeline.train.loop.LocalTrainer) or set parallel.pp >= 2"
         )
+    unsupported = [f"model.{name}" for name in ("encoder_init", "sam_init", "clip_init", "freeze")
+                   if getattr(run.model, name)]  # fmt: skip
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(unsupported)}: the pipeline engine does not apply these stage-1 options yet "
+            "(it freezes only SAM + compressor, model.freeze_sam); initialise with model.init_from=<a "
+            "released-layout or consolidated checkpoint> instead"
+        )
     validate_training_config(run)
     split = run_partition(run)
     configs = stage_model_configs(

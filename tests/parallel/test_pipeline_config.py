@@ -117,3 +117,11 @@ def test_micro_batch_inputs_fixed_slots(tok):
     assert len(pixels) == len(VIEW_SIZES)
     assert [p.shape[0] for p in pixels] == [1 if s == 128 else 0 for s in VIEW_SIZES]
     assert inputs[4].tolist() == [0, 1, 4, 2, 3, 4, 5] and inputs[5].tolist() == [7]  # gather index, counts
+
+
+@pytest.mark.parametrize("field", ["encoder_init", "sam_init", "clip_init", "freeze"])
+def test_stage1_options_are_refused_not_ignored(tmp_path, tok, field):
+    run = run_config(tmp_path)
+    setattr(run.model, field, ["clip"] if field == "freeze" else str(tmp_path))
+    with pytest.raises(ValueError, match=f"model.{field}: the pipeline engine does not apply"):
+        prepare(run, tok, world_size=4)
