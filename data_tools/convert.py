@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, safe_text
+from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map, safe_text
 from data_tools.validate import (
     Reject,
     ValidationConfig,
@@ -137,9 +136,8 @@ def convert_records(
     """Validate, encode and write `records`; returns the manifest (written as manifest.json)."""
     writer = ShardWriter(writer_cfg, extra_manifest={"converter": {"source": cfg.source, "lang": cfg.lang}})
     jobs = ((rec, cfg) for rec in records)
-    pool = multiprocessing.get_context().Pool(cfg.workers) if cfg.workers > 0 else None
     try:
-        results = pool.imap(encode_record, jobs, chunksize=8) if pool else map(encode_record, jobs)
+        results = ordered_map(encode_record, jobs, cfg.workers)
         bar = tqdm(results, total=total, unit="sample", disable=not cfg.progress, desc=cfg.source)
         for result in bar:
             if isinstance(result, Sample):
@@ -149,11 +147,8 @@ def convert_records(
                 writer.skip(rej.reason, rec.origin, f"{cfg.key_prefix}-{rec.index:09d}", rej.detail)
             bar.set_postfix(ok=writer.total_samples, skipped=sum(writer.skipped.values()), refresh=False)
     except BaseException:
-        writer.abort()
+        writer.abort()  # never leave a half-written shard that looks complete
         raise
-    finally:
-        if pool is not None:
-            pool.terminate()
     return writer.close()
 
 

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 import time
@@ -265,6 +266,21 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def ordered_map(
+    fn, jobs: Iterable, workers: int = 0, chunksize: int = 8, start_method: str | None = None
+) -> Iterator:
+    """`map(fn, jobs)` in input order, over `workers` processes when > 0 (so shards stay
+    deterministic); the pool is terminated when the consumer stops, also on an error."""
+    if workers <= 0:
+        yield from map(fn, jobs)
+        return
+    pool = multiprocessing.get_context(start_method).Pool(workers)
+    try:
+        yield from pool.imap(fn, jobs, chunksize=chunksize)
+    finally:
+        pool.terminate()
 
 
 def expand_shard_paths(specs: Iterable[str]) -> list[Path]:

@@ -10,13 +10,12 @@ is identical for a given seed and set of installed fonts, whatever the number of
 from __future__ import annotations
 
 import io
-import multiprocessing
 import random
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from data_tools.shards import Sample, ShardWriter, ShardWriterConfig
+from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
 from data_tools.synth.chart import render_chart
 from data_tools.synth.degrade import DegradeConfig, degrade
 from data_tools.synth.fonts import find_fonts, script_of_lang
@@ -129,15 +128,11 @@ def generate(cfg: SynthConfig, writer_cfg: ShardWriterConfig) -> dict:
     cfg.check_fonts()
     writer = ShardWriter(writer_cfg, extra_manifest={"synth": {"seed": cfg.seed, "langs": list(cfg.langs)}})
     jobs = ((i, cfg) for i in range(cfg.n))
-    pool = multiprocessing.get_context().Pool(cfg.workers) if cfg.workers > 0 else None
     try:
-        results = pool.imap(_make, jobs, chunksize=4) if pool else map(_make, jobs)
+        results = ordered_map(_make, jobs, cfg.workers, chunksize=4)
         for sample in tqdm(results, total=cfg.n, unit="sample", disable=not cfg.progress, desc="synth"):
             writer.write(sample)
     except BaseException:
-        writer.abort()
+        writer.abort()  # never leave a half-written shard that looks complete
         raise
-    finally:
-        if pool is not None:
-            pool.terminate()
     return writer.close()

@@ -12,7 +12,6 @@ dynamics": proportional fonts with centred text stay on the character-frequency 
 from __future__ import annotations
 
 import io
-import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import matplotlib
 from PIL import Image
 
-from data_tools.shards import Sample, ShardWriter, ShardWriterConfig
+from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
 from data_tools.synth.render import render_line
 from data_tools.synth.text import TextSource
 
@@ -78,11 +77,7 @@ def write_reading_lines(cfg: ReadingLinesConfig, writer_cfg: ShardWriterConfig, 
     """Render cfg.n lines into webdataset shards (in index order, also with workers); returns the manifest."""
     jobs = ((i, cfg) for i in range(cfg.n))
     with ShardWriter(writer_cfg, extra_manifest={"reading_lines": vars(cfg)}) as writer:
-        if workers > 0:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for sample in pool.imap(reading_sample, jobs, chunksize=256):
-                    writer.write(sample)
-        else:
-            for sample in map(reading_sample, jobs):
-                writer.write(sample)
+        # spawn: the training job calling this has torch's thread pools running
+        for sample in ordered_map(reading_sample, jobs, workers, chunksize=256, start_method="spawn"):
+            writer.write(sample)
     return writer.manifest()
