@@ -234,10 +234,9 @@ class LocalTrainer:
         skips = getattr(self.data, "skip_counts", None)
         if skips:
             record["skipped"] = dict(skips)
-        counts = getattr(self.model, "last_expert_counts", None)
-        if callable(counts):
-            counts = counts()
-        if counts is not None:
+        decoder = getattr(self.model, "decoder", None)  # DeepSeekOCR; peft wraps keep the attribute
+        counts = decoder.expert_counts() if hasattr(decoder, "expert_counts") else None
+        if counts is not None:  # tokens per expert per MoE layer of the last micro-batch
             record["expert_counts"] = counts.tolist()
         self.logger.log(record)
 
