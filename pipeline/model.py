@@ -18,15 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decoder import DecoderModel, decoder_config
 from deepencoder import DeepEncoder, encoder_config
 from pipeline.batch import ImageViews, PackedBatch
+from pipeline.loss import IGNORE_INDEX, next_token_loss  # noqa: F401 (re-exported: one loss for all paths)
 from pipeline.processing import VIEW_DOWNSAMPLE
 
-IGNORE_INDEX = -100
 _NEWLINE, _SEPARATOR = -1, -2  # sentinels in the layout before the table size is known
 
 
@@ -152,18 +151,6 @@ class ModelOutput:
     logits: torch.Tensor | None
     num_label_tokens: int
     expert_counts: torch.Tensor | None
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of logits[:, t] against labels[:, t+1] over labels != -100."""
-    shifted = labels[:, 1:]  # (B, L-1)
-    count = int((shifted != IGNORE_INDEX).sum())
-    if count == 0:
-        return logits.sum() * 0.0, 0
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss / count, count
 
 
 class DeepSeekOCR(nn.Module):
