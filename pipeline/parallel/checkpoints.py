@@ -1,16 +1,20 @@
-"""Atomic multi-rank checkpoints of a pipeline run, their compatibility checks, and `model.init_from`.
+"""Atomic multi-rank checkpoints of a DeepSpeed run, their compatibility checks, and `model.init_from`.
 
+Two trainers write them: the pipeline (`pipeline.parallel.trainer`, meta kind "pipeline") and
+data parallelism over the whole model (`pipeline.parallel.data_parallel`, kind "data_parallel").
 Layout (the directory naming of `pipeline.train.checkpoint`, so `latest_checkpoint` and
 keep-last-N pruning apply unchanged):
 
     <out_dir>/checkpoints/step_XXXXXXXX/
-        engine/                 DeepSpeed `save_checkpoint` (tag "engine"): layer_XX-model_states.pt
-                                per unit (XX = unit index), mp_rank_0S_model_states.pt per stage
-                                (LR schedule, engine counters), optimizer shards per rank
+        engine/                 DeepSpeed `save_checkpoint` (tag "engine"). Pipeline:
+                                layer_XX-model_states.pt per unit (XX = unit index),
+                                mp_rank_0S_model_states.pt per stage (LR schedule, engine
+                                counters). Data parallel: mp_rank_00_model_states.pt holding the
+                                whole DeepSeekOCR state dict under "module". Optimizer shards per rank
         trainer_state/rankNNNNN.pt   per global rank: step, RNG states, data-loader position
-                                (first and last stage), skipped-step counters
+                                (pipeline: first and last stage), skipped-step counters
         tokenizer/              tokenizer files (consolidation exports them)
-        meta.json               step, pp, dp, parts, unit names, model configs, run config
+        meta.json               step, kind, pp, dp, parts (pipeline), model configs, run config
     <out_dir>/checkpoints/latest    name of the newest complete checkpoint
 
 Every rank writes into one shared `.tmp-step_XXXXXXXX/` directory; after a barrier global rank
@@ -41,6 +45,8 @@ STATE_DIR = "trainer_state"
 TOKENIZER_DIR = "tokenizer"
 META = "meta.json"
 KIND = "pipeline"
+DP_KIND = "data_parallel"
+KINDS = (KIND, DP_KIND)
 
 
 def model_configs_dict(configs: tuple[EncoderConfig, DecoderConfig, int]) -> dict:
@@ -100,18 +106,21 @@ def load_init_state(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     return model.state_dict()
 
 
-def check_resume_compatible(ckpt: Path, *, pp: int, dp: int, parts: list[int], model: dict) -> dict:
-    """meta.json of `ckpt` after checking it matches this run's layout and model."""
+def check_resume_compatible(
+    ckpt: Path, *, pp: int, dp: int, parts: list[int] | None, model: dict, kind: str = KIND
+) -> dict:
+    """meta.json of `ckpt` after checking it matches this run's trainer kind, layout and model."""
     meta = json.loads((ckpt / META).read_text())
-    if meta.get("kind") != KIND:
+    if meta.get("kind") != kind:
         raise ValueError(
-            f"{ckpt} was written by a {meta.get('kind')!r} trainer, not the pipeline trainer: set "
-            "train.resume=false or another train.out_dir"
+            f"{ckpt} was written by a {meta.get('kind')!r} trainer, not the {kind!r} trainer of this run "
+            "(parallel.pp decides: 1 = data parallel, >= 2 = pipeline): set train.resume=false or another "
+            "train.out_dir, or consolidate it (dsocr-convert consolidate) and start from model.init_from"
         )
     saved_model = meta["model"]
     if saved_model != model:
         check_same_size(configs_from_dict(saved_model), configs_from_dict(model), f"checkpoint {ckpt}")
-    layout = {"pp": meta["pp"], "dp": meta["dp"], "parts": meta["parts"]}
+    layout = {"pp": meta["pp"], "dp": meta["dp"], "parts": meta.get("parts")}
     if layout != {"pp": pp, "dp": dp, "parts": parts}:
         raise ValueError(
             f"checkpoint {ckpt} was saved with {layout}, this run has pp={pp}, dp={dp}, parts={parts}; an "
@@ -128,7 +137,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def save_pipeline_checkpoint(
+def save_engine_checkpoint(
     engine,
     *,
     out_dir: str | Path,
@@ -138,8 +147,10 @@ def save_pipeline_checkpoint(
     meta: dict,
     tokenizer,
     keep_last: int,
+    kind: str = KIND,
 ) -> Path:
     """Collective: every rank calls it; returns the published `step_XXXXXXXX` directory."""
+    assert kind in KINDS, kind
     import torch.distributed as dist
 
     root = checkpoint_root(out_dir)
@@ -154,7 +165,7 @@ def save_pipeline_checkpoint(
     dist.barrier()
     if rank == 0:
         tokenizer.save(tmp / TOKENIZER_DIR)
-        (tmp / META).write_text(json.dumps({"step": step, "kind": KIND, **meta}, indent=2, default=str))
+        (tmp / META).write_text(json.dumps({"step": step, "kind": kind, **meta}, indent=2, default=str))
         _fsync_tree(tmp)
         if final.exists():  # the same step saved twice (SIGTERM right after a periodic save)
             shutil.rmtree(final)
@@ -181,7 +192,9 @@ def newest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 __all__ = [
+    "DP_KIND",
     "ENGINE_TAG",
+    "KIND",
     "check_resume_compatible",
     "check_same_size",
     "init_source_configs",
@@ -190,5 +203,5 @@ __all__ = [
     "model_configs_dict",
     "newest_checkpoint",
     "run_config_dict",
-    "save_pipeline_checkpoint",
+    "save_engine_checkpoint",
 ]

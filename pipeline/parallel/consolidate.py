@@ -1,6 +1,9 @@
-"""Pipeline checkpoint (any PP / DP) -> one model in the released DeepSeek-OCR layout.
+"""Pipeline or data-parallel checkpoint (any PP / DP) -> one model in the released DeepSeek-OCR layout.
 
-DeepSpeed writes one `layer_XX-model_states.pt` per pipeline unit (XX = unit index, written by
+Data-parallel checkpoints (`pipeline.parallel.data_parallel`, meta kind "data_parallel") hold the
+whole DeepSeekOCR state dict under "module" of `engine/mp_rank_00_model_states.pt` (ZeRO 0-2
+shard only the optimizer states and gradients, never the weights); it is read as it is.
+For pipelines, DeepSpeed writes one `layer_XX-model_states.pt` per pipeline unit (XX = unit index, written by
 data-parallel rank 0 of the unit's stage) and has no converter to a single state dict. Unit
 state-dict keys are "model." + the DeepSeekOCR key (`pipeline.parallel.stages`), so the union
 of the unit files, without the SAM stage's zero-weight link, is the full `DeepSeekOCR` state
@@ -23,10 +26,11 @@ from decoder import DecoderConfig, DecoderModel
 from deepencoder import DeepEncoder, EncoderConfig
 from pipeline.checkpoint_io import _materialize, configs_from_dict, export_release
 from pipeline.model import DeepSeekOCR
-from pipeline.parallel.checkpoints import ENGINE_TAG, KIND, META, TOKENIZER_DIR, newest_checkpoint
+from pipeline.parallel.checkpoints import DP_KIND, ENGINE_TAG, KIND, META, TOKENIZER_DIR, newest_checkpoint
 from pipeline.parallel.stages import unit_key_to_model_key
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+DP_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def resolve_checkpoint(src: str | Path) -> Path:
@@ -83,10 +87,34 @@ def read_pipeline_state(
     return state, configs_from_dict(meta["model"])
 
 
+def read_data_parallel_state(
+    ckpt: Path,
+) -> tuple[dict[str, torch.Tensor], tuple[EncoderConfig, DecoderConfig, int]]:
+    """The full DeepSeekOCR state dict and model configs of one data-parallel checkpoint."""
+    meta = json.loads((ckpt / META).read_text())
+    if meta.get("kind") != DP_KIND:
+        raise ValueError(f"{ckpt} is a {meta.get('kind')!r} checkpoint, not a data-parallel one")
+    file = ckpt / ENGINE_TAG / DP_MODEL_FILE
+    if not file.is_file():
+        raise ValueError(f"{ckpt}: no {ENGINE_TAG}/{DP_MODEL_FILE} (an incomplete data-parallel checkpoint)")
+    saved = torch.load(file, map_location="cpu", weights_only=False)
+    return dict(saved["module"]), configs_from_dict(meta["model"])
+
+
+def read_checkpoint_state(
+    ckpt: Path,
+) -> tuple[dict[str, torch.Tensor], tuple[EncoderConfig, DecoderConfig, int]]:
+    """State dict + configs of a pipeline or a data-parallel checkpoint (by meta.json's kind)."""
+    kind = json.loads((ckpt / META).read_text()).get("kind")
+    if kind == DP_KIND:
+        return read_data_parallel_state(ckpt)
+    return read_pipeline_state(ckpt)
+
+
 def consolidate(src: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write the model of a pipeline checkpoint (or a run's newest one) in the released layout."""
+    """Write the model of a pipeline / data-parallel checkpoint (or a run's newest one) in the released layout."""
     ckpt = resolve_checkpoint(src)
-    state, configs = read_pipeline_state(ckpt)
+    state, configs = read_checkpoint_state(ckpt)
     model = model_from_state(state, configs)
     tokenizer = ckpt / TOKENIZER_DIR
     if not (tokenizer / "tokenizer.json").is_file():

@@ -4,7 +4,11 @@
 torchrun / deepspeed / SLURM launch (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set).
 Order of work: validate everything that can be checked from configs and files (topology,
 partition, DeepSpeed settings, `model.init_from` size, resume layout) -> init the process
-group -> build this rank's stage -> load weights -> deepspeed.initialize -> resume -> loop.
+group -> build this rank's stage -> load weights (`model.init_from`, then the stage-1 encoder
+sources `model.encoder_init` / `sam_init` / `clip_init`, each stage copying only its own tensors
+after a strict check against the whole encoder) -> deepspeed.initialize -> resume -> loop.
+`model.freeze` is refused (only SAM + compressor freeze, `model.freeze_sam`); parallel.pp = 1
+runs in `pipeline.parallel.data_parallel`.
 
 Data: `loader_factory(dp_rank, dp_world)` (a `StreamingLoader`) is built on the first and the
 last stage of every pipeline, keyed by the *data-parallel* rank, so both read identical
@@ -44,14 +48,17 @@ from pipeline.parallel.engine import (
     run_partition,
     stage_model_configs,
 )
-from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs
+from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs, unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
+from pipeline.stage1.options import encoder_sources, validate_model_options
+from pipeline.stage1.parts import encoder_part_of
 from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.logging import NullLogger, RunLogger
 from pipeline.train.loop import SigtermFlag
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
+ENCODER_PREFIX = "encoder."
 
 
 @dataclass
@@ -103,17 +110,16 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
     )
     if run.parallel.pp < 2:
         raise ValueError(
-            "parallel.pp=1 runs without the pipeline engine: use the single-process trainer "
-            "(pipeline.train.loop.LocalTrainer) or set parallel.pp >= 2"
+            "parallel.pp=1 runs without the pipeline engine: use the data-parallel trainer "
+            "(pipeline.parallel.data_parallel; dsocr-train picks it) or set parallel.pp >= 2"
         )
-    unsupported = [f"model.{name}" for name in ("encoder_init", "sam_init", "clip_init", "freeze")
-                   if getattr(run.model, name)]  # fmt: skip
-    if unsupported:
+    if run.model.freeze:
         raise ValueError(
-            f"{', '.join(unsupported)}: the pipeline engine does not apply these stage-1 options yet "
-            "(it freezes only SAM + compressor, model.freeze_sam); initialise with model.init_from=<a "
-            "released-layout or consolidated checkpoint> instead"
+            f"model.freeze={list(run.model.freeze)}: the pipeline engine freezes only SAM + compressor "
+            "(model.freeze_sam; a stage without trainable parameters cannot join DeepSpeed's pipeline). "
+            "Leave model.freeze empty, or train with parallel.pp=1 (data parallel), which applies it"
         )
+    validate_model_options(run.model)  # encoder_init / sam_init / clip_init: files exist, one source
     validate_training_config(run)
     split = run_partition(run)
     configs = stage_model_configs(
@@ -133,6 +139,30 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
         found = ckpt_io.init_source_configs(run.model.init_from, tokenizer.image_id)
         ckpt_io.check_same_size(found, configs, f"model.init_from={run.model.init_from}")
     return topology, split, configs, model_dict, resume_from
+
+
+def load_encoder_sources(module, m, enc_cfg) -> dict[str, list[str]]:
+    """Apply model.encoder_init / sam_init / clip_init to this rank's stage (after model.init_from).
+
+    Every rank checks each source strictly against the whole encoder (missing / unexpected /
+    mis-shaped keys raise ValueError listing them) and copies only the tensors its own units hold.
+    Returns {source: parts loaded on this stage}."""
+    loaded: dict[str, list[str]] = {}
+    for src in encoder_sources(m, enc_cfg):
+        parts: set[str] = set()
+        for unit in module.units():
+            own = unit.state_dict()
+            with torch.no_grad():
+                for key, value in own.items():
+                    model_key = unit_key_to_model_key(key)
+                    if model_key is None or not model_key.startswith(ENCODER_PREFIX):
+                        continue
+                    enc_key = model_key[len(ENCODER_PREFIX) :]
+                    if enc_key in src.state:
+                        value.copy_(src.state[enc_key])
+                        parts.add(encoder_part_of(enc_key))
+        loaded[src.source] = sorted(parts)
+    return loaded
 
 
 def init_distributed() -> torch.device:
@@ -190,6 +220,7 @@ class PipelineTrainer:
         self.step, self.bad_in_row, self.bad_total = 0, 0, 0
         self._skipped = False
         self.batches: _StageBatches | None = None
+        self.loaded_encoder_parts: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ setup
     def setup(
@@ -198,6 +229,8 @@ class PipelineTrainer:
         run = self.run
         if resume_from is None and run.model.init_from:
             self.module.load_model_state(ckpt_io.load_init_state(run.model.init_from))
+        if resume_from is None:
+            self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, self.configs[0])
         self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
         install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
         self.meta = {
@@ -257,7 +290,7 @@ class PipelineTrainer:
             "rng": rng_state(),
             "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         }
-        return ckpt_io.save_pipeline_checkpoint(
+        return ckpt_io.save_engine_checkpoint(
             self.engine,
             out_dir=self.run.train.out_dir,
             step=self.step,

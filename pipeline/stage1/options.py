@@ -24,11 +24,19 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepencoder import EncoderConfig
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.model import DeepSeekOCR
-from pipeline.stage1.export import export_encoder, is_encoder_export, load_encoder_init
+from pipeline.stage1.export import encoder_init_state, export_encoder, is_encoder_export, load_encoder_init
 from pipeline.stage1.parts import MODEL_PARTS, check_part_names, freeze_parts, trainable_by_part
-from pipeline.stage1.upstream import load_clip_init, load_sam_init
+from pipeline.stage1.upstream import (
+    check_part_state,
+    clip_init_state,
+    encoder_shapes,
+    load_clip_init,
+    load_sam_init,
+    sam_init_state,
+)
 
 EXPORT_DIR = "encoder_export"
 
@@ -95,6 +103,37 @@ def apply_model_options(model: DeepSeekOCR, m: ModelConfig) -> AppliedOptions:
         freeze_parts(model, applied.frozen)
     applied.trainable = trainable_by_part(model)
     return applied
+
+
+@dataclass
+class EncoderSource:
+    """One configured encoder initialisation, converted to DeepEncoder keys and checked strictly."""
+
+    source: str  # "model.encoder_init=PATH", ...
+    parts: list[str]
+    state: dict  # DeepEncoder key -> tensor (CPU)
+
+
+def encoder_sources(m: ModelConfig, config: EncoderConfig) -> list[EncoderSource]:
+    """The `encoder_init` / `sam_init` / `clip_init` tensors for engines that load by key (the
+    pipeline, where each stage holds only some parts). Each source must cover its parts of an
+    encoder of `config` exactly (missing / unexpected / mis-shaped keys raise ValueError listing
+    them); apply them in the returned order, as `apply_model_options` does."""
+    validate_model_options(m)
+    shapes = encoder_shapes(config)
+    found = []
+    if m.encoder_init:
+        state, parts = encoder_init_state(m.encoder_init, config)
+        found.append(EncoderSource(f"model.encoder_init={m.encoder_init}", parts, state))
+    if m.sam_init:
+        state, source = sam_init_state(m.sam_init, config)
+        found.append(EncoderSource(source, ["sam"], state))
+    if m.clip_init:
+        state, source = clip_init_state(m.clip_init, config)
+        found.append(EncoderSource(source, ["clip"], state))
+    for src in found:
+        check_part_state(src.state, shapes, set(src.parts), src.source)
+    return found
 
 
 def export_encoder_if_requested(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepencoder import DeepEncoder
+from deepencoder import DeepEncoder, EncoderConfig
 from deepencoder.adapters import (
     clip_state_from_hf,
     clip_state_from_open_clip,
@@ -43,12 +43,12 @@ def _weights_file(path: str | os.PathLike, names: tuple[str, ...], what: str) ->
     return path
 
 
-def copy_part_state(
-    encoder: DeepEncoder, state: dict[str, torch.Tensor], parts: set[str], source: str
+def check_part_state(
+    state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], parts: set[str], source: str
 ) -> None:
-    """Copy `state` (DeepEncoder keys) into `encoder`; it must cover `parts` exactly."""
-    own = encoder.state_dict()
-    wanted = {k for k in own if encoder_part_of(k) in parts}
+    """ValueError unless `state` (DeepEncoder keys) covers the `parts` of an encoder with these
+    state-dict `shapes` exactly: missing, unexpected and mis-shaped keys are listed."""
+    wanted = {k for k in shapes if encoder_part_of(k) in parts}
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - wanted)
     if missing or unexpected:
@@ -56,11 +56,23 @@ def copy_part_state(
             f"{source}: does not cover the {sorted(parts)} part(s) of this encoder exactly: "
             f"missing {len(missing)} {missing[:10]}, unexpected {len(unexpected)} {unexpected[:10]}"
         )
-    bad = [
-        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
-    ]
+    bad = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
     if bad:
         raise ValueError(f"{source}: shape mismatch for {len(bad)} tensors: {bad[:10]}")
+
+
+def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of a DeepEncoder built from `config` (on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DeepEncoder(config).state_dict().items()}
+
+
+def copy_part_state(
+    encoder: DeepEncoder, state: dict[str, torch.Tensor], parts: set[str], source: str
+) -> None:
+    """Copy `state` (DeepEncoder keys) into `encoder`; it must cover `parts` exactly."""
+    own = encoder.state_dict()
+    check_part_state(state, {k: tuple(v.shape) for k, v in own.items()}, parts, source)
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
@@ -86,23 +98,33 @@ def detect_clip_format(state: dict[str, torch.Tensor]) -> tuple[str, str]:
     )
 
 
+def sam_init_state(path: str | os.PathLike, config: EncoderConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """(DeepEncoder-keyed SAM trunk + neck tensors, source label) of a segment-anything checkpoint."""
+    file = _weights_file(path, ("sam_vit_b_01ec64.pth", "model.safetensors"), "model.sam_init")
+    return sam_state_from_segment_anything(load_state_file(file), config.sam), f"model.sam_init={file}"
+
+
+def clip_init_state(path: str | os.PathLike, config: EncoderConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """(DeepEncoder-keyed CLIP tensors, source label) of an open_clip / OpenAI / transformers file."""
+    file = _weights_file(path, _HF_WEIGHT_FILES + _OPEN_CLIP_WEIGHT_FILES, "model.clip_init")
+    raw = load_state_file(file)
+    fmt, prefix = detect_clip_format(raw)
+    if fmt == "open_clip":
+        state = clip_state_from_open_clip(raw, config.clip, prefix)
+    else:
+        state = clip_state_from_hf(raw, config.clip, prefix)
+    return state, f"model.clip_init={file}"
+
+
 def load_sam_init(encoder: DeepEncoder, path: str | os.PathLike) -> list[str]:
     """segment-anything SAM checkpoint -> SAM trunk + neck of `encoder` (strict). Returns the parts."""
-    file = _weights_file(path, ("sam_vit_b_01ec64.pth", "model.safetensors"), "model.sam_init")
-    state = sam_state_from_segment_anything(load_state_file(file), encoder.config.sam)
-    copy_part_state(encoder, state, {"sam"}, f"model.sam_init={file}")
+    state, source = sam_init_state(path, encoder.config)
+    copy_part_state(encoder, state, {"sam"}, source)
     return ["sam"]
 
 
 def load_clip_init(encoder: DeepEncoder, path: str | os.PathLike) -> list[str]:
     """CLIP-L/14 vision tower (open_clip / OpenAI .pt / transformers) -> `encoder.vision_model` (strict)."""
-    file = _weights_file(path, _HF_WEIGHT_FILES + _OPEN_CLIP_WEIGHT_FILES, "model.clip_init")
-    raw = load_state_file(file)
-    fmt, prefix = detect_clip_format(raw)
-    config = encoder.config.clip
-    if fmt == "open_clip":
-        state = clip_state_from_open_clip(raw, config, prefix)
-    else:
-        state = clip_state_from_hf(raw, config, prefix)
-    copy_part_state(encoder, state, {"clip"}, f"model.clip_init={file}")
+    state, source = clip_init_state(path, encoder.config)
+    copy_part_state(encoder, state, {"clip"}, source)
     return ["clip"]

@@ -186,7 +186,8 @@ def prepare_job_data(run: RunConfig, out: Path, *, rank: int = 0) -> JobData:
 
 
 def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
-    """Entry of `dsocr-train`: one process, or this rank of a pipeline/data-parallel job."""
+    """Entry of `dsocr-train`: one process (`run_job`), or this rank of a multi-process job
+    (`run_distributed_job`: parallel.pp >= 2 -> pipeline, parallel.pp = 1 -> data parallel)."""
     validate_model_options(run.model)
     out = Path(run.train.out_dir)
     env = dist_env()
@@ -201,23 +202,46 @@ def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResu
 
 
 def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
-    """This rank's share of a DeepSpeed pipeline job (launch/ starts one process per GPU)."""
-    from pipeline.parallel.trainer import run_pipeline_training
+    """This rank's share of a multi-process job (launch/ starts one process per GPU): the DeepSpeed
+    pipeline for parallel.pp >= 2, data parallelism over the whole model for parallel.pp = 1."""
+    from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
+    from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
-    data = prepare_job_data(run, out, rank=rank)
+    if run.data.kind == "synth_lines":
+        # rank 0 renders the shards once; after the barrier every other rank finds them complete
+        # (prepare_synth_lines only compares their manifests) and reads the same files
+        init_distributed()
+        if rank == 0:
+            data = prepare_job_data(run, out, rank=0)
+        torch.distributed.barrier()
+        if rank != 0:
+            data = prepare_job_data(run, out, rank=0)
+    else:
+        data = prepare_job_data(run, out, rank=rank)
     if rank == 0:
         data.tokenizer.save(out / "tokenizer")
     config = loader_config(run, data.train_shards)
-    result = run_pipeline_training(
-        run,
-        tokenizer=data.tokenizer,
-        loader_factory=lambda dp_rank, dp_world: StreamingLoader(
-            config, data.tokenizer, dp_rank=dp_rank, dp_world=dp_world
-        ),
-    )
+
+    def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
+        return StreamingLoader(config, data.tokenizer, dp_rank=dp_rank, dp_world=dp_world)
+
+    if run.parallel.pp == 1:
+        prepare_data_parallel(run, data.tokenizer, dist_env().world_size)  # config errors before the model
+        periodic = None
+        if run.train.eval_every and data.val_samples:  # held-out CER, run by rank 0 (the others wait)
+            periodic = training_eval_hook(
+                data.tokenizer, data.val_samples, eval_config(run), out_dir=out / "eval"
+            )
+        result = run_data_parallel_training(run, tokenizer=data.tokenizer, loader_factory=loader_factory,
+                                            model_factory=lambda: build_run_model(run, data.tokenizer),
+                                            eval_hook=periodic)  # fmt: skip
+        where = f"dp {result.dp_rank}"
+    else:
+        result = run_pipeline_training(run, tokenizer=data.tokenizer, loader_factory=loader_factory)
+        where = f"stage {result.stage}, dp {result.dp_rank}"
     if result.losses:
-        print(f"[job] rank {rank} (stage {result.stage}, dp {result.dp_rank}): {result.steps} steps, loss "
-              f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint {result.last_checkpoint}")  # fmt: skip
+        print(f"[job] rank {rank} ({where}): {result.steps} steps, loss {result.losses[0]:.3f} -> "
+              f"{result.losses[-1]:.3f}; checkpoint {result.last_checkpoint}", flush=True)  # fmt: skip
 
 
 def run_job(run: RunConfig) -> JobResult:

@@ -1,0 +1,416 @@
+"""Data-parallel training of the whole DeepSeek-OCR model on DeepSpeed's engine (parallel.pp = 1).
+
+Stage 1 of DeepSeek-OCR (arXiv 2510.18234 section 3.5; ../shared/spec/training.md) trains the
+DeepEncoder with a compact LM and needs no pipeline: every rank holds the whole model, DeepSpeed
+averages the gradients and shards optimizer states (ZeRO-1) or optimizer states and gradients
+(ZeRO-2) over the data-parallel ranks. Stage 2 runs here too when it fits one GPU (PP=1).
+`dsocr-train` dispatches to `run_data_parallel_training` when parallel.pp = 1 and the world
+size is > 1 (`pipeline.train.job.run_distributed_job`); launch/ starts it like a pipeline job.
+
+What it shares with the pipeline trainer (`pipeline.parallel.trainer`), not copied:
+- the DeepSpeed config of `pipeline.parallel.ds_config` (batch keys from `Topology`: global
+  batch = micro x accumulation x DP, validated; clipping; bf16 with fp32 master weights), with
+  the ZeRO stage from parallel.zero_stage (0, 1 or 2) and without the pipeline section;
+- our AdamW over `pipeline.train.optim.param_groups` and the LambdaLR schedules;
+- the step guard of `pipeline.parallel.engine.install_step_guard`: a non-finite loss on any
+  rank skips the update on every rank; `train.max_bad_steps` in a row stop the run;
+- the atomic keep-last-N checkpoints of `pipeline.parallel.checkpoints` (meta kind
+  "data_parallel"; RNG states and the loader position per rank), SIGTERM saves agreed by all
+  ranks at the next step boundary, resume from the newest complete checkpoint;
+- `pipeline.train.logging` on rank 0 (the records of `LocalTrainer` plus per-GPU tokens/s).
+
+The model comes from `model_factory()` (the job's `build_run_model`: presets or
+`model.init_from`, then the stage-1 options `encoder_init` / `sam_init` / `clip_init` / `freeze`
+of `pipeline.stage1.options`), seeded identically on every rank (DeepSpeed also broadcasts rank
+0's weights). At the end rank 0 writes the release-layout model (fp32 master weights when bf16)
+and, when `model.export_encoder` is set, the stage-1 encoder export.
+
+DeepSpeed 0.19 precision rules (engine `_do_optimizer_sanity_check`): bf16 keeps fp32 master
+weights only inside its ZeRO optimizers, so parallel.dtype=bf16 needs zero_stage 1 or 2; ZeRO-1
+accumulates gradients in fp32 (`data_types.grad_accum_dtype`), ZeRO-2 in its bf16 buckets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.batch import PackedBatch
+from pipeline.checkpoint_io import configs_from_dict, configs_to_dict, export_release
+from pipeline.config import RunConfig
+from pipeline.model import DeepSeekOCR
+from pipeline.parallel import checkpoints as ckpt_io
+from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
+from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, stage_model_configs
+from pipeline.parallel.topology import Topology, dist_env
+from pipeline.parallel.trainer import init_distributed, peak_flops
+from pipeline.stage1.options import export_encoder_if_requested
+from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.train.loop import SigtermFlag, batch_to
+
+ZERO_STAGES = (0, 1, 2)
+LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
+
+
+@dataclass
+class DataParallelResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    bad_steps: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+    dp_rank: int = 0
+
+
+def validate_data_parallel_config(run: RunConfig) -> None:
+    """ValueError for settings this path cannot run (before any process group or model)."""
+    p = run.parallel
+    if p.pp != 1:
+        raise ValueError(f"parallel.pp={p.pp}: data parallelism runs the whole model per rank; use pp=1")
+    if p.zero_stage not in ZERO_STAGES:
+        raise ValueError(
+            f"parallel.zero_stage={p.zero_stage}: data parallelism supports ZeRO stage 0, 1 or 2 (stage 3 "
+            "shards the weights, which the checkpoints and exports here do not handle); set 0, 1 or 2"
+        )
+    if p.dtype == "bf16" and p.zero_stage == 0:
+        raise ValueError(
+            "parallel.dtype=bf16 trains with fp32 master weights, which DeepSpeed keeps only in its ZeRO "
+            "optimizers: set parallel.zero_stage=1 (or 2), or parallel.dtype=fp32"
+        )
+    if p.partition is not None:
+        raise ValueError("parallel.partition is a pipeline setting; with parallel.pp=1 leave it null")
+    # the shared checks (dtype names, lr, schedule, clipping, steps) of the pipeline's config
+    deepspeed_config(_as_zero1(run), Topology(1, 1, 1, 1))
+
+
+def _as_zero1(run: RunConfig) -> RunConfig:
+    return dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, zero_stage=1))
+
+
+def data_parallel_ds_config(run: RunConfig, topology: Topology) -> dict[str, Any]:
+    """The DeepSpeed config of a data-parallel run: the pipeline's, ZeRO 0/1/2, no pipeline section."""
+    validate_data_parallel_config(run)
+    config = deepspeed_config(_as_zero1(run), topology)
+    config.pop("pipeline", None)
+    config["zero_optimization"] = {"stage": run.parallel.zero_stage}
+    if run.parallel.zero_stage != 1:
+        config.pop("data_types", None)  # fp32 accumulation of bf16 grads is DeepSpeed's ZeRO-1 path only
+    return config
+
+
+def prepare_data_parallel(run: RunConfig, tokenizer, world_size: int):
+    """Every check that needs no process group and no model: (topology, model configs dict, resume)."""
+    validate_data_parallel_config(run)
+    p = run.parallel
+    topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch,
+                        global_batch=p.global_batch, dp=p.dp)  # fmt: skip
+    if run.model.init_from:
+        configs = ckpt_io.init_source_configs(run.model.init_from, tokenizer.image_id)
+    else:
+        configs = stage_model_configs(run.model, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
+                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
+    model_dict = ckpt_io.model_configs_dict(configs)
+    resume_from = ckpt_io.newest_checkpoint(run.train.out_dir) if run.train.resume else None
+    if resume_from is not None:
+        ckpt_io.check_resume_compatible(
+            resume_from, pp=1, dp=topology.dp, parts=None, model=model_dict, kind=ckpt_io.DP_KIND
+        )
+    return topology, model_dict, resume_from
+
+
+def run_data_parallel_training(
+    run: RunConfig,
+    *,
+    tokenizer,
+    loader_factory: LoaderFactory,
+    model_factory: Callable[[], DeepSeekOCR],
+    eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
+    logger: RunLogger | NullLogger | None = None,
+    final_checkpoint: bool = True,
+    export: bool = True,
+) -> DataParallelResult:
+    """Train `run` on this rank's replica; returns what this rank saw.
+
+    export=True: rank 0 writes `<out_dir>/model` (release layout) and, with
+    model.export_encoder, `<out_dir>/encoder_export` at the end (not after a SIGTERM stop)."""
+    env = dist_env()
+    topology, model_dict, resume_from = prepare_data_parallel(run, tokenizer, env.world_size)
+    device = init_distributed()
+    trainer = DataParallelTrainer(run, topology, tokenizer, device)
+    trainer.setup(model_factory, model_dict, resume_from, loader_factory, logger)
+    try:
+        result = trainer.train(eval_hook, final_checkpoint=final_checkpoint)
+        if export and not result.stopped_by_signal:
+            trainer.export()
+        return result
+    finally:
+        trainer.logger.close()
+
+
+class DataParallelTrainer:
+    """The per-rank state of a data-parallel run: engine, data iterator, counters, checkpoints."""
+
+    def __init__(self, run: RunConfig, topology: Topology, tokenizer, device: torch.device) -> None:
+        torch.manual_seed(run.train.seed)
+        if run.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if run.train.threads:
+            torch.set_num_threads(run.train.threads)
+        self.run, self.topology, self.tokenizer, self.device = run, topology, tokenizer, device
+        self.rank = dist.get_rank()
+        self.dp_rank = topology.dp_rank(self.rank)
+        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self._skipped = False
+        self._micro_losses: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(
+        self, model_factory, model_dict: dict, resume_from: Path | None, loader_factory, logger
+    ) -> None:
+        import deepspeed
+
+        run = self.run
+        torch.manual_seed(run.train.seed)  # identical init on every rank
+        model = model_factory()
+        built = configs_to_dict(model)
+        if built != model_dict:
+            ckpt_io.check_same_size(
+                configs_from_dict(built), configs_from_dict(model_dict), "the built model"
+            )
+        model.train()
+        optimizer, scheduler = build_optimizer_and_scheduler(model, run)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=data_parallel_ds_config(run, self.topology),
+        )  # fmt: skip
+        restore_fp32_rotary(self.engine.module)
+        install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
+        self.meta = {"pp": 1, "dp": self.topology.dp, "parts": None, "model": built,
+                     "zero_stage": run.parallel.zero_stage, "run": ckpt_io.run_config_dict(run)}  # fmt: skip
+        if logger is None:
+            cfg = ckpt_io.run_config_dict(run)
+            logger = (
+                RunLogger(run.train.out_dir, run.logger, cfg, run.name) if self.rank == 0 else NullLogger()
+            )
+        self.logger = logger if self.rank == 0 else NullLogger()
+        self.loader = loader_factory(self.dp_rank, self.topology.dp)
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.batches = iter(self.loader)
+
+    @property
+    def model(self) -> DeepSeekOCR:
+        return self.engine.module
+
+    def _resume(self, ckpt: Path) -> None:
+        self.engine.load_checkpoint(
+            str(ckpt), tag=ckpt_io.ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        state = ckpt_io.load_rank_state(ckpt, self.rank)
+        if state["dp_rank"] != self.dp_rank:
+            raise ValueError(
+                f"{ckpt}: rank {self.rank} state belongs to data-parallel rank {state['dp_rank']}"
+            )
+        self.step, self.bad_in_row, self.bad_total = state["step"], state["bad_in_row"], state["bad_total"]
+        set_rng_state(state["rng"])
+        if state["data"] is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(state["data"])
+        self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
+
+    # ------------------------------------------------------------------ step guard
+    def _local_step_ok(self) -> bool:
+        return bool(torch.isfinite(torch.stack(self._micro_losses)).all()) if self._micro_losses else True
+
+    def _mark_skipped(self) -> None:
+        self._skipped = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        rank_state = {
+            "step": self.step,
+            "dp_rank": self.dp_rank,
+            "bad_in_row": self.bad_in_row,
+            "bad_total": self.bad_total,
+            "rng": rng_state(),
+            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+        }
+        return ckpt_io.save_engine_checkpoint(
+            self.engine, out_dir=self.run.train.out_dir, step=self.step, rank=self.rank, rank_state=rank_state,
+            meta=self.meta, tokenizer=self.tokenizer, keep_last=self.run.train.keep_last, kind=ckpt_io.DP_KIND,
+        )  # fmt: skip
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the model's state dict on CPU with the fp32 master copy of every trainable
+        weight (ZeRO-1/2 and bf16 keep it in the optimizer; fp32 ZeRO-0 weights are the masters)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                master = safe_get_full_fp32_param(param)  # collective over the DP group when sharded
+                if master is not None:
+                    state[name] = master.detach().cpu()
+        return state
+
+    def export(self) -> None:
+        """Rank 0: `<out_dir>/model` in the released layout (fp32 masters) and the stage-1 encoder export."""
+        state = self.master_state_dict()
+        if self.rank == 0:
+            from pipeline.parallel.consolidate import model_from_state
+
+            model = model_from_state(state, configs_from_dict(self.meta["model"]))
+            out = Path(self.run.train.out_dir)
+            export_release(model, self.tokenizer, out / "model")
+            exported = export_encoder_if_requested(model, self.run, out, step=self.step)
+            self.logger.log({"event": "export", "step": self.step, "model": str(out / "model"),
+                             "encoder_export": str(exported) if exported else None})  # fmt: skip
+        dist.barrier()
+
+    # ------------------------------------------------------------------ loop
+    def _agree(self, value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _train_step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step = grad_accum micro-batches; returns ([loss, lm, aux, tokens, rows, image
+        tokens] summed over ranks, wall time). The engine averages gradients over micro-batches and ranks."""
+        t0 = time.perf_counter()
+        self._skipped = False
+        self._micro_losses = []
+        parts, tokens, rows, images = [], 0, 0, 0
+        image_id = self.model.image_token_id
+        for _ in range(self.topology.grad_accum):
+            batch = next(self.batches)
+            tokens, rows = tokens + batch.num_tokens, rows + batch.num_documents
+            images += int((batch.input_ids == image_id).sum())
+            out = self.engine(batch_to(batch, self.device))
+            self.engine.backward(out.loss)
+            values = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach().float()
+            self._micro_losses.append(values[0])
+            parts.append(values)
+            self.engine.step()  # the optimizer runs (guarded) at the accumulation boundary
+        mean = torch.stack(parts).mean(dim=0).double()
+        counts = torch.tensor([tokens, rows, images], dtype=torch.float64, device=mean.device)
+        totals = torch.cat([mean, counts]).to(self.device)
+        dist.all_reduce(totals)
+        return totals.cpu(), time.perf_counter() - t0
+
+    def train(self, eval_hook=None, *, final_checkpoint: bool = True) -> DataParallelResult:
+        cfg = self.run.train
+        dp = self.topology.dp
+        result = DataParallelResult(steps=self.step, dp_rank=self.dp_rank)
+        saved_at = None
+        self.engine.train()
+        with SigtermFlag() as sigterm:
+            while self.step < cfg.max_steps:
+                totals, dt = self._train_step()
+                loss = float(totals[0]) / dp
+                if self._skipped or not math.isfinite(loss):
+                    self.bad_in_row += 1
+                    self.bad_total += 1
+                    result.bad_steps += 1
+                    self.logger.log(
+                        {"event": "bad_loss", "step": self.step, "loss": loss, "in_row": self.bad_in_row}
+                    )
+                    if self.bad_in_row >= cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"{self.bad_in_row} non-finite losses in a row at step {self.step}; stopping. The "
+                            f"last good checkpoint is {ckpt_io.newest_checkpoint(cfg.out_dir)}. Lower "
+                            "optim.lr or check the data."
+                        )
+                    continue
+                self.bad_in_row = 0
+                self.step += 1
+                result.losses.append(loss)
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    self._log_step(totals, dt)
+                if eval_hook is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._run_eval(eval_hook)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    result.last_checkpoint, saved_at = self.save(), self.step
+                if self._agree(int(sigterm.raised)):
+                    if saved_at != self.step:
+                        result.last_checkpoint, saved_at = self.save(), self.step
+                    result.stopped_by_signal = True
+                    self.logger.log(
+                        {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
+                    )
+                    break
+        if final_checkpoint and not result.stopped_by_signal and saved_at != self.step:
+            result.last_checkpoint = self.save()
+        result.steps = self.step
+        return result
+
+    # ------------------------------------------------------------------ logging and eval
+    def _log_step(self, totals: torch.Tensor, dt: float) -> None:
+        skips = getattr(self.loader, "skip_counts", None)
+        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(dict(skips or {}), gathered, dst=0)  # skipped samples of every rank
+        if self.rank != 0:
+            return
+        dp = self.topology.dp
+        loss, lm, aux, tokens, rows, images = totals.tolist()
+        record = {
+            "step": self.step,
+            "loss": loss / dp,
+            "lm_loss": lm / dp,
+            "aux_loss": aux / dp,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_gpu": tokens / dt / self.topology.world_size,
+            "samples_per_s": rows / dt,
+            "step_time": dt,
+            "bad_steps": self.bad_total,
+        }
+        peak = peak_flops()
+        if peak and tokens:
+            from pipeline.parallel.memory import step_flops
+
+            m = self.model
+            frozen_sam = not any(p.requires_grad for p in m.encoder.sam_model.parameters())
+            flops = step_flops(m.encoder.config, m.decoder.config, int(tokens), self.run.data.seq_len,
+                               images / tokens, frozen_sam)  # fmt: skip
+            record["mfu"] = flops.total / dt / (peak * self.topology.world_size)
+        merged = sum((Counter(g) for g in gathered or []), Counter())
+        if merged:
+            record["skipped"] = dict(merged)
+        counts = self.model.decoder.expert_counts()  # (n_moe_layers, E) of rank 0's last micro-batch
+        if counts is not None:
+            table = counts.float()
+            record["expert_counts"] = counts.tolist()
+            load = table / table.sum(dim=1, keepdim=True).clamp(min=1)
+            record["expert_load_max_over_mean"] = float((load.max(dim=1).values * table.shape[1]).mean())
+        self.logger.log(record)
+
+    def _run_eval(self, eval_hook) -> None:
+        """Rank 0 evaluates its replica (identical on every rank); the others wait."""
+        if self.rank == 0:
+            model = self.model
+            model.eval()
+            with torch.no_grad():
+                metrics = eval_hook(model, self.step)
+            model.train()
+            self.logger.log({"event": "eval", "step": self.step, **metrics})
+        dist.barrier()
+
+
+__all__ = [
+    "DataParallelResult",
+    "DataParallelTrainer",
+    "data_parallel_ds_config",
+    "prepare_data_parallel",
+    "run_data_parallel_training",
+    "validate_data_parallel_config",
+]

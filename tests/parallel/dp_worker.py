@@ -1,0 +1,100 @@
+"""One rank of a CPU data-parallel or pipeline-initialisation test run (launched by tests/parallel/harness.py
+with WORKER pointed here).
+
+Spec (JSON): {"mode": "dp" | "pipeline_init", "run": RunConfig overrides, "shards": [...],
+"alphabet": str, "seq_len": int, "result": path prefix, "nan_steps": [optimizer-step attempts
+whose loss is made NaN]}.
+- "dp": `run_data_parallel_training` with the job's model builder (`build_run_model`: init_from,
+  then the stage-1 options); writes `<result>.rank<N>.json` (steps, losses, bad steps, ...).
+- "pipeline_init": builds this rank's pipeline stage and loads its weights exactly as a pipeline
+  run does (`PipelineTrainer.setup`: init_from, then encoder_init / sam_init / clip_init), trains
+  nothing, and saves the stage's DeepSeekOCR-keyed state dict to `<result>.rank<N>.pt`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.config import RunConfig, to_run_config
+from pipeline.data.config import LoaderConfig
+from pipeline.data.loader import StreamingLoader
+from pipeline.model import DeepSeekOCR
+from pipeline.tokenizer import build_char_tokenizer
+
+
+def _poison(nan_steps: set[int], micro_batches: int) -> None:
+    """Make the model's loss NaN on the given (0-based) optimizer-step attempts."""
+    original = DeepSeekOCR.forward
+    calls = {"n": 0}
+
+    def forward(self, batch, **kwargs):
+        out = original(self, batch, **kwargs)
+        attempt = calls["n"] // micro_batches
+        calls["n"] += 1
+        if attempt in nan_steps:
+            out.loss = out.loss * math.nan
+        return out
+
+    DeepSeekOCR.forward = forward
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    run: RunConfig = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), spec["run"]))
+    tokenizer = build_char_tokenizer(spec["alphabet"])
+
+    def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
+        config = LoaderConfig.debug(
+            spec["shards"], seq_len=spec["seq_len"], batch_size=run.parallel.micro_batch, seed=run.train.seed
+        )
+        return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
+
+    if spec["mode"] == "pipeline_init":
+        from pipeline.parallel.stages import VIEW_SIZES
+        from pipeline.parallel.trainer import PipelineTrainer, init_distributed, prepare
+
+        topology, split, configs, model_dict, _ = prepare(run, tokenizer, int(spec["world_size"]))
+        device = init_distributed()
+        trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, VIEW_SIZES)
+        trainer.setup(model_dict, None, loader_factory, None)
+        rank = torch.distributed.get_rank()
+        torch.save(trainer.module.model_state_dict(), f"{spec['result']}.rank{rank}.pt")
+        out = {"stage": trainer.stage, "loaded": trainer.loaded_encoder_parts}
+    else:
+        from pipeline.parallel.data_parallel import run_data_parallel_training
+        from pipeline.train.job import build_run_model
+
+        if spec.get("nan_steps"):
+            accum = run.parallel.global_batch // run.parallel.micro_batch // int(spec["world_size"])
+            _poison(set(spec["nan_steps"]), accum)
+        try:
+            result = run_data_parallel_training(
+                run,
+                tokenizer=tokenizer,
+                loader_factory=loader_factory,
+                model_factory=lambda: build_run_model(run, tokenizer),
+            )
+            out = {
+                "steps": result.steps,
+                "losses": result.losses,
+                "bad_steps": result.bad_steps,
+                "dp_rank": result.dp_rank,
+                "stopped_by_signal": result.stopped_by_signal,
+                "checkpoint": str(result.last_checkpoint),
+            }
+        except RuntimeError as err:  # e.g. too many non-finite losses: the test reads the message
+            out = {"error": str(err)}
+        rank = torch.distributed.get_rank()
+    Path(f"{spec['result']}.rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
