@@ -26,8 +26,6 @@ mode) and the number of SAM forward calls per step (1 per view size = no recompu
 from __future__ import annotations
 
 import gc
-import gzip
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.measure import count_host_syncs, full_step_flops, peak_memory_gib, reset_peak_memory, sync
+from bench.profiling import profile_step, render_summary, write_summary
 from bench.step_data import Prefetcher, StagedBatch
 from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
@@ -46,7 +45,7 @@ from pipeline.model import DeepSeekOCR, ImagePlan
 from pipeline.train.optim import param_groups
 
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-5, (0.9, 0.95), 0.1, 1.0
-GZIP_TRACES_ABOVE = 20 * 2**20  # bytes
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 RELEASE_IMAGE_TOKEN_ID = 128815  # `<image>` in the released tokenizer (architecture.md section 4)
 
 
@@ -116,32 +115,38 @@ class PeerOCR(nn.Module):
         return label_loss(self.lm_head(hidden), b.targets, b.num_label_tokens)
 
 
+def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """The `found_inf` of torch's fused Adam/AdamW: 0-dim float32 on the loss's device, 1.0 when the
+    loss is not finite. 0-dim, not shape [1]: after the fused kernel torch runs
+    `_foreach_sub_(state_steps, [found_inf] * n)` on the 0-dim per-parameter `step` tensors, and an
+    in-place subtraction of a [1] tensor from a [] tensor raises "output with shape [] doesn't
+    match the broadcast shape [1]" (the H200 run's error; CPU fused AdamW takes the same path)."""
+    return (~torch.isfinite(loss.detach())).to(torch.float32).reshape(())
+
+
 class SyncFreeStep:
-    """zero_grad, loss, backward, clip, AdamW step; the loss stays on the device."""
+    """zero_grad, loss, backward, clip, fused AdamW step; the loss stays on the device.
+
+    The same code on every device (fused AdamW exists for CPU and CUDA tensors), so the CPU smoke
+    run exercises what the GPU run does: a non-finite loss skips the update and the step count
+    inside the fused kernel (`found_inf`) instead of a `.item()` branch on the host.
+    """
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable[[StagedBatch], torch.Tensor], device: torch.device
     ):
         self.model, self.loss_fn, self.device = model, loss_fn, device
-        self.fused = device.type == "cuda"
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, WEIGHT_DECAY)
-        self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=self.fused)
+        self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 
     def __call__(self, b: StagedBatch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(b)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP, foreach=self.fused or None)
-        if self.fused:
-            # the fused kernel skips the update (and the step count) when found_inf is 1; 0-dim,
-            # because AdamW subtracts it in place from the 0-dim per-parameter `step` tensors
-            # (a shape-[1] tensor failed there on the H200: "output with shape [] doesn't match
-            # the broadcast shape [1]")
-            self.optimizer.found_inf = (~torch.isfinite(loss.detach())).float().reshape(())
-            self.optimizer.step()
-        elif torch.isfinite(loss):  # CPU: no device round trip to avoid
-            self.optimizer.step()
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)  # foreach where the device has it
+        self.optimizer.found_inf = nonfinite_flag(loss)
+        self.optimizer.step()
         return loss.detach()
 
 
@@ -194,29 +199,6 @@ def summarize(
         "mfu": flops / step_s / (peak_tflops * 1e12) if peak_tflops > 0 else None,
         "peak_gib": peak_memory_gib(device),
     }
-
-
-def profile_step(step: Callable[[], object], path: Path, device: torch.device) -> dict:
-    """One step under torch.profiler: chrome trace JSON + the top-op table beside it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        step()
-        sync(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    trace = path
-    if path.stat().st_size > GZIP_TRACES_ABOVE:  # Perfetto and TensorBoard open .json.gz directly
-        trace = path.with_name(path.name + ".gz")
-        with open(path, "rb") as src, gzip.open(trace, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-        path.unlink()
-    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=50, max_name_column_width=80)
-    path.with_suffix(".txt").write_text(table)
-    return {"trace": str(trace), "ops": str(path.with_suffix(".txt"))}
 
 
 def measure_local_trainer(
@@ -277,13 +259,15 @@ def measure_local_trainer(
     return result
 
 
-def compile_regions(model: DeepSeekOCR) -> None:
-    """Regional torch.compile: decoder layers, SAM blocks, CLIP blocks (state-dict keys unchanged)."""
-    model.decoder.compile_layers()
+def compile_regions(model: DeepSeekOCR, backend: str = "inductor") -> None:
+    """Regional torch.compile: decoder layers, SAM blocks, CLIP blocks (state-dict keys unchanged).
+    backend "aot_eager" (the CPU smoke run) traces the same graphs, forward and backward, without
+    generating kernels."""
+    model.decoder.compile_layers(backend=backend)
     for block in model.encoder.sam_model.blocks:
-        block.compile()
+        block.compile(backend=backend)
     for layer in model.encoder.vision_model.transformer.layers:
-        layer.compile()
+        layer.compile(backend=backend)
 
 
 def first_batch_loss_check(model: DeepSeekOCR, batch: PackedBatch, staged: StagedBatch, device) -> float:
@@ -311,10 +295,15 @@ class FullStepSettings:
     steps: int = 8
     warmup: int = 4
     compile: bool = True
+    compile_backend: str = "inductor"
     peer: bool = True
     local_trainer: bool = True
 
     def __post_init__(self) -> None:
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
         if self.rows < 1 or self.steps < 1 or self.warmup < 1:
             raise ValueError(
                 f"rows, steps and warmup must be >= 1, got {self.rows}, {self.steps}, {self.warmup}"
@@ -382,7 +371,9 @@ def measure_full_step(
     model.encoder.freeze_sam()
     enc_cfg, dec_cfg = model.encoder.config, model.decoder.config
     flops_fn = lambda b: full_step_flops(enc_cfg, dec_cfg, b.view_sides, b.doc_lengths)  # noqa: E731
-    prof = (lambda name: profile_dir / f"trace_full_step_{name}.json") if profile_dir else (lambda name: None)
+    prof = (
+        (lambda name: profile_dir / f"trace_full_step_{name}.json.gz") if profile_dir else (lambda name: None)
+    )
     staged0 = stage_batch(batches[0], image_token_id)
     result: dict = {
         "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
@@ -449,6 +440,18 @@ def measure_full_step(
 
     attempt("sync_free", sync_free("sync-free", None if s.compile else "sync_free"))
     if s.compile:
-        compile_regions(model)
+        compile_regions(model, s.compile_backend)
         attempt("sync_free_compiled", sync_free("sync-free + compile", "sync_free_compiled"))
+    if profile_dir is not None:
+        result["profile_summary"] = str(_write_profile_summary(result["variants"], profile_dir))
     return result
+
+
+def _write_profile_summary(variants: dict, profile_dir: Path) -> Path:
+    """profile_summary.txt beside the traces; the operator tables leave the result dict (JSON)."""
+    blocks = []
+    for v in variants.values():
+        if "profile" in v:
+            blocks.append(render_summary(v["variant"], v["profile"], v.get("host_syncs")))
+            v["profile"].pop("table")
+    return write_summary(profile_dir / "profile_summary.txt", blocks or ["no variant was profiled"])

@@ -164,7 +164,12 @@ def render_markdown(result: dict) -> str:
         f"CUDA {machine.get('cuda', '-')}, Python {machine.get('python', '?')}",
         f"- measured bf16 matmul peak: {fmt_number(result.get('peak_tflops'))} TFLOP/s "
         f"({result.get('peak_note', '')})",
-        f"- total wall time of the run: {result.get('wall_s', 0):.0f} s",
+        f"- total wall time of the run: {result.get('wall_s', 0):.0f} s"
+        + (
+            " (" + ", ".join(f"{k} {v:.0f} s" for k, v in result["section_wall_s"].items()) + ")"
+            if result.get("section_wall_s")
+            else ""
+        ),  # fmt: skip
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
-import os
-import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,13 +21,15 @@ import torch
 
 from bench.full_step import FullStepSettings, free, measure_full_step
 from bench.measure import machine_info, matmul_peak_tflops
+from bench.pipeline_rows import GPUS_NEEDED, DataPrep, PipelineSettings, visible_gpus
+from bench.pipeline_rows import SECTION as PIPELINE_SECTION
+from bench.pipeline_rows import pipeline_rows as run_pipeline
 from bench.report import Row, Target, failed_row, render_text, skipped_row, write_result
 
 SECTIONS = ("decoder", "sam", "full", "data", "pipeline")  # table order, issue 13's (a)-(e)
 # run order: the full step (the headline, its compile the most expensive) gets the time budget first;
 # data and pipeline read its result
 RUN_ORDER = ("full", "decoder", "sam", "data", "pipeline")
-PIPELINE_STEPS, PIPELINE_TIMEOUT_S = 12, 900
 DATA_MODES = ("tiny", "small", "base", "large", "gundam")
 # transformers DeepSeek-OCR-2 image processor settings that produce the same views as our modes
 PEER_PROCESSOR = {
@@ -78,6 +76,7 @@ class BenchSettings:
     profile: bool = False
     budget_s: float = 330.0
     command: str = "dsocr-bench"
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     # derived from `quick` in __post_init__
     decoder_preset: str = field(init=False)
     seq_len: int = field(init=False)
@@ -109,8 +108,11 @@ class BenchSettings:
         if gpu_full:
             self.full = FullStepSettings(compile=self.compile)
         else:
+            # the GPU run's code paths (peer, LocalTrainer, sync-free, sync-free + compile, profile);
+            # compile traces forward and backward with aot_eager (no kernel generation on CPU)
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
-                                         text_range=(20, 60), rows=2, steps=2, warmup=2, compile=False)  # fmt: skip
+                                         text_range=(20, 60), rows=2, steps=2, warmup=2, compile=True,
+                                         compile_backend="aot_eager")  # fmt: skip
         self.data_modes = DATA_MODES if gpu_full else ("tiny", "base")
         self.data_samples, self.data_pages = (48, 16) if gpu_full else (6, 2)
 
@@ -124,6 +126,11 @@ class Run:
         self.start = time.perf_counter()
         self.rows: list[Row] = []
         self.details: dict = {}
+        self.section_wall_s: dict[str, float] = {}
+        self.pipeline_prep: DataPrep | None = None
+        if "pipeline" in s.only and not s.quick and visible_gpus() >= GPUS_NEEDED:
+            # the pipeline rows' synthetic shards (CPU) are written while the single-GPU rows run
+            self.pipeline_prep = DataPrep(s.pipeline.data_dir, s.out / "pipeline_make_data.log")
         self.peak_tflops, self.peak_note = matmul_peak_tflops(self.device, s.quick)
 
     def time_left(self) -> float:
@@ -380,68 +387,12 @@ def _peer_processor_rate(mode: str, pngs: list[bytes], samples: int) -> float:
 # ----------------------------------------------------------------------------- (e) pipeline
 
 
-def pipeline_summaries(stdout: str) -> list[dict]:
-    """The JSON summaries that bench/pipeline_gpu.py prints on rank 0 (objects with a "layout" key)."""
-    decoder, found, i = json.JSONDecoder(), [], 0
-    while (i := stdout.find("{", i)) != -1:
-        try:
-            obj, end = decoder.raw_decode(stdout, i)
-        except json.JSONDecodeError:
-            i += 1
-            continue
-        if isinstance(obj, dict) and "layout" in obj and "tokens_per_s_per_gpu" in obj:
-            found.append(obj)
-        i = end
-    return found
-
-
-def run_script(cmd: list[str], env: dict) -> tuple[int, str, str]:
-    """Run cmd in its own process group; on timeout end that group (torchrun's workers included)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=PIPELINE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n[dsocr-bench] killed after {PIPELINE_TIMEOUT_S} s"
-    return proc.returncode, stdout, stderr
-
-
 def pipeline_rows(run: Run) -> list[Row]:
-    """bench/pipeline_gpu.sh (the pipeline engineer's script: PP=4 x DP=1, then PP=2 x DP=2) as a subprocess."""
-    section, unit = "pipeline scaling (4 GPUs, full, 1x8192 rows)", "tokens/s/GPU"
-    target = Target("value", 25000, "issue 7, per H200")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    script = Path(__file__).resolve().parent / "pipeline_gpu.sh"
-    if run.s.quick or gpus < 4:
-        why = "quick mode" if run.s.quick else f"{gpus} GPU(s) visible, needs 4"
-        return [skipped_row(section, "PP=4, PP=2 x DP=2", unit, why, target)]
-    if not script.exists():
-        return [skipped_row(section, "PP=4, PP=2 x DP=2", unit, "bench/pipeline_gpu.sh not present", target)]
-    data_dir = Path(tempfile.gettempdir()) / "dsocr-pipeline-bench"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(4)))}
-    returncode, stdout, stderr = run_script(["bash", str(script), str(data_dir), str(PIPELINE_STEPS)], env)
-    (run.s.out / "pipeline_gpu.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
-    summaries = pipeline_summaries(stdout)
-    run.details["pipeline"] = summaries
-    if not summaries:
-        raise RuntimeError(f"pipeline_gpu.sh exited {returncode} without a JSON summary (pipeline_gpu.log)")
+    """bench/pipeline_gpu.sh (PP=4 x DP=1, then PP=2 x DP=2) as a subprocess: bench/pipeline_rows.py."""
     single = run.details.get("full", {}).get("variants", {})
     best = max((v["tokens_per_s"] for k, v in single.items() if k != "peer"), default=None)
-    rows = []
-    for summary in summaries:
-        peaks = summary.get("peak_gib_per_stage", {})
-        notes = (f"MFU {100 * summary.get('mfu', 0.0):.1f}%; bubble {summary.get('bubble_1f1b', 0.0):.2f}; "
-                 f"loss {summary.get('loss_first', 0.0):.3f} -> {summary.get('loss_last', 0.0):.3f}; "
-                 f"peak/stage {max(peaks.values(), default=0.0):.1f} GiB; {summary.get('steps', '?')} steps")  # fmt: skip
-        rows.append(Row(section, summary["layout"], unit, float(summary["tokens_per_s_per_gpu"]), best,
-                        "1-GPU sync-free full step, this run" if best else "", target, notes))  # fmt: skip
-    missing = {"pp4_dp1", "pp2_dp2"} - {s["layout"] for s in summaries}
-    rows += [
-        Row(section, m, unit, target=target, status="failed", reason="no summary (pipeline_gpu.log)")
-        for m in sorted(missing)
-    ]
+    rows, details = run_pipeline(run.s.pipeline, run.s.out, best, run.pipeline_prep, run.s.quick)
+    run.details["pipeline"] = details
     return rows
 
 
@@ -452,7 +403,7 @@ ROWS = {
     "sam": ("frozen SAM + compressor fwd", "images/s", sam_rows),
     "full": ("full step", "tokens/s", full_rows),
     "data": ("data loading", "samples/s/core", data_rows),
-    "pipeline": ("pipeline scaling (4 GPUs, full, 1x8192 rows)", "tokens/s/GPU", pipeline_rows),
+    "pipeline": (PIPELINE_SECTION, "tokens/s/GPU", pipeline_rows),
 }
 
 
@@ -465,10 +416,17 @@ def run_suite(s: BenchSettings) -> dict:
     by_section: dict[str, list[Row]] = {}
     for section in RUN_ORDER:
         if section in s.only:
+            if section == "data" and run.pipeline_prep is not None:
+                run.pipeline_prep.wait()  # per-core figures: nothing else busy on the CPU
             title, unit, fn = ROWS[section]
-            before = len(run.rows)
+            before, t0 = len(run.rows), time.perf_counter()
             run.guarded(title, "all variants", unit, Target(), lambda fn=fn: fn(run))
             by_section[section] = run.rows[before:]
+            run.section_wall_s[section] = round(time.perf_counter() - t0, 1)
+            print(f"[dsocr-bench] {section}: {run.section_wall_s[section]:.0f} s "
+                  f"(run {time.perf_counter() - run.start:.0f} s)", flush=True)  # fmt: skip
+    if run.pipeline_prep is not None:
+        run.pipeline_prep.wait()
     run.rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(e)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -478,11 +436,14 @@ def run_suite(s: BenchSettings) -> dict:
         "peak_tflops": run.peak_tflops,
         "peak_note": run.peak_note,
         "wall_s": time.perf_counter() - run.start,
+        "section_wall_s": run.section_wall_s,
         "rows": [r.to_dict() for r in run.rows],
         "details": run.details,
         "footnotes": FOOTNOTES,
     }
     json_path, md_path = write_result(result, s.out)
     print("\n" + render_text(run.rows))
-    print(f"\nwrote {json_path} and {md_path} ({result['wall_s']:.0f} s)", flush=True)
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in run.section_wall_s.items())
+    print(f"\nwall time per section: {walls}; total {result['wall_s']:.0f} s")
+    print(f"wrote {json_path} and {md_path}", flush=True)
     return result

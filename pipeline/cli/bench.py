@@ -1,16 +1,18 @@
 """`dsocr-bench`: the performance table of issue 13, peers measured in the same run (bench/suite.py).
 
-    dsocr-bench --out $OUT --profile             # GPU machine: full presets (< 6 min on one H200)
-    dsocr-bench --device cpu --quick --out /tmp/b  # CPU smoke test on the debug presets (< 60 s)
-    dsocr-bench --only sam,full                  # a subset of decoder,sam,full,data,pipeline
-    dsocr-bench --render DIR/bench_results.json  # rewrite PERFORMANCE.md from a result JSON
+    dsocr-bench --out $OUT --profile               # GPU machine: every row, 4 GPUs add the pipeline rows
+    dsocr-bench --device cpu --quick --profile --out /tmp/b  # CPU smoke run of the same code paths
+    dsocr-bench --only sam,full                    # a subset of decoder,sam,full,data,pipeline
+    dsocr-bench --render DIR/bench_results.json    # rewrite PERFORMANCE.md from a result JSON
 
-Prints one table (ours, the peer measured in the same run, ratio, target) and writes
-DIR/bench_results.json and DIR/PERFORMANCE.md (the README performance fragment; `--fragment
-PATH` copies it, e.g. to bench/PERFORMANCE.md); `--profile` adds the chrome traces of one full
-training step (trace_full_step_*.json, open in Perfetto or chrome://tracing) and their top-op
-tables. A failing row is reported in the table and the run goes on; `--strict` then exits 1.
-The benchmark code lives in bench/ (a source checkout, not part of the installed packages).
+Prints one table (ours, the peer measured in the same run, ratio, target) and the wall time per
+section, and writes DIR/bench_results.json and DIR/PERFORMANCE.md (the README performance
+fragment; `--fragment PATH` copies it); `--profile` adds the gzip'd Chrome traces of one full
+training step (trace_full_step_*.json.gz, open in ui.perfetto.dev) and profile_summary.txt (top
+kernels, host syncs, operator table). Single-GPU rows run on the first visible GPU; with 4 GPUs
+visible the pipeline rows run bench/pipeline_gpu.sh on the first four (`--pipeline-steps`,
+`--pipeline-timeout-s`). A failing row is reported in the table and the run goes on; `--strict`
+then exits 1. The benchmark code is the `bench` package (installed with the project).
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ from pathlib import Path
 
 
 def _import_bench():
-    """bench/ sits next to pipeline/ in the checkout; put the checkout on sys.path if needed."""
+    """The installed `bench` package; an editable install made before bench/ was packaged does not
+    map it, so fall back to the source checkout this file sits in."""
     try:
         import bench.suite as suite
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as error:
         root = Path(__file__).resolve().parents[2]
-        if not (root / "bench" / "suite.py").exists():
-            raise SystemExit(
-                "dsocr-bench needs a source checkout of the project (bench/ was not found)"
-            ) from None
+        if error.name != "bench" or not (root / "bench" / "suite.py").exists():
+            raise
         sys.path.insert(0, str(root))
         import bench.suite as suite
     import bench.report as report
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="save torch profiler traces of the full step")
     parser.add_argument(
         "--budget-s", type=float, default=330.0, help="skip optional extras past this many seconds"
+    )
+    parser.add_argument("--pipeline-steps", type=int, default=12, help="training steps per pipeline layout")
+    parser.add_argument(
+        "--pipeline-timeout-s",
+        type=float,
+        default=300.0,
+        help="time limit of the pipeline script (both layouts)",
     )
     parser.add_argument("--fragment", type=Path, default=None, help="also write PERFORMANCE.md to this path")
     parser.add_argument(
@@ -79,8 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else suite.SECTIONS
     command = "dsocr-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
+        from bench.pipeline_rows import PipelineSettings
+
+        pipeline = PipelineSettings(steps=args.pipeline_steps, timeout_s=args.pipeline_timeout_s)
         settings = suite.BenchSettings(device=device, quick=args.quick, only=only, out=args.out,
-                                       profile=args.profile, budget_s=args.budget_s, command=command.strip())  # fmt: skip
+                                       profile=args.profile, budget_s=args.budget_s, command=command.strip(),
+                                       pipeline=pipeline)  # fmt: skip
     except ValueError as error:
         print(f"dsocr-bench: {error}", file=sys.stderr)
         return 2

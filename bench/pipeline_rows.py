@@ -1,0 +1,199 @@
+"""Row (e) of `dsocr-bench`: pipeline scaling on 4 GPUs, bench/pipeline_gpu.sh run as a subprocess.
+
+bench/pipeline_gpu.sh (owned by the pipeline engineer) trains the full preset with DeepSpeed's
+pipeline engine as PP=4 x DP=1, then PP=2 x DP=2, and rank 0 prints one JSON summary per layout.
+This module runs it on the first 4 visible GPUs (the single-GPU rows ran on the first one
+before), in its own process group under a time limit, and turns its output into rows: a layout
+without a summary (crash, timeout, missing script) becomes a FAILED row with the reason read
+from the output, never an exception out of the suite.
+
+The script's first phase (`pipeline_gpu.py make-data`: synthetic 1240x1754 page shards, CPU
+only, about a minute) is started in the background by `DataPrep` when the run begins, so it
+overlaps the single-GPU rows; the script then finds the data and skips that phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.report import Row, Target, skipped_row
+
+HERE = Path(__file__).resolve().parent
+SCRIPT, DRIVER = HERE / "pipeline_gpu.sh", HERE / "pipeline_gpu.py"
+SECTION = "pipeline scaling (4 GPUs, full, 1x8192 rows)"
+UNIT, GPUS_NEEDED = "tokens/s/GPU", 4
+LAYOUTS = ("pp4_dp1", "pp2_dp2")
+TARGET = Target("value", 25000, "issue 7, per H200")
+ERROR_LINE = re.compile(r"(Error|error:|Traceback|Killed|out of memory|FAILED|killed after)")
+LOG_TAIL_LINES = 200
+
+
+@dataclass
+class PipelineSettings:
+    """steps per layout, the subprocess time limit (both layouts), where the synthetic shards live,
+    extra arguments appended to the script's command line."""
+
+    steps: int = 12
+    timeout_s: float = 300.0
+    data_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "dsocr-pipeline-bench")
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.steps < 4:
+            raise ValueError(f"pipeline steps must be >= 4 (3 warm-up steps are left out), got {self.steps}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"pipeline timeout must be positive, got {self.timeout_s}")
+        self.data_dir = Path(self.data_dir)
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pipeline_env(base: dict | None = None) -> dict:
+    """The environment of the script: the first 4 GPUs of the ones this process may use."""
+    env = dict(os.environ if base is None else base)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [x for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(GPUS_NEEDED)]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:GPUS_NEEDED])
+    return env
+
+
+def pipeline_summaries(text: str) -> list[dict]:
+    """The JSON summaries that bench/pipeline_gpu.py prints on rank 0 (objects with "layout" and
+    "tokens_per_s_per_gpu"), in order of appearance."""
+    decoder, found, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        if isinstance(obj, dict) and "layout" in obj and "tokens_per_s_per_gpu" in obj:
+            found.append(obj)
+        i = end
+    return found
+
+
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    wall_s: float
+
+
+def run_script(cmd: list[str], env: dict, timeout_s: float) -> ScriptResult:
+    """Run cmd in its own process group; on timeout end that group (torchrun's workers included)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        stderr += f"\n[dsocr-bench] killed after {timeout_s:g} s"
+    return ScriptResult(proc.returncode, stdout, stderr, timed_out, time.perf_counter() - start)
+
+
+def last_error_line(text: str) -> str:
+    """The last line that looks like an error (for the FAILED row), else the last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.search(line)]
+    return (errors or lines or ["no output"])[-1][:200]
+
+
+class DataPrep:
+    """`pipeline_gpu.py make-data DIR` in the background (CPU only), started when the run begins."""
+
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.start, self.log = time.perf_counter(), log
+        self._log_file = open(log, "w")  # noqa: SIM115 (closed in wait)
+        self.proc = subprocess.Popen([sys.executable, str(DRIVER), "make-data", str(data_dir)],
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.result: str | None = None
+
+    def wait(self, timeout_s: float = 600.0) -> str:
+        """Block until the data is written; returns a one-line status (the script retries on failure)."""
+        if self.result is None:
+            try:
+                code = self.proc.wait(timeout=timeout_s)
+                self.result = f"make-data exited {code} after {time.perf_counter() - self.start:.0f} s"
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                self.result = f"make-data killed after {timeout_s:g} s"
+            self._log_file.close()
+        return self.result
+
+
+def _log_tail(path: Path) -> str:
+    if not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def pipeline_rows(
+    settings: PipelineSettings, out_dir: Path, best_single: float | None, prep: DataPrep | None, quick: bool
+) -> tuple[list[Row], dict]:
+    """The rows of section (e) and the details for the JSON (summaries, exit code, wall time)."""
+    gpus = visible_gpus()
+    name = "PP=4, PP=2 x DP=2"
+    if quick or gpus < GPUS_NEEDED:
+        why = "quick mode" if quick else f"{gpus} GPU(s) visible, needs {GPUS_NEEDED}"
+        return [skipped_row(SECTION, name, UNIT, why, TARGET)], {}
+    if not SCRIPT.exists():
+        return [skipped_row(SECTION, name, UNIT, f"{SCRIPT} not present", TARGET)], {}
+    details: dict = {"data": prep.wait() if prep is not None else "made by the script"}
+    # the script tees each layout's log here, and the trainer appends to <layout>/metrics.jsonl
+    for stale in [*settings.data_dir.glob("pp*.log"), *settings.data_dir.glob("pp*_dp*/metrics.jsonl")]:
+        stale.unlink()
+    cmd = ["bash", str(SCRIPT), str(settings.data_dir), str(settings.steps), *settings.extra_args]
+    res = run_script(cmd, pipeline_env(), settings.timeout_s)
+    logs = {p.name: _log_tail(p) for p in sorted(settings.data_dir.glob("pp*.log"))}
+    text = f"$ {' '.join(cmd)}\nexit {res.returncode}, {res.wall_s:.0f} s\n{res.stdout}\n--- stderr ---\n{res.stderr}"
+    for log_name, tail in logs.items():
+        text += f"\n--- last {LOG_TAIL_LINES} lines of {log_name} ---\n{tail}"
+    (out_dir / "pipeline_gpu.log").write_text(text)
+    by_layout: dict[str, dict] = {}
+    for summary in pipeline_summaries(res.stdout) + [s for t in logs.values() for s in pipeline_summaries(t)]:
+        by_layout.setdefault(summary["layout"], summary)  # the grep'd stdout may lose a killed layout
+    details.update(returncode=res.returncode, timed_out=res.timed_out, wall_s=round(res.wall_s, 1),
+                   summaries=list(by_layout.values()))  # fmt: skip
+    rows = []
+    for layout, summary in by_layout.items():
+        peaks = summary.get("peak_gib_per_stage", {})
+        notes = (f"MFU {100 * summary.get('mfu', 0.0):.1f}%; bubble {summary.get('bubble_1f1b', 0.0):.2f}; "
+                 f"loss {summary.get('loss_first', 0.0):.3f} -> {summary.get('loss_last', 0.0):.3f}; "
+                 f"peak/stage {max(peaks.values(), default=0.0):.1f} GiB; {summary.get('steps', '?')} steps")  # fmt: skip
+        rows.append(Row(SECTION, layout, UNIT, float(summary["tokens_per_s_per_gpu"]), best_single,
+                        "1-GPU full step, this run" if best_single else "", TARGET, notes))  # fmt: skip
+    why = "timed out" if res.timed_out else f"exit {res.returncode}"
+    reason = f"no summary ({why}; {last_error_line(res.stdout + chr(10) + res.stderr + chr(10).join(logs.values()))}; pipeline_gpu.log)"
+    rows += [
+        Row(SECTION, m, UNIT, target=TARGET, status="failed", reason=reason)
+        for m in LAYOUTS
+        if m not in by_layout
+    ]
+    return rows, details
