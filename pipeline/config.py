@@ -62,6 +62,12 @@ class SynthConfig:
     mode: str = "debug-256"  # pipeline.processing.MODES key the lines are processed with
     workers: int = 0  # rendering processes (0 = in the job's process)
     seed: int = 1234
+    # More sets, mixed into training in proportion to their sizes and evaluated separately
+    # (num_val each): short paragraphs on square pages, and Persian (RTL) lines. 0 = none.
+    paragraphs: int = 0
+    paragraph_lines: int = 10  # at most this many lines per paragraph page (line height image_size / lines)
+    paragraph_chars: int = 30  # characters per paragraph line (the pitch: image_size / paragraph_chars)
+    persian: int = 0
 
 
 @dataclass
@@ -96,12 +102,19 @@ class OptimConfig:
 class ParallelConfig:
     pp: int = 1  # pipeline stages
     dp: int | None = None  # data-parallel degree; None = world_size // pp (pipeline.parallel.Topology)
-    partition: list[int] | None = None  # explicit stage boundaries in pipeline layers; None = paper split
+    partition: list[int] | None = (
+        None  # explicit stage boundaries in pipeline layers; None = partition_method
+    )
+    partition_method: str = "paper"  # "paper" | "balanced" | "parameters" (pipeline/parallel/partition.py)
     micro_batch: int = 1
     global_batch: int = 8
     zero_stage: int = 1
     dtype: str = "fp32"  # "fp32" | "bf16"
     activation_checkpoint_interval: int = 0
+    # stages whose layers recompute activations in backward; None = every stage when
+    # model.gradient_checkpointing, none otherwise
+    checkpoint_stages: list[int] | None = None
+    loss_chunk_tokens: int = 2048  # last stage: lm_head + loss over this many tokens at a time; 0 = whole row
 
 
 @dataclass

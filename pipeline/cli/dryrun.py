@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import RunConfig, register_configs, to_run_config
+from pipeline.parallel.engine import run_partition
 from pipeline.parallel.memory import (
     GIB,
     ClusterSpec,
@@ -42,8 +43,9 @@ from pipeline.parallel.memory import (
     Workload,
     stage_memory,
     step_flops,
+    workload_of,
 )
-from pipeline.parallel.partition import Partition, build_units, model_configs, partition
+from pipeline.parallel.partition import Partition, model_configs
 from pipeline.parallel.topology import Topology
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -177,8 +179,8 @@ def dry_run(run: RunConfig, cluster: ClusterSpec, vision_fraction: float = 1.0) 
     """Resolve topology, partition, memory and FLOPs; raises ValueError if the layout does not divide."""
     par = run.parallel
     topo = Topology(cluster.world_size, par.pp, par.micro_batch, par.global_batch, dp=par.dp)
-    units = build_units(run.model)
-    part = partition(units, par.pp, par.partition)
+    part = run_partition(run)
+    units = part.units
     enc, dec = model_configs(run.model)
     if run.data.seq_len > dec.max_position_embeddings:
         raise ValueError(
@@ -186,14 +188,7 @@ def dry_run(run: RunConfig, cluster: ClusterSpec, vision_fraction: float = 1.0) 
             f"{dec.max_position_embeddings}: lower data.seq_len or raise model.decoder_overrides"
             ".max_position_embeddings"
         )
-    work = Workload(
-        seq_len=run.data.seq_len,
-        micro_batch=par.micro_batch,
-        dtype=par.dtype,
-        zero_stage=par.zero_stage,
-        checkpointing=run.model.gradient_checkpointing or par.activation_checkpoint_interval > 0,
-        vision_fraction=vision_fraction,
-    )
+    work = workload_of(run, vision_fraction)
     memory = stage_memory(part, topo, enc, dec, work)
     frozen_sam = units[0].trainable == 0
     flops = step_flops(
@@ -210,11 +205,17 @@ def _m(x: int) -> str:
     return f"{x / 1e6:9.1f}M"
 
 
+def _checkpointing(w: Workload, pp: int) -> str:
+    on = [s for s in range(pp) if w.checkpointed(s)]
+    return "on" if len(on) == pp else "off" if not on else "stages " + ",".join(map(str, on))
+
+
 def format_report(d: DryRun) -> str:
     t, c, w = d.topology, d.cluster, d.workload
     lines = [
         f"run {d.run.name}: model {d.run.model.encoder}+{d.run.model.decoder}, {w.dtype}, ZeRO-{w.zero_stage}, "
-        f"seq_len {w.seq_len}, activation checkpointing {'on' if w.checkpointing else 'off'}",
+        f"seq_len {w.seq_len}, activation checkpointing {_checkpointing(w, d.partition.pp)}, "
+        f"loss {'over the whole row' if not w.loss_chunk_tokens else f'in chunks of {w.loss_chunk_tokens} tokens'}",
         f"cluster: {c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {c.world_size}, {c.gpu_mem_gb:g} GiB each",
         f"topology: PP {t.pp} x DP {t.dp}; micro-batch {t.micro_batch}, grad accumulation {t.grad_accum}, "
         f"global batch {t.global_batch} ({t.global_batch * w.seq_len:,} tokens); 1F1B bubble {t.bubble_fraction:.1%}",
@@ -234,9 +235,14 @@ def format_report(d: DryRun) -> str:
     )
     for m in d.memory:
         verdict = "fits" if m.total <= d.budget else "DOES NOT FIT"
+        step = (
+            [f"optimizer step temporary {m.step_transient / GIB:.2f} GiB"]
+            if m.step_transient > m.activations
+            else []
+        )
         lines.append(
             f"{m.stage:>5} {_gib(m.weights)} {_gib(m.gradients)} {_gib(m.optimizer)} {_gib(m.activations)} "
-            f"{_gib(m.total)}  {m.in_flight:>9}  {verdict}" + "".join(f"  ({n})" for n in m.notes)
+            f"{_gib(m.total)}  {m.in_flight:>9}  {verdict}" + "".join(f"  ({n})" for n in [*m.notes, *step])
         )
     f = d.flops
     peak = c.world_size * c.peak_tflops * 1e12

@@ -4,9 +4,13 @@
 rank builds only its own stage) and splits them at *our* boundaries: DeepSpeed has no
 explicit split-point argument, so `OCRPipelineModule` overrides `_partition_layers` with the
 `parts` computed by `partition()` (the paper split by default: [SAM+compressor |
-CLIP+projector+embed+merge | decoder 0-5 | decoder 6-11 + head] for PP=4).
+CLIP+projector+embed+merge | decoder 0-5 | decoder 6-11 + head] for PP=4;
+parallel.partition_method=balanced equalises the per-stage training FLOPs instead).
 `get_additional_losses()` reports the next-token and MoE balance losses, which the engine
 averages over micro-batches and data-parallel ranks.
+
+Gradient checkpointing is set per stage (`stage_checkpointed`); the last stage computes the loss
+in token chunks (`parallel.loss_chunk_tokens`, pipeline/loss.py).
 
 `build_engine` wraps `deepspeed.initialize` and applies two documented adjustments to the
 engine instance (DeepSpeed 0.19, ../shared/spec/engine_notes.md):
@@ -31,7 +35,8 @@ from decoder import DecoderConfig, RotaryEmbedding, decoder_config
 from deepencoder import EncoderConfig, encoder_config
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
-from pipeline.parallel.partition import Partition, Unit, build_units, partition
+from pipeline.parallel.memory import BALANCE_VISION_FRACTION, unit_costs, workload_of
+from pipeline.parallel.partition import Partition, Unit, build_units, model_configs, partition
 from pipeline.parallel.stages import (
     VIEW_SIZES,
     ClipEmbedUnit,
@@ -66,8 +71,22 @@ def stage_model_configs(
 
 
 def run_partition(run: RunConfig) -> Partition:
-    """The stage split of this run (ValueError for more stages than units or bad boundaries)."""
-    return partition(build_units(run.model), run.parallel.pp, run.parallel.partition)
+    """The stage split of this run: parallel.partition boundaries, else parallel.partition_method
+    ("balanced" weighs units by `unit_costs` at BALANCE_VISION_FRACTION). ValueError for more
+    stages than units, bad boundaries, an unknown method or checkpoint stage."""
+    p = run.parallel
+    units = build_units(run.model)
+    costs = None
+    if p.partition is None and p.partition_method == "balanced":
+        enc, dec = model_configs(run.model)
+        costs = unit_costs(units, enc, dec, workload_of(run, BALANCE_VISION_FRACTION))
+    split = partition(units, p.pp, p.partition, p.partition_method, costs)
+    bad = [s for s in p.checkpoint_stages or () if not 0 <= s < p.pp]
+    if bad:
+        raise ValueError(
+            f"parallel.checkpoint_stages={p.checkpoint_stages}: stages {bad} outside [0, {p.pp})"
+        )
+    return split
 
 
 def unit_layer_specs(
@@ -77,6 +96,7 @@ def unit_layer_specs(
     *,
     seed: int = 0,
     view_sizes: Sequence[int] = VIEW_SIZES,
+    loss_chunk_tokens: int = 0,
 ):
     """One `LayerSpec` per unit (built lazily, on its own stage only)."""
     from deepspeed.pipe import LayerSpec
@@ -97,7 +117,7 @@ def unit_layer_specs(
                 DecoderLayerUnit, enc, dec, image_id, layer_idx=unit.layer_idx, cache=cache, **common
             )
         elif unit.kind == "head":
-            spec = LayerSpec(HeadUnit, enc, dec, image_id, **common)
+            spec = LayerSpec(HeadUnit, enc, dec, image_id, loss_chunk_tokens=loss_chunk_tokens, **common)
         else:
             raise AssertionError(f"unknown unit kind {unit.kind}")
         specs.append(spec)
@@ -191,6 +211,13 @@ def _pipeline_module_class():
     return OCRPipelineModule
 
 
+def stage_checkpointed(run: RunConfig, stage: int) -> bool:
+    """Whether `stage` recomputes its blocks in backward: listed in parallel.checkpoint_stages,
+    or, when that is unset, model.gradient_checkpointing."""
+    stages = run.parallel.checkpoint_stages
+    return run.model.gradient_checkpointing if stages is None else stage in stages
+
+
 def build_pipeline_module(
     run: RunConfig,
     topology: Topology,
@@ -202,7 +229,14 @@ def build_pipeline_module(
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     split = run_partition(run)
-    specs = unit_layer_specs(split.units, configs, run.model, seed=run.train.seed, view_sizes=view_sizes)
+    specs = unit_layer_specs(
+        split.units,
+        configs,
+        run.model,
+        seed=run.train.seed,
+        view_sizes=view_sizes,
+        loss_chunk_tokens=run.parallel.loss_chunk_tokens,
+    )
     cls = _pipeline_module_class()
     module = cls(
         specs,
@@ -213,7 +247,7 @@ def build_pipeline_module(
         checkpointable_layers=["DecoderLayerUnit"],
         dynamic_shape=True,
     )
-    if run.model.gradient_checkpointing:
+    if stage_checkpointed(run, module.stage_id):
         for unit in module.units():
             for sub in unit.modules():
                 if sub is not unit and hasattr(sub, "set_gradient_checkpointing"):

@@ -20,14 +20,30 @@ Activations kept for backward per micro-batch, in elements per token (times b):
                               the shared SwiGLU, fp32 router logits + probabilities)
     CLIP block (per V)       8c + 3m  (quick_gelu keeps its input and sigmoid)
     SAM block (per 16V)      8e + 2m  (x window padding (ceil(g/w) w / g)^2, g = SAM grid)
-    lm_head + loss (per N)   vocab x (b + 8)   (dtype logits, fp32 logits, fp32 log-softmax)
-With activation checkpointing (model.gradient_checkpointing, or the pipeline engine's
-activation_checkpoint_interval) a block keeps only its input (h, c or e per token) and one
-block at a time is recomputed in backward. A frozen SAM runs under no_grad: it keeps nothing,
-its transient peak is (2e + 2m) per SAM token for one block.
+    lm_head + loss, whole row (loss_chunk_tokens 0; per logit, N x vocab of them):
+                             keeps 4 (fp32 log-probabilities); backward peak 4 more each for
+                             their gradient and the fp32 logits' gradient (12 in all)
+    lm_head + loss, chunked (pipeline.loss.chunked_next_token_loss, chunk C):
+                             keeps the gradients it formed in forward, h b per token + 4 per
+                             lm_head weight (fp32); transient (b + 8) x C x vocab (dtype
+                             logits, fp32 logits, fp32 log-probabilities; 8 when b = 4)
+With activation checkpointing (per stage: parallel.checkpoint_stages, else every stage when
+model.gradient_checkpointing, or the pipeline engine's activation_checkpoint_interval) a block
+keeps only its input (h, c or e per token) and one block at a time is recomputed in backward.
+A frozen SAM runs under no_grad: it keeps nothing, its transient peak is (2e + 2m) per SAM
+token for one block.
+Optimizer step: torch's foreach AdamW allocates one fp32 temporary (sqrt of v) over the
+stage's optimizer shard, 4 x T / (DP if ZeRO-1 else 1) bytes, while activations are freed: a
+stage peaks at weights + gradients + optimizer + max(activations, that temporary).
 Under 1F1B, stage s holds min(pp - s, micro-batches) micro-batches in flight (DeepSpeed
 `TrainSchedule.num_pipe_buffers`), plus an input and an output boundary buffer each. A fixed
 `reserve_gb` covers the CUDA context, NCCL buffers and allocator fragmentation.
+
+Per-unit training FLOPs of one micro-batch (`unit_train_flops`, what parallel.partition_method
+"balanced" equalises): forward x1 for the frozen SAM, x3 for trained units, plus one forward
+for every checkpointed (recomputed) block; decoder layer forward 2 x activated matmul
+parameters + 2 x seq_len x h (causal attention) per token; head 2 x h x vocab per token (the
+fused chunked loss recomputes nothing).
 
 FLOPs are model FLOPs (no recomputation), forward x1 for the frozen no_grad SAM and x3
 (forward + backward) for everything trained: decoder `DecoderConfig.matmul_flops_per_token`,
@@ -40,15 +56,21 @@ taken at SAM's pretraining resolution (`SamConfig.img_size`: 1024 px, Base mode,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from decoder import DecoderConfig
 from deepencoder import EncoderConfig
+from pipeline.config import RunConfig
 from pipeline.parallel.partition import Partition, Stage, Unit
 from pipeline.parallel.topology import Topology
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+# Share of image-placeholder tokens the "balanced" partition is computed for: 8192-token rows
+# of pages with 2-3k characters each (Base 273 / Gundam ~900 vision tokens) plus text-only rows
+# (the stage-2 benchmark's mix, bench/pipeline_gpu.py) have 10-20%.
+BALANCE_VISION_FRACTION = 0.15
 
 
 @dataclass
@@ -87,6 +109,14 @@ class Workload:
     zero_stage: int = 1
     checkpointing: bool = True
     vision_fraction: float = 1.0  # share of the N tokens that are image placeholders (1.0 = worst case)
+    checkpoint_stages: tuple[int, ...] | None = None  # stages that checkpoint; None = all if checkpointing
+    loss_chunk_tokens: int = 0  # 0: the head materialises the whole row's logits
+
+    def checkpointed(self, stage: int) -> bool:
+        """Whether `stage` recomputes its blocks in backward."""
+        if self.checkpoint_stages is None:
+            return self.checkpointing
+        return stage in self.checkpoint_stages
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -99,6 +129,10 @@ class Workload:
             raise ValueError(f"vision_fraction must lie in [0, 1], got {self.vision_fraction}")
         if self.seq_len < 1 or self.micro_batch < 1:
             raise ValueError("seq_len and micro_batch must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"parallel.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        if self.checkpoint_stages is not None:
+            self.checkpoint_stages = tuple(int(s) for s in self.checkpoint_stages)
 
     @property
     def bytes(self) -> int:
@@ -123,10 +157,11 @@ class StageMemory:
     activations: float
     in_flight: int
     notes: list[str] = field(default_factory=list)
+    step_transient: float = 0.0  # the optimizer step's temporary (activations are freed by then)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + max(self.activations, self.step_transient)
 
 
 # ---------------------------------------------------------------- activation elements per token
@@ -161,17 +196,28 @@ def sam_tokens_per_vision_token(enc: EncoderConfig) -> int:
 # ---------------------------------------------------------------- memory
 
 
-def _unit_activations(unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> tuple[float, float]:
+def head_activations(dec: DecoderConfig, w: Workload) -> tuple[float, float]:
+    """(kept bytes per micro-batch, transient peak bytes) of final norm + lm_head + loss."""
+    b, n, vocab, h = w.bytes, w.tokens, dec.vocab_size, dec.hidden_size
+    if w.loss_chunk_tokens == 0:
+        return 4 * n * vocab, 8 * n * vocab
+    chunk = min(w.loss_chunk_tokens, n)
+    return n * h * b + 4 * vocab * h, (b + 8 if b < 4 else 8) * chunk * vocab
+
+
+def _unit_activations(
+    unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
+) -> tuple[float, float]:
     """(kept bytes per micro-batch in flight, transient peak bytes of one recomputed block)."""
     b, n, v = w.bytes, w.tokens, w.vision_tokens
     if unit.kind == "decoder_layer":
         assert unit.layer_idx is not None
         full = decoder_layer_elements(dec, unit.layer_idx, b) * n * b
-        if w.checkpointing:
+        if checkpointing:
             return dec.hidden_size * n * b, full
         return full, 0.0
     if unit.kind == "head":
-        return dec.vocab_size * n * (b + 8), 0.0
+        return head_activations(dec, w)
     if unit.kind == "clip":
         c, m, layers = enc.clip.width, enc.clip.mlp_dim, enc.clip.layers
         block = (8 * c + 3 * m) * v * b
@@ -180,7 +226,7 @@ def _unit_activations(unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Wor
         ) * v * b + 2 * dec.hidden_size * n * b  # projector, merged embeds
         if unit.trainable == 0:
             return merge, block
-        if w.checkpointing:
+        if checkpointing:
             return c * v * b * layers + merge, block
         return block * layers + merge, 0.0
     # SAM + neck + compressor, on 16 SAM positions per vision token, window-padded
@@ -189,7 +235,7 @@ def _unit_activations(unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Wor
     if unit.trainable == 0:  # no_grad: nothing kept, one block's transient peak
         return 0.0, (2 * e + 2 * m) * sam_tokens * b
     block = (8 * e + 2 * m) * sam_tokens * b
-    if w.checkpointing:
+    if checkpointing:
         return e * sam_tokens * b * depth, block
     return block * depth, 0.0
 
@@ -230,13 +276,81 @@ def stage_memory(
         optim = ((4 if workload.dtype == "bf16" else 0) + 8) * t / shard
         in_flight = 1 if topology.pp == 1 else min(topology.pp - stage.index, topology.grad_accum)
         kept, transient = 0.0, 0.0
+        ckpt = workload.checkpointed(stage.index)
         for unit in stage.units:
-            k, tr = _unit_activations(unit, enc, dec, workload)
+            k, tr = _unit_activations(unit, enc, dec, workload, ckpt)
             kept, transient = kept + k, max(transient, tr)
         act = in_flight * (kept + _boundary_bytes(partition, stage, enc, dec, workload)) + transient
         notes = [] if t else ["no trainable parameter: the engine needs its (1,)-shaped stand-in"]
-        out.append(StageMemory(stage.index, stage.label(), b * p, grads, optim, act, in_flight, notes))
+        step = 4 * t / shard  # foreach AdamW's fp32 temporary over the optimizer shard
+        out.append(StageMemory(stage.index, stage.label(), b * p, grads, optim, act, in_flight, notes, step))
     return out
+
+
+def workload_of(run: RunConfig, vision_fraction: float = 1.0) -> Workload:
+    """The memory model's view of a run's micro-batch and settings."""
+    p = run.parallel
+    return Workload(
+        seq_len=run.data.seq_len,
+        micro_batch=p.micro_batch,
+        dtype=p.dtype,
+        zero_stage=p.zero_stage,
+        checkpointing=run.model.gradient_checkpointing or p.activation_checkpoint_interval > 0,
+        vision_fraction=vision_fraction,
+        checkpoint_stages=None if p.checkpoint_stages is None else tuple(p.checkpoint_stages),
+        loss_chunk_tokens=p.loss_chunk_tokens,
+    )
+
+
+# ---------------------------------------------------------------- per-unit compute (balancing)
+
+
+def decoder_layer_flops(dec: DecoderConfig, layer_idx: int, seq_len: int) -> float:
+    """Forward FLOPs per token of decoder layer `layer_idx`: 2 x activated matmul parameters
+    (q, k, v, o; dense SwiGLU, or top-k + shared experts and the router) + causal attention."""
+    h = dec.hidden_size
+    if dec.is_moe_layer(layer_idx):
+        m = dec.moe
+        assert m is not None
+        experts = m.num_experts_per_tok + m.n_shared_experts
+        mlp = experts * 3 * h * m.moe_intermediate_size + m.n_routed_experts * h
+    else:
+        mlp = 3 * h * dec.intermediate_size
+    return 2 * (4 * h * h + mlp) + 2 * seq_len * h
+
+
+def unit_train_flops(
+    unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
+) -> float:
+    """Training FLOPs of one micro-batch through `unit` (forward, backward, recomputation)."""
+    n, v = w.tokens, w.vision_tokens
+    recompute = 1 if checkpointing else 0
+    if unit.kind == "decoder_layer":
+        assert unit.layer_idx is not None
+        return (3 + recompute) * decoder_layer_flops(dec, unit.layer_idx, w.seq_len) * n
+    if unit.kind == "head":
+        return 3 * 2 * dec.hidden_size * dec.vocab_size * n
+    if unit.kind == "clip":
+        passes = 3 + recompute if unit.trainable else 1
+        return passes * clip_flops_per_vision_token(enc) * v
+    passes = 3 + recompute if unit.trainable else 1
+    return passes * sam_flops_per_vision_token(enc) * v
+
+
+def unit_costs(units: Sequence[Unit], enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> list[float]:
+    """`unit_train_flops` of every unit, checkpointed as `w.checkpointing` says (the stage of
+    a unit is not known before the split)."""
+    return [unit_train_flops(u, enc, dec, w, w.checkpointing) for u in units]
+
+
+def stage_train_flops(
+    partition: Partition, enc: EncoderConfig, dec: DecoderConfig, w: Workload
+) -> list[float]:
+    """Training FLOPs of one micro-batch per stage, with each stage's own checkpointing."""
+    return [
+        sum(unit_train_flops(u, enc, dec, w, w.checkpointed(s.index)) for u in s.units)
+        for s in partition.stages
+    ]
 
 
 # ---------------------------------------------------------------- FLOPs

@@ -122,7 +122,9 @@ def model_configs(model: ModelConfig) -> tuple[EncoderConfig, DecoderConfig]:
     """The encoder and decoder configs a `ModelConfig` names (presets + overrides), checked to fit;
     the encoder's n_embed follows the decoder width unless overridden (as `build_model`)."""
     dec_cfg = decoder_config(model.decoder, **dict(model.decoder_overrides))
-    enc_cfg = encoder_config(model.encoder, **{"n_embed": dec_cfg.hidden_size, **dict(model.encoder_overrides)})
+    enc_cfg = encoder_config(
+        model.encoder, **{"n_embed": dec_cfg.hidden_size, **dict(model.encoder_overrides)}
+    )
     if enc_cfg.n_embed != dec_cfg.hidden_size:
         raise ValueError(
             f"the encoder projects to n_embed={enc_cfg.n_embed} but decoder {model.decoder!r} has "

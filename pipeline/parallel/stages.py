@@ -23,6 +23,10 @@ reuses its receive buffers by index). Float tensors first, int64 after:
              and every layer):  labels, position_ids, doc_ids
     output  (HeadUnit):         loss () fp32 = next-token loss + aux
 
+The head computes the loss with `pipeline.loss.chunked_next_token_loss` (loss_chunk_tokens > 0:
+the row's (L, vocab) logits never exist at once) or `next_token_loss` on full logits (0), the
+same loss the single-process `DeepSeekOCR.forward` computes.
+
 Labels ride along in the tuple, so the last stage computes the loss from exactly the rows the
 first stage embedded (the engine's `loss_fn` is unused). DeepSpeed marks every received float
 tensor as requiring grad and sends its gradient back, and calls backward on every float output
@@ -41,7 +45,8 @@ from torch import nn
 from decoder import DecoderConfig, DecoderModel
 from deepencoder import DeepEncoder, EncoderConfig
 from pipeline.batch import PackedBatch
-from pipeline.model import DeepSeekOCR, next_token_loss, plan_images
+from pipeline.loss import chunked_next_token_loss, next_token_loss
+from pipeline.model import DeepSeekOCR, plan_images
 from pipeline.processing import MODES, VIEW_DOWNSAMPLE
 
 # Every view side any image mode produces (global views and Gundam tiles).
@@ -254,18 +259,34 @@ class HeadUnit(nn.Module):
     """Last unit: final norm + lm_head + next-token loss; returns loss = lm_loss + aux."""
 
     def __init__(
-        self, enc_cfg: EncoderConfig, dec_cfg: DecoderConfig, image_token_id: int, *, seed: int = 0
+        self,
+        enc_cfg: EncoderConfig,
+        dec_cfg: DecoderConfig,
+        image_token_id: int,
+        *,
+        loss_chunk_tokens: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"parallel.loss_chunk_tokens must be >= 0, got {loss_chunk_tokens}")
         self.model = build_stage_model(enc_cfg, dec_cfg, image_token_id, head=True, seed=seed)
+        self.loss_chunk_tokens = loss_chunk_tokens
+        assert self.model.decoder.lm_head.bias is None, "the chunked loss assumes an unbiased lm_head"
         self.last_lm_loss: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.seen_labels: list[torch.Tensor] = []  # per micro-batch, checked against the data stream
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         aux, hidden, labels, _, _ = inputs
-        logits = self.model.decoder.head(hidden)  # (B, L, V) fp32
-        lm_loss, _ = next_token_loss(logits, labels)
+        decoder = self.model.decoder
+        if self.loss_chunk_tokens:
+            normed = decoder.norm(hidden)  # (B, L, H); decoder.head = lm_head(norm(.)), unbiased
+            lm_loss, _ = chunked_next_token_loss(
+                normed, decoder.lm_head.weight, labels, self.loss_chunk_tokens
+            )
+        else:
+            lm_loss, _ = next_token_loss(decoder.head(hidden), labels)  # logits (B, L, V) fp32
         aux = aux.sum()
         self.last_lm_loss, self.last_aux_loss = lm_loss.detach(), aux.detach()
         self.seen_labels.append(labels.detach().to("cpu"))

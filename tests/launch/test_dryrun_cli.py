@@ -66,7 +66,8 @@ def test_preset_shape_is_the_default_cluster():
         (["experiment=paper_stage2", "parallel.pp=16", "parallel.dp=10"], r"exceeds the 15 pipeline units"),
         (["experiment=paper_stage2", "data.seq_len=16384"], r"max_position_embeddings=8192"),
         (
-            ["experiment=paper_stage2", "parallel.micro_batch=4", "parallel.global_batch=640"],
+            # 4 rows of whole-row logits (4 x 8192 x 129,280) on the last stage; chunked, it fits
+            ["experiment=paper_stage2", "parallel.micro_batch=4", "parallel.loss_chunk_tokens=0"],
             r"stage 3 .* needs",
         ),
         (["experiment=paper_stge2"], r"unknown experiment 'paper_stge2'"),
@@ -96,3 +97,24 @@ def test_parse_args_separates_dry_run_keys():
     with pytest.raises(ValueError, match="needs a number"):
         parse_args(["cluster.gpu_mem_gb=big"])
     assert ClusterSpec(**{"nodes": 2}).gpus_per_node == 8
+
+
+@pytest.mark.unit
+def test_chunked_loss_and_balanced_split_fit_four_a100s_without_sharding():
+    """The 4-GPU benchmark layout (PP 4 x DP 1, no ZeRO-1 sharding, 15% vision tokens): the whole-row
+    logits put the paper split's last stage over 40 GiB (measured 41.3 GiB on H200); chunking
+    the loss brings it under, and the balanced split spreads the states (largest stage ~21 GiB)."""
+    run = to_run_config(
+        compose_config(["experiment=paper_stage2", "parallel.dp=1", "parallel.global_batch=16"])
+    )
+    cluster = ClusterSpec(nodes=1, gpus_per_node=4, gpu_mem_gb=40)
+    run.parallel.loss_chunk_tokens = 0
+    whole = dry_run(run, cluster, 0.15)
+    assert [m.stage for m in whole.memory if m.total > whole.budget] == [3]
+    run.parallel.loss_chunk_tokens = 2048
+    chunked = dry_run(run, cluster, 0.15)
+    assert chunked.fits and chunked.memory[3].total < whole.memory[3].total - 5.5 * GIB
+    run.parallel.partition_method = "balanced"
+    balanced = dry_run(run, cluster, 0.15)
+    assert balanced.partition.method == "balanced" and balanced.fits
+    assert max(m.total for m in balanced.memory) < 0.85 * max(m.total for m in chunked.memory)

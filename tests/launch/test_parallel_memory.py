@@ -12,10 +12,12 @@ from pipeline.parallel.memory import (
     Workload,
     clip_flops_per_vision_token,
     decoder_layer_elements,
+    decoder_layer_flops,
     sam_flops_per_vision_token,
     sam_window_padding,
     stage_memory,
     step_flops,
+    unit_costs,
 )
 from pipeline.parallel.partition import build_units, partition
 from pipeline.parallel.topology import Topology
@@ -52,9 +54,22 @@ def test_last_paper_stage_by_hand(paper):
     assert last.gradients == (2 + 4) * t  # bf16 grads + fp32 accumulation buffer
     assert last.optimizer == 12 * t / 40  # fp32 master + Adam m, v sharded over DP 40
     assert last.in_flight == 1
+    logits = 129_280 * N
+    # whole-row loss: layer inputs + fp32 log-probabilities + input buffer kept; the backward
+    # peak adds their gradient and the fp32 logits' gradient (larger than one recomputed layer)
+    kept = 6 * 1280 * N * 2 + 4 * logits + 1280 * N * 2
+    assert last.activations == pytest.approx(kept + 8 * logits)
+    assert last.step_transient == 4 * t / 40  # foreach AdamW's sqrt(v) over the ZeRO-1 shard
+    # chunked loss: the gradients formed in forward (hidden bf16 + lm_head fp32) are kept; one
+    # chunk's bf16 logits + fp32 logits + fp32 log-probabilities is the transient
+    chunked = Workload(N, 1, "bf16", 1, True, loss_chunk_tokens=2048)
+    last = stage_memory(part, topo, enc, dec, chunked)[3]
+    kept = 6 * 1280 * N * 2 + (1280 * N * 2 + 4 * 129_280 * 1280) + 1280 * N * 2
+    assert last.activations == pytest.approx(kept + (2 + 8) * 2048 * 129_280)
     moe = 8 * 1280 + 2 * 1280 + 2 * 6 * 1280 + 4 * 6 * 896 + 8 * 896 + 256
-    kept = 6 * 1280 * N * 2 + 129_280 * N * (2 + 8) + 1280 * N * 2  # layer inputs + logits + input buffer
-    assert last.activations == pytest.approx(kept + moe * N * 2)
+    assert moe * N * 2 < (2 + 8) * 2048 * 129_280  # the chunk still outweighs one recomputed layer
+    tiny = stage_memory(part, topo, enc, dec, Workload(N, 1, "bf16", 1, True, loss_chunk_tokens=256))[3]
+    assert tiny.activations == pytest.approx(kept + moe * N * 2)
     # engine_notes.md: ~25 GB at 16 B/param unsharded, ~6.7 GB with ZeRO-1 over DP 40 (bf16 grads)
     assert t * 16 / 1e9 == pytest.approx(25.1, abs=0.1)
     assert (last.weights + 2 * t + 12 * t / 40) / 1e9 == pytest.approx(6.74, abs=0.05)
@@ -151,3 +166,58 @@ def test_step_flops_counts_backward_only_for_trained_parts():
     assert frozen.clip == pytest.approx(3 * clip_flops_per_vision_token(enc) * tokens / 2)
     text = step_flops(enc, dec, tokens, N, 0.0, sam_frozen=True)
     assert (text.sam, text.clip, text.total) == (0, 0, frozen.decoder)
+
+
+# Peaks measured on 4 x H200 with bench/pipeline_gpu.sh (README "Stage-2 pipeline on 4 GPUs":
+# PP 4 x DP 1, global batch 16, paper split, checkpointing, loss over the whole row), GiB.
+MEASURED_PAPER_PP4_DP1 = (0.9, 11.5, 27.0, 41.3)
+
+
+@pytest.mark.unit
+def test_estimate_tracks_the_measured_pipeline_peaks(paper):
+    """The estimate of the benchmark's layout (pages + text rows: ~15% vision tokens) lies within
+    1 GiB of each measured stage peak; the 23 GiB of the paper layout is DP 40's ZeRO-1 sharding."""
+    part, enc, dec = paper
+    work = Workload(N, 1, "bf16", 1, True, vision_fraction=0.15, loss_chunk_tokens=0)
+    est = [m.total / 2**30 for m in stage_memory(part, Topology(4, 4, 1, 16), enc, dec, work)]
+    for got, measured in zip(est, MEASURED_PAPER_PP4_DP1):
+        assert abs(got - measured) < 1.0, (est, MEASURED_PAPER_PP4_DP1)
+    chunked = Workload(N, 1, "bf16", 1, True, vision_fraction=0.15, loss_chunk_tokens=2048)
+    last = stage_memory(part, Topology(4, 4, 1, 16), enc, dec, chunked)[3].total / 2**30
+    assert last < est[3] - 5.5  # the logits of the whole row are gone
+
+
+@pytest.mark.unit
+def test_checkpointing_per_stage(paper):
+    part, enc, dec = paper
+    topo = Topology(160, 4, 1, 640)
+    on = stage_memory(part, topo, enc, dec, Workload(N, 1, "bf16", 1, True))
+    off = stage_memory(part, topo, enc, dec, Workload(N, 1, "bf16", 1, False))
+    only2 = stage_memory(part, topo, enc, dec, Workload(N, 1, "bf16", 1, False, checkpoint_stages=(2,)))
+    assert [m.activations for m in only2] == [
+        off[0].activations,
+        off[1].activations,
+        on[2].activations,
+        off[3].activations,
+    ]
+    assert Workload(N, 1, checkpointing=True, checkpoint_stages=()).checkpointed(0) is False
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        Workload(N, 1, loss_chunk_tokens=-1)
+
+
+@pytest.mark.unit
+def test_unit_flops_add_up_to_the_decoder_total():
+    """Per-layer forward FLOPs x 3 + the head = the decoder config's own training FLOPs per token
+    (which also counts the negligible norm weights)."""
+    dec = decoder_config("full")
+    per_token = sum(3 * decoder_layer_flops(dec, i, N) for i in range(12)) + 6 * 1280 * 129_280
+    assert per_token == pytest.approx(dec.matmul_flops_per_token(N), rel=1e-4)
+    units = build_units(ModelConfig(encoder="full", decoder="full", freeze_sam=True))
+    enc = encoder_config("full")
+    work = Workload(N, 1, "bf16", 1, checkpointing=False, vision_fraction=0.5)
+    costs = unit_costs(units, enc, dec, work)
+    step = step_flops(enc, dec, N, N, 0.5, sam_frozen=True)
+    assert sum(costs) == pytest.approx(step.total, rel=1e-4)  # same model, one micro-batch
+    ckpt = unit_costs(units, enc, dec, Workload(N, 1, "bf16", 1, checkpointing=True, vision_fraction=0.5))
+    assert ckpt[0] == costs[0] and ckpt[-1] == costs[-1]  # frozen SAM, head: nothing recomputed
+    assert ckpt[5] == pytest.approx(costs[5] * 4 / 3)  # a recomputed decoder layer: one more forward
