@@ -62,7 +62,9 @@ def reference_step(init, tok, shards, *, dp: int, accum: int):
     return sum(losses) / len(losses), model.state_dict()
 
 
-def pipeline_step(work, init, shards, *, pp: int, dp: int, accum: int, name: str):
+def pipeline_step(
+    work, init, shards, *, pp: int, dp: int, accum: int, name: str, parallel: dict | None = None
+):
     spec = {
         "run": {
             "model": {"init_from": str(init), "freeze_sam": True},
@@ -72,6 +74,7 @@ def pipeline_step(work, init, shards, *, pp: int, dp: int, accum: int, name: str
                 "global_batch": accum * dp,
                 "dtype": "fp32",
                 "zero_stage": 1,
+                **(parallel or {}),
             },
             "train": {"max_steps": 1, "out_dir": str(work / name), "log_every": 1, "deterministic": True},
             "optim": OPTIM,
@@ -97,15 +100,38 @@ def assert_same_model(consolidated, reference, initial):
     assert trainable and unchanged == ["encoder.vision_model.embeddings.patch_embedding.weight"]
 
 
-def test_pp4_one_step_matches_single_process_and_consolidates(setup):
+# PP=4 layouts of the debug model (units: sam, clip, decoder.0-2, head). "balanced" weighs units
+# by training FLOPs: [sam | clip + decoder.0 | decoder.1 | decoder.2 + head]; the explicit split
+# is the shape the balanced split takes for the full model (SAM + CLIP + decoder layers on PP0,
+# the head with few layers last). Both recompute some stages and chunk the loss (16 tokens).
+LAYOUTS = {
+    "paper": {},
+    "balanced": {"partition_method": "balanced", "loss_chunk_tokens": 16, "checkpoint_stages": [1, 3]},
+    "sam-clip-first": {"partition": [0, 3, 4, 5, 6], "loss_chunk_tokens": 16, "checkpoint_stages": [0, 2]},
+}
+LAYOUT_PARTS = {"paper": [0, 1, 2, 4, 6], "balanced": [0, 1, 3, 4, 6], "sam-clip-first": [0, 3, 4, 5, 6]}
+
+
+@pytest.mark.parametrize(
+    "layout", ["paper", "balanced", pytest.param("sam-clip-first", marks=pytest.mark.slow)]
+)
+def test_pp4_one_step_matches_single_process_and_consolidates(setup, layout):
+    from pipeline.config import ParallelConfig, RunConfig
+    from pipeline.parallel.engine import run_partition
+
+    run = RunConfig(parallel=ParallelConfig(pp=4, **LAYOUTS[layout]))
+    assert run_partition(run).parts == LAYOUT_PARTS[layout]
     work, tok, shards = setup
-    results, run_dir = pipeline_step(work, work / "ours", shards, pp=4, dp=1, accum=2, name="pp4")
+    name = f"pp4-{layout}"
+    results, run_dir = pipeline_step(
+        work, work / "ours", shards, pp=4, dp=1, accum=2, name=name, parallel=LAYOUTS[layout]
+    )
     ref_loss, ref_state = reference_step(work / "ours", tok, shards, dp=1, accum=2)
     assert [r["stage"] for r in results] == [0, 1, 2, 3]
     for r in results:
         assert r["losses"][0] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
 
-    out = work / "pp4-release"
+    out = work / f"{name}-release"
     assert convert_main(["consolidate", str(run_dir), str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_vl_v2"
     consolidated, _ = load_any(out)
