@@ -125,10 +125,10 @@ def last_error_line(text: str) -> str:
 class DataPrep:
     """`pipeline_gpu.py make-data DIR` in the background (CPU only), started when the run begins."""
 
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.start, self.log = time.perf_counter(), log
-        self._log_file = open(log, "w")  # noqa: SIM115 (closed in wait)
+        self.start, self.log = time.perf_counter(), data_dir / "make_data.log"
+        self._log_file = open(self.log, "w")  # noqa: SIM115 (closed in wait)
         self.proc = subprocess.Popen([sys.executable, str(DRIVER), "make-data", str(data_dir)],
                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.result: str | None = None
@@ -166,13 +166,14 @@ def pipeline_rows(
     if not SCRIPT.exists():
         return [skipped_row(SECTION, name, UNIT, f"{SCRIPT} not present", TARGET)], {}
     details: dict = {"data": prep.wait() if prep is not None else "made by the script"}
+    prep_log = f"--- {details['data']} ---\n{_log_tail(prep.log)}\n" if prep is not None else ""
     # the script tees each layout's log here, and the trainer appends to <layout>/metrics.jsonl
     for stale in [*settings.data_dir.glob("pp*.log"), *settings.data_dir.glob("pp*_dp*/metrics.jsonl")]:
         stale.unlink()
     cmd = ["bash", str(SCRIPT), str(settings.data_dir), str(settings.steps), *settings.extra_args]
     res = run_script(cmd, pipeline_env(), settings.timeout_s)
     logs = {p.name: _log_tail(p) for p in sorted(settings.data_dir.glob("pp*.log"))}
-    text = f"$ {' '.join(cmd)}\nexit {res.returncode}, {res.wall_s:.0f} s\n{res.stdout}\n--- stderr ---\n{res.stderr}"
+    text = f"{prep_log}$ {' '.join(cmd)}\nexit {res.returncode}, {res.wall_s:.0f} s\n{res.stdout}\n--- stderr ---\n{res.stderr}"
     for log_name, tail in logs.items():
         text += f"\n--- last {LOG_TAIL_LINES} lines of {log_name} ---\n{tail}"
     (out_dir / "pipeline_gpu.log").write_text(text)

@@ -61,6 +61,9 @@ FOOTNOTES = [
     "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
     "transform, tokenize, pack) on rendered 1024 px text pages; peer = PNG decode + transformers "
     "DeepseekOcr2ImageProcessor with the same view sizes (images only: no tokenizing or packing).",
+    "Profile (--profile): one step of 'LocalTrainer' and of the fastest sync-free variant under torch.profiler, "
+    "saved beside the JSON as trace_full_step_*.json.gz (Chrome trace, ui.perfetto.dev) and profile_summary.txt "
+    "(top kernels by GPU time, host syncs in the step, operator table).",
     "Pipeline: bench/pipeline_gpu.sh (DeepSpeed pipeline engine, bf16 + ZeRO-1, Base + Gundam pages and "
     "text rows, global batch 16) run as a subprocess on 4 GPUs; ratio = per-GPU tokens/s over the best "
     "1-GPU full step of this run (scaling efficiency per GPU).",
@@ -130,7 +133,7 @@ class Run:
         self.pipeline_prep: DataPrep | None = None
         if "pipeline" in s.only and not s.quick and visible_gpus() >= GPUS_NEEDED:
             # the pipeline rows' synthetic shards (CPU) are written while the single-GPU rows run
-            self.pipeline_prep = DataPrep(s.pipeline.data_dir, s.out / "pipeline_make_data.log")
+            self.pipeline_prep = DataPrep(s.pipeline.data_dir)
         self.peak_tflops, self.peak_note = matmul_peak_tflops(self.device, s.quick)
 
     def time_left(self) -> float:
@@ -312,6 +315,8 @@ def full_rows(run: Run) -> list[Row]:
             notes += f"; data wait {v['data_wait_ms_per_step']:.1f} ms/step"
         if v.get("peak_gib") is not None:
             notes += f"; peak {v['peak_gib']:.1f} GiB"
+        if "profile" in v:
+            notes += f"; profiled: {v['profile']['trace']}, {v['profile']['host_syncs']} syncs in the trace"
         rows.append(
             Row(section, name, "tokens/s", v["tokens_per_s"], peer_tps, peer_name, target, notes, extra=v)
         )

@@ -1,0 +1,148 @@
+"""The pipeline rows of dsocr-bench without GPUs: bench/pipeline_gpu.sh replaced by small bash scripts
+that print a summary, crash, hang or leave their summary only in the per-layout log; every outcome
+must become rows (FAILED with the reason where a layout has no summary), never an exception.
+Also: the GPUs the script gets, the summaries parser, and that `bench` ships in the wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from bench import pipeline_rows as pr
+from bench import suite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _summary(layout: str, tps: float) -> str:
+    return json.dumps({"layout": layout, "tokens_per_s_per_gpu": tps, "mfu": 0.3, "steps": 12,
+                       "peak_gib_per_stage": {"0": 20.0, "1": 31.5}}, indent=2)  # fmt: skip
+
+
+def _fake_script(monkeypatch, tmp_path: Path, body: str) -> pr.PipelineSettings:
+    script = tmp_path / "pipeline_gpu.sh"
+    script.write_text("#!/usr/bin/env bash\nroot=$1\nsteps=$2\n" + body)
+    monkeypatch.setattr(pr, "SCRIPT", script)
+    monkeypatch.setattr(pr, "visible_gpus", lambda: 4)
+    return pr.PipelineSettings(steps=5, timeout_s=20, data_dir=tmp_path / "data")
+
+
+@pytest.mark.unit
+def test_a_crash_after_the_first_layout_gives_one_row_and_one_failed_row(tmp_path, monkeypatch):
+    body = f"cat <<'EOF'\n{_summary('pp4_dp1', 26000.0)}\nEOF\necho 'RuntimeError: NCCL error: boom' >&2\nexit 3\n"
+    settings = _fake_script(monkeypatch, tmp_path, body)
+    (tmp_path / "out").mkdir()
+    rows, details = pr.pipeline_rows(settings, tmp_path / "out", 30000.0, None, quick=False)
+    assert [(r.name, r.status) for r in rows] == [("pp4_dp1", "ok"), ("pp2_dp2", "failed")]
+    assert rows[0].ours == 26000.0 and rows[0].peer == 30000.0 and rows[0].target_met is True
+    assert "peak/stage 31.5 GiB" in rows[0].notes
+    assert "exit 3" in rows[1].reason and "RuntimeError: NCCL error: boom" in rows[1].reason
+    assert details["returncode"] == 3 and not details["timed_out"]
+    log = (tmp_path / "out" / "pipeline_gpu.log").read_text()
+    assert "NCCL error: boom" in log and "data" in log and "5" in log.splitlines()[0]  # the command line
+
+
+@pytest.mark.unit
+def test_a_hanging_script_is_ended_and_reported_and_summaries_come_from_the_layout_logs(
+    tmp_path, monkeypatch
+):
+    # the layout's summary reached only its tee'd log (the grep'd stdout was lost), then it hangs
+    body = f"cat > \"$root/pp4.log\" <<'EOF'\n[rank1] noise\n{_summary('pp4_dp1', 12.5)}\nEOF\nsleep 60 & sleep 60\n"
+    settings = _fake_script(monkeypatch, tmp_path, body)
+    settings.timeout_s = 1
+    settings.data_dir.mkdir()
+    (settings.data_dir / "pp2.log").write_text(_summary("pp2_dp2", 99.0))  # a previous run's: stale
+    start = time.perf_counter()
+    rows, details = pr.pipeline_rows(settings, tmp_path, None, None, quick=False)
+    assert time.perf_counter() - start < 15 and details["timed_out"]
+    assert [(r.name, r.status, r.ours) for r in rows] == [
+        ("pp4_dp1", "ok", 12.5),
+        ("pp2_dp2", "failed", None),
+    ]
+    assert "timed out" in rows[1].reason and rows[0].peer is None
+
+
+@pytest.mark.unit
+def test_no_pipeline_rows_without_four_gpus_or_script(tmp_path, monkeypatch):
+    monkeypatch.setattr(pr, "visible_gpus", lambda: 1)
+    rows, _ = pr.pipeline_rows(pr.PipelineSettings(), tmp_path, None, None, quick=False)
+    assert rows[0].status == "skipped" and "1 GPU(s) visible, needs 4" in rows[0].reason
+    monkeypatch.setattr(pr, "visible_gpus", lambda: 8)
+    monkeypatch.setattr(pr, "SCRIPT", tmp_path / "missing.sh")
+    rows, _ = pr.pipeline_rows(pr.PipelineSettings(), tmp_path, None, None, quick=False)
+    assert rows[0].status == "skipped" and "missing.sh not present" in rows[0].reason
+
+
+@pytest.mark.unit
+def test_the_suite_reports_a_broken_pipeline_as_failed_rows(tmp_path, monkeypatch):
+    settings = _fake_script(monkeypatch, tmp_path, "exit 1\n")
+    monkeypatch.setattr(suite, "visible_gpus", lambda: 0)  # no background make-data here
+    s = suite.BenchSettings(
+        device="cpu", quick=True, only=("pipeline",), out=tmp_path / "out", pipeline=settings
+    )
+    monkeypatch.setattr(s, "quick", False)  # the CPU run takes the GPU run's pipeline path
+    result = suite.run_suite(s)
+    assert [(r["section"], r["name"], r["status"]) for r in result["rows"]] == [
+        (pr.SECTION, "pp4_dp1", "failed"),
+        (pr.SECTION, "pp2_dp2", "failed"),
+    ]
+    assert set(result["section_wall_s"]) == {"pipeline"}
+
+
+@pytest.mark.unit
+def test_the_script_gets_the_first_four_of_the_visible_gpus():
+    assert pr.pipeline_env({})["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert pr.pipeline_env({"CUDA_VISIBLE_DEVICES": "4,5,6,7,0"})["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    with pytest.raises(ValueError, match="steps"):
+        pr.PipelineSettings(steps=2)
+
+
+@pytest.mark.unit
+def test_pipeline_summaries_are_read_from_the_script_output():
+    summary = {"layout": "pp4_dp1", "tokens_per_s_per_gpu": 26000.5, "peak_gib_per_stage": {"0": 20.0}}
+    stdout = "[rank0] {not json}\nstep 3 {'a': 1}\n" + json.dumps(summary, indent=2) + "\n[rank1] done {}\n"
+    stdout += json.dumps({**summary, "layout": "pp2_dp2", "tokens_per_s_per_gpu": 1}) + "\n"
+    assert pr.pipeline_summaries(stdout) == [
+        summary,
+        {**summary, "layout": "pp2_dp2", "tokens_per_s_per_gpu": 1},
+    ]
+    assert pr.pipeline_summaries('{"layout": "x"}') == []  # no throughput figure
+
+
+@pytest.mark.unit
+def test_script_timeout_ends_the_whole_process_group():
+    start = time.perf_counter()
+    res = pr.run_script(["bash", "-c", "echo started; sleep 30 & sleep 30"], dict(os.environ), timeout_s=1)
+    assert time.perf_counter() - start < 10  # the background sleep (a grandchild) was ended too
+    assert res.stdout.strip() == "started" and "killed after 1 s" in res.stderr and res.timed_out
+
+
+@pytest.mark.unit
+def test_the_bench_package_and_its_script_are_in_the_distribution():
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = find_packages(str(ROOT), include=config["packages"]["find"]["include"])
+    assert "bench" in packages and "pipeline.cli" in packages
+    data = config["package-data"]["bench"]
+    assert any((ROOT / "bench").glob(pattern) for pattern in data) and pr.SCRIPT.name == "pipeline_gpu.sh"
+    assert {p.name for pattern in data for p in (ROOT / "bench").glob(pattern)} >= {"pipeline_gpu.sh"}
+
+
+@pytest.mark.unit
+def test_data_prep_runs_make_data_in_the_background(tmp_path, monkeypatch):
+    driver = tmp_path / "driver.py"
+    driver.write_text("import sys, pathlib, time\ntime.sleep(0.5)\n"
+                      "pathlib.Path(sys.argv[2], 'args').write_text(' '.join(sys.argv[1:]))\nprint('made')\n")  # fmt: skip
+    monkeypatch.setattr(pr, "DRIVER", driver)
+    start = time.perf_counter()
+    prep = pr.DataPrep(tmp_path / "data")
+    assert time.perf_counter() - start < 0.4  # returned before the driver finished
+    assert prep.wait().startswith("make-data exited 0 after")
+    assert (tmp_path / "data" / "args").read_text() == f"make-data {tmp_path / 'data'}"
+    assert prep.log.read_text().strip() == "made" and prep.wait() == prep.result  # idempotent
