@@ -43,7 +43,7 @@ def run_config(tmp_path, **parallel) -> RunConfig:
         ({"dtype": "fp16"}, 4, "parallel.dtype must be one of"),
         ({"zero_stage": 2}, 4, "set parallel.zero_stage=1"),
         ({"dtype": "bf16", "zero_stage": 0}, 4, "DeepSpeed provides with ZeRO-1 only"),
-        ({"pp": 1}, 1, "parallel.pp=1 runs without the pipeline engine"),
+        ({"pp": 1}, 1, "parallel.pp=1 runs without the pipeline engine: use the data-parallel trainer"),
     ],
 )
 def test_bad_layout_is_refused_before_building(tmp_path, tok, parallel, world, message):
@@ -119,9 +119,16 @@ def test_micro_batch_inputs_fixed_slots(tok):
     assert inputs[4].tolist() == [0, 1, 4, 2, 3, 4, 5] and inputs[5].tolist() == [7]  # gather index, counts
 
 
-@pytest.mark.parametrize("field", ["encoder_init", "sam_init", "clip_init", "freeze"])
-def test_stage1_options_are_refused_not_ignored(tmp_path, tok, field):
+def test_stage1_freeze_is_refused_not_ignored(tmp_path, tok):
     run = run_config(tmp_path)
-    setattr(run.model, field, ["clip"] if field == "freeze" else str(tmp_path))
-    with pytest.raises(ValueError, match=f"model.{field}: the pipeline engine does not apply"):
+    run.model.freeze = ["clip"]
+    with pytest.raises(ValueError, match=r"model.freeze=\['clip'\]: the pipeline engine freezes only SAM"):
+        prepare(run, tok, world_size=4)
+
+
+@pytest.mark.parametrize("field", ["encoder_init", "sam_init", "clip_init"])
+def test_stage1_init_sources_are_checked_before_building(tmp_path, tok, field):
+    run = run_config(tmp_path)
+    setattr(run.model, field, str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match=f"model.{field}=.*absent: no such file or directory"):
         prepare(run, tok, world_size=4)
