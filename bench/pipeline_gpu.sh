@@ -1,25 +1,60 @@
 #!/usr/bin/env bash
-# Stage-2 pipeline benchmark on one 4-GPU machine: PP=4 x DP=1, then PP=2 x DP=2, 20 steps each,
-# full preset, sequence 8192, Base + Gundam pages mixed with text-only rows (bench/pipeline_gpu.py).
+# Stage-2 pipeline benchmark on one 4-GPU machine: one torchrun per configuration, full preset,
+# sequence 8192, Base + Gundam pages mixed with text-only rows (bench/pipeline_gpu.py).
 #
 # usage (GPU machine, repository root; wheels from ../shared/device/prepare_wheels.sh in .whl/):
-#   bash bench/pipeline_gpu.sh [DATA_DIR] [STEPS]
-# Prints one JSON summary per layout: tokens/s per GPU, peak memory per stage, 1F1B bubble, losses.
+#   bash bench/pipeline_gpu.sh [DATA_DIR] [STEPS] [CONFIG ...]
+# CONFIG = PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK]
+#   PARTITION     paper | balanced | parameters        (parallel.partition_method)
+#   CHECKPOINTING on | off | comma-separated stages    (model.gradient_checkpointing /
+#                                                      parallel.checkpoint_stages, e.g. 1,2)
+#   LOSS_CHUNK    loss tokens per chunk, 0 = whole-row logits (default 2048)
+# default: 4:paper:on:16 2:paper:on:16 (PP=4 x DP=1 and PP=2 x DP=2, the paper's split).
+# Example, paper vs balanced and checkpointing on vs off in one call:
+#   bash bench/pipeline_gpu.sh /tmp/ppb 20 4:paper:on:16 4:balanced:on:16 4:balanced:off:16 4:balanced:off:32
+# Each configuration prints one JSON summary (tokens/s per GPU, step time, loss first -> last,
+# peak and estimated memory per stage, 1F1B bubble); all of them are appended to
+# $SUMMARY (default DATA_DIR/summary.jsonl) and rendered as one markdown table at the end. Logs:
+# DATA_DIR/pp<PP>_<partition>_ckpt<..>_gb<..>_chunk<..>.log; with $OUT set, logs and summary
+# (pipeline_summary.jsonl) are copied there too. CONFIG_TIMEOUT (seconds, default 0 = none) bounds
+# each configuration's torchrun so that one hang cannot eat the whole call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-/tmp/dsocr-pipeline-bench}
 steps=${2:-20}
+shift $(( $# < 2 ? $# : 2 ))
+configs=("$@")
+[ ${#configs[@]} -eq 0 ] && configs=(4:paper:on:16 2:paper:on:16)
 export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
 export NCCL_NVLS_ENABLE=0         # NVLink multicast stays off
 export OMP_NUM_THREADS=4
-if ls .whl/*.whl >/dev/null 2>&1; then
+if PYTHONPATH=/tmp/site:$PWD python3 -c "import deepspeed, torch" 2>/dev/null; then
+  export PYTHONPATH=/tmp/site:$PWD   # wheels installed already (or packages of the image)
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
+summary=${SUMMARY:-$root/summary.jsonl}
+mkdir -p "$root"
+rm -f "$summary"
 python3 bench/pipeline_gpu.py make-data "$root"
-for pp in 4 2; do
-  torchrun --standalone --nproc_per_node 4 bench/pipeline_gpu.py train "$root" --pp "$pp" --steps "$steps" \
-    2>&1 | tee "$root/pp${pp}.log" | grep -v "^\[" || true
+for config in "${configs[@]}"; do
+  IFS=: read -r pp partition ckpt gb chunk <<< "$config"
+  args=(--pp "$pp" --partition "$partition" --global-batch "$gb" --loss-chunk "${chunk:-2048}")
+  case "$ckpt" in
+    on) args+=(--checkpointing) ;;
+    off) args+=(--no-checkpointing) ;;
+    *) args+=(--no-checkpointing --checkpoint-stages "$ckpt") ;;
+  esac
+  tag=pp${pp}_${partition}_ckpt${ckpt//,/}_gb${gb}_chunk${chunk:-2048}
+  echo "=== $config: ${args[*]}"
+  limit=()
+  [ "${CONFIG_TIMEOUT:-0}" -gt 0 ] && limit=(timeout --kill-after 10 "$CONFIG_TIMEOUT")
+  "${limit[@]}" torchrun --standalone --nproc_per_node 4 bench/pipeline_gpu.py train "$root" --steps "$steps" \
+    --summary "$summary" "${args[@]}" 2>&1 | tee "$root/$tag.log" | grep -v "^\[" || echo "=== $config failed"
+  [ -n "${OUT:-}" ] && cp "$root/$tag.log" "$OUT/"
 done
+[ -n "${OUT:-}" ] && [ -s "$summary" ] && cp "$summary" "$OUT/pipeline_summary.jsonl"
+if [ -s "$summary" ]; then python3 bench/pipeline_gpu.py table "$summary"; fi
