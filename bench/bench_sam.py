@@ -101,6 +101,7 @@ def measure_sam(
     warmup: int,
     iters: int,
     compile_ours: bool,
+    compile_backend: str = "inductor",
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict[int, dict]:
     """Per view size: images/s of ours (eager, optionally compiled) and the peer, output agreement."""
@@ -121,7 +122,7 @@ def measure_sam(
     _free(device)
     if compile_ours:
         for block in ours.blocks:
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, backend=compile_backend)
         for side in sizes:
             x = torch.randn(batch, cfg.in_chans, side, side, device=device, dtype=dtype)
             results[side]["ours_compiled"] = _timed(ours, x, device, warmup + 1, iters)

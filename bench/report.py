@@ -156,7 +156,7 @@ def render_markdown(result: dict) -> str:
         "## Performance",
         "",
         f"Measured {result['date']} with `{result['command']}` (git {machine.get('git', '?')}), "
-        f"{'quick CPU mode (debug presets: a smoke test, not a performance claim)' if result['quick'] else 'full presets'}.",
+        f"{'quick CPU mode (debug presets, compiled variants traced with aot_eager: a smoke test, not a performance claim)' if result['quick'] else 'full presets'}.",
         "",
         f"- machine: {machine.get('device_name', '?')} x{machine.get('device_count', 0)}, "
         f"{machine.get('cpu', '?')} ({machine.get('cpu_cores', '?')} cores)",

@@ -86,6 +86,7 @@ class BenchSettings:
     steps: int = field(init=False)
     warmup: int = field(init=False)
     compile: bool = field(init=False)
+    compile_backend: str = field(init=False)
     sam_sizes: tuple[int, ...] = field(init=False)
     sam_batch: int = field(init=False)
     full: FullStepSettings = field(init=False)
@@ -106,16 +107,18 @@ class BenchSettings:
         self.decoder_preset = "full" if gpu_full else "debug"
         self.seq_len = 8192 if gpu_full else 256
         self.steps, self.warmup = (10, 3) if gpu_full else (3, 1)
-        self.compile = gpu_full and self.device == "cuda"
+        # every compiled variant runs everywhere; off CUDA with aot_eager (graphs traced, forward and
+        # backward, no kernels generated), so the CPU smoke run takes the GPU run's code paths
+        self.compile = True
+        self.compile_backend = "inductor" if self.device == "cuda" else "aot_eager"
         self.sam_sizes, self.sam_batch = ((1024, 640), 16) if gpu_full else ((128, 64), 2)
         if gpu_full:
-            self.full = FullStepSettings(compile=self.compile)
+            self.full = FullStepSettings(compile=self.compile, compile_backend=self.compile_backend)
         else:
-            # the GPU run's code paths (peer, LocalTrainer, sync-free, sync-free + compile, profile);
-            # compile traces forward and backward with aot_eager (no kernel generation on CPU)
+            # the GPU run's variants: peer, LocalTrainer, sync-free, sync-free + compile, profile
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
                                          text_range=(20, 60), rows=2, steps=2, warmup=2, compile=True,
-                                         compile_backend="aot_eager")  # fmt: skip
+                                         compile_backend=self.compile_backend)  # fmt: skip
         self.data_modes = DATA_MODES if gpu_full else ("tiny", "base")
         self.data_samples, self.data_pages = (48, 16) if gpu_full else (6, 2)
 
@@ -190,7 +193,7 @@ def decoder_rows(run: Run) -> list[Row]:
     res = {"ours": timed(OursWrapped(ours.train()))}
     if s.compile:
         ours.load_state_dict(init)
-        ours.compile_layers()
+        ours.compile_layers(backend=s.compile_backend)
         res["ours_compiled"] = timed(OursWrapped(ours))
     ours = None
     free(device)
@@ -203,7 +206,7 @@ def decoder_rows(run: Run) -> list[Row]:
         body.load_state_dict({k: v for k, v in init.items() if k != "lm_head.weight"}, strict=True)
         peer.lm_head.weight.data.copy_(init["lm_head.weight"])
         for layer in body.layers:
-            layer.compile()
+            layer.compile(backend=s.compile_backend)
         res["peer_compiled"] = timed(peer)
     run.details["decoder"] = res
     section = f"decoder step ({s.decoder_preset}, 1x{s.seq_len}, bf16)"
@@ -251,7 +254,7 @@ def sam_rows(run: Run) -> list[Row]:
     cfg = encoder_config("full" if not s.quick else "debug").sam
     iters, warmup = (10, 3) if not s.quick else (2, 1)
     res = measure_sam(cfg, list(s.sam_sizes), s.sam_batch, run.device, warmup=warmup, iters=iters,
-                      compile_ours=s.compile and run.time_left() > 150)  # fmt: skip
+                      compile_ours=s.compile and run.time_left() > 150, compile_backend=s.compile_backend)  # fmt: skip
     run.details["sam"] = {str(k): v for k, v in res.items()}
     target = Target("ratio", 2.0, "vs transformers") if not s.quick else Target()
     rows = []
@@ -412,12 +415,37 @@ ROWS = {
 }
 
 
+def _result(run: Run, by_section: dict[str, list[Row]], machine: dict) -> dict:
+    rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(e)
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": run.s.command,
+        "quick": run.s.quick,
+        "machine": machine,
+        "peak_tflops": run.peak_tflops,
+        "peak_note": run.peak_note,
+        "wall_s": time.perf_counter() - run.start,
+        "section_wall_s": run.section_wall_s,
+        "rows": [r.to_dict() for r in rows],
+        "details": run.details,
+        "footnotes": FOOTNOTES,
+    }
+
+
 def run_suite(s: BenchSettings) -> dict:
-    """Run the selected sections; returns the result dict written to --out (JSON + PERFORMANCE.md)."""
+    """Run the selected sections; returns the result dict written to --out (JSON + PERFORMANCE.md),
+    which is also rewritten after every section (a run killed from outside keeps what it measured)."""
     s.out.mkdir(parents=True, exist_ok=True)
     run = Run(s)
-    print(f"dsocr-bench: {s.device}, quick={s.quick}, sections {','.join(s.only)}; "
-          f"measured bf16 matmul peak {run.peak_tflops:.1f} TFLOP/s", flush=True)  # fmt: skip
+    machine = machine_info(run.device)
+    where = (
+        f"{machine['device_name']} (single-GPU rows on the first visible GPU)"
+        if s.device == "cuda"
+        else "CPU"
+    )
+    print(f"dsocr-bench: {where}, quick={s.quick}, sections {','.join(s.only)}; "
+          f"measured bf16 matmul peak {run.peak_tflops:.1f} TFLOP/s"
+          + ("; pipeline data being written in the background" if run.pipeline_prep else ""), flush=True)  # fmt: skip
     by_section: dict[str, list[Row]] = {}
     for section in RUN_ORDER:
         if section in s.only:
@@ -430,22 +458,11 @@ def run_suite(s: BenchSettings) -> dict:
             run.section_wall_s[section] = round(time.perf_counter() - t0, 1)
             print(f"[dsocr-bench] {section}: {run.section_wall_s[section]:.0f} s "
                   f"(run {time.perf_counter() - run.start:.0f} s)", flush=True)  # fmt: skip
+            write_result(_result(run, by_section, machine), s.out)
     if run.pipeline_prep is not None:
         run.pipeline_prep.wait()
-    run.rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(e)
-    result = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": s.command,
-        "quick": s.quick,
-        "machine": machine_info(run.device),
-        "peak_tflops": run.peak_tflops,
-        "peak_note": run.peak_note,
-        "wall_s": time.perf_counter() - run.start,
-        "section_wall_s": run.section_wall_s,
-        "rows": [r.to_dict() for r in run.rows],
-        "details": run.details,
-        "footnotes": FOOTNOTES,
-    }
+    result = _result(run, by_section, machine)
+    run.rows = [Row.from_dict(r) for r in result["rows"]]
     json_path, md_path = write_result(result, s.out)
     print("\n" + render_text(run.rows))
     walls = ", ".join(f"{k} {v:.0f} s" for k, v in run.section_wall_s.items())

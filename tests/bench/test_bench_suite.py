@@ -48,7 +48,8 @@ def test_quick_sam_rows_json_and_fragment(tmp_path):
     )
     result = suite.run_suite(settings)
     rows = result["rows"]
-    assert [r["section"].split(" (")[1].split(" px")[0] for r in rows] == ["128", "64"]
+    assert [r["section"].split(" (")[1].split(" px")[0] for r in rows] == ["128", "128", "64", "64"]
+    assert [r["name"] for r in rows[:2]] == ["ours eager", "ours + compiled blocks"]  # aot_eager on CPU
     for r in rows:
         assert r["status"] == "ok" and r["unit"] == "images/s"
         assert r["ours"] > 0 and r["peer"] > 0
