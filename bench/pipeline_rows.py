@@ -1,11 +1,13 @@
 """Row (e) of `dsocr-bench`: pipeline scaling on 4 GPUs, bench/pipeline_gpu.sh run as a subprocess.
 
 bench/pipeline_gpu.sh (owned by the pipeline engineer) trains the full preset with DeepSpeed's
-pipeline engine as PP=4 x DP=1, then PP=2 x DP=2, and rank 0 prints one JSON summary per layout.
-This module runs it on the first 4 visible GPUs (the single-GPU rows ran on the first one
-before), in its own process group under a time limit, and turns its output into rows: a layout
-without a summary (crash, timeout, missing script) becomes a FAILED row with the reason read
-from the output, never an exception out of the suite.
+pipeline engine, one torchrun per configuration (PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK];
+default PP=4 x DP=1 and PP=2 x DP=2 on the paper's split), and rank 0 appends one JSON summary
+per configuration to $SUMMARY. This module runs it on the first 4 visible GPUs (the single-GPU
+rows ran on the first one before), in its own process group under a time limit (and
+CONFIG_TIMEOUT per configuration), and turns the summaries into one row per configuration: a
+configuration without a summary (crash, timeout, missing script) becomes a FAILED row with the
+reason read from the output, never an exception out of the suite.
 
 The script's first phase (`pipeline_gpu.py make-data`: synthetic 1240x1754 page shards, CPU
 only, about a minute) is started in the background by `DataPrep` when the run begins, so it
@@ -33,37 +35,63 @@ HERE = Path(__file__).resolve().parent
 SCRIPT, DRIVER = HERE / "pipeline_gpu.sh", HERE / "pipeline_gpu.py"
 SECTION = "pipeline scaling (4 GPUs, full, 1x8192 rows)"
 UNIT, GPUS_NEEDED = "tokens/s/GPU", 4
-LAYOUTS = ("pp4_dp1", "pp2_dp2")
+# bench/pipeline_gpu.sh's CONFIG: PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK]
+DEFAULT_CONFIGS = ("4:paper:on:16", "2:paper:on:16")  # PP=4 x DP=1 and PP=2 x DP=2, the paper's split
+CONFIG = re.compile(r"^(1|2|4):(paper|balanced|parameters):(on|off|[0-3](?:,[0-3])*):([1-9]\d*)(?::(\d+))?$")
+DEFAULT_LOSS_CHUNK = 2048
 TARGET = Target("value", 25000, "issue 7, per H200")
-ERROR_LINE = re.compile(r"(Error|error:|Traceback|Killed|out of memory|FAILED|killed after)")
+ERROR_LINE = re.compile(r"(Error|error:|Traceback|Killed|out of memory|FAILED|failed|killed after)")
 LOG_TAIL_LINES = 200
+SUMMARY_FILE = "dsocr_bench_summary.jsonl"
 
 
 @dataclass
 class PipelineSettings:
-    """steps per layout, the subprocess time limit (both layouts), where the synthetic shards live,
-    extra arguments appended to the script's command line."""
+    """steps per configuration, the subprocess time limit (all configurations), where the synthetic
+    shards live, and the script's configurations (CONFIG strings, run in order)."""
 
     steps: int = 12
     timeout_s: float = 300.0
     data_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "dsocr-pipeline-bench")
-    extra_args: tuple[str, ...] = ()
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
 
     def __post_init__(self) -> None:
         if self.steps < 4:
             raise ValueError(f"pipeline steps must be >= 4 (3 warm-up steps are left out), got {self.steps}")
         if not self.timeout_s > 0:
             raise ValueError(f"pipeline timeout must be positive, got {self.timeout_s}")
+        self.configs = tuple(self.configs) or DEFAULT_CONFIGS
+        bad = [c for c in self.configs if not CONFIG.match(c)]
+        if bad:
+            raise ValueError(
+                f"pipeline configs {bad} are not PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK] "
+                "(PP 1|2|4, PARTITION paper|balanced|parameters, CHECKPOINTING on|off|stages like 1,2)"
+            )
         self.data_dir = Path(self.data_dir)
+
+
+def config_name(config: str, gpus: int = GPUS_NEEDED) -> str:
+    """The name bench/pipeline_gpu.py gives a configuration's summary, e.g. 4:paper:on:16 ->
+    pp4_dp1_paper_ckpt_gb16_chunk2048 (tests/bench check it against pipeline_gpu.bench_run)."""
+    match = CONFIG.match(config)
+    if match is None:
+        raise ValueError(f"not a pipeline config: {config!r}")
+    pp, partition, ckpt, gb, chunk = match.groups()
+    ckpt = {"on": "ckpt", "off": "nockpt"}.get(ckpt, "ckpt" + ckpt.replace(",", ""))
+    return f"pp{pp}_dp{gpus // int(pp)}_{partition}_{ckpt}_gb{gb}_chunk{chunk or DEFAULT_LOSS_CHUNK}"
 
 
 def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def pipeline_env(base: dict | None = None) -> dict:
-    """The environment of the script: the first 4 GPUs of the ones this process may use."""
+def pipeline_env(base: dict | None = None, config_timeout_s: int = 0) -> dict:
+    """The environment of the script: the first 4 GPUs of the ones this process may use, a time
+    limit per configuration, and no $OUT (the script would copy its logs there: this module folds
+    them into one pipeline_gpu.log, the GPU machine returns only 8 files)."""
     env = dict(os.environ if base is None else base)
+    env.pop("OUT", None)
+    env["CONFIG_TIMEOUT"] = str(int(config_timeout_s))
     visible = env.get("CUDA_VISIBLE_DEVICES")
     ids = [x for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(GPUS_NEEDED)]
     env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:GPUS_NEEDED])
@@ -154,12 +182,20 @@ def _log_tail(path: Path) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
+def _notes(summary: dict) -> str:
+    peaks = summary.get("peak_gib_per_stage", {})
+    return (f"{summary.get('name', summary.get('layout', '?'))}: MFU {100 * summary.get('mfu', 0.0):.1f}%; "
+            f"step {summary.get('step_time_s', 0.0):.2f} s; bubble {summary.get('bubble_1f1b', 0.0):.2f}; "
+            f"loss {summary.get('loss_first', 0.0):.3f} -> {summary.get('loss_last', 0.0):.3f}; "
+            f"peak/stage {max(peaks.values(), default=0.0):.1f} GiB; {summary.get('steps', '?')} steps")  # fmt: skip
+
+
 def pipeline_rows(
     settings: PipelineSettings, out_dir: Path, best_single: float | None, prep: DataPrep | None, quick: bool
 ) -> tuple[list[Row], dict]:
-    """The rows of section (e) and the details for the JSON (summaries, exit code, wall time)."""
+    """The rows of section (e), one per configuration, and the details for the JSON."""
     gpus = visible_gpus()
-    name = "PP=4, PP=2 x DP=2"
+    name = ", ".join(settings.configs)
     if quick or gpus < GPUS_NEEDED:
         why = "quick mode" if quick else f"{gpus} GPU(s) visible, needs {GPUS_NEEDED}"
         return [skipped_row(SECTION, name, UNIT, why, TARGET)], {}
@@ -167,34 +203,41 @@ def pipeline_rows(
         return [skipped_row(SECTION, name, UNIT, f"{SCRIPT} not present", TARGET)], {}
     details: dict = {"data": prep.wait() if prep is not None else "made by the script"}
     prep_log = f"--- {details['data']} ---\n{_log_tail(prep.log)}\n" if prep is not None else ""
-    # the script tees each layout's log here, and the trainer appends to <layout>/metrics.jsonl
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # the script tees each configuration's log here, and the trainer appends to <name>/metrics.jsonl
     for stale in [*settings.data_dir.glob("pp*.log"), *settings.data_dir.glob("pp*_dp*/metrics.jsonl")]:
         stale.unlink()
-    cmd = ["bash", str(SCRIPT), str(settings.data_dir), str(settings.steps), *settings.extra_args]
-    res = run_script(cmd, pipeline_env(), settings.timeout_s)
+    summary_file = settings.data_dir / SUMMARY_FILE  # the script empties it first, rank 0 appends
+    # one configuration may take 20% more than an even share (the first pays DeepSpeed's op builds)
+    per_config = min(settings.timeout_s, max(60.0, 1.2 * settings.timeout_s / len(settings.configs)))
+    env = pipeline_env(config_timeout_s=int(per_config))
+    env["SUMMARY"] = str(summary_file)
+    cmd = ["bash", str(SCRIPT), str(settings.data_dir), str(settings.steps), *settings.configs]
+    res = run_script(cmd, env, settings.timeout_s)
     logs = {p.name: _log_tail(p) for p in sorted(settings.data_dir.glob("pp*.log"))}
     text = f"{prep_log}$ {' '.join(cmd)}\nexit {res.returncode}, {res.wall_s:.0f} s\n{res.stdout}\n--- stderr ---\n{res.stderr}"
     for log_name, tail in logs.items():
         text += f"\n--- last {LOG_TAIL_LINES} lines of {log_name} ---\n{tail}"
     (out_dir / "pipeline_gpu.log").write_text(text)
-    by_layout: dict[str, dict] = {}
-    for summary in pipeline_summaries(res.stdout) + [s for t in logs.values() for s in pipeline_summaries(t)]:
-        by_layout.setdefault(summary["layout"], summary)  # the grep'd stdout may lose a killed layout
+    found = pipeline_summaries(summary_file.read_text()) if summary_file.exists() else []
+    # fallbacks: the printed summaries (the grep'd stdout loses a killed configuration's), the logs
+    found += pipeline_summaries(res.stdout) + [s for t in logs.values() for s in pipeline_summaries(t)]
+    by_name: dict[str, dict] = {}
+    for summary in found:
+        by_name.setdefault(summary.get("name", summary["layout"]), summary)
     details.update(returncode=res.returncode, timed_out=res.timed_out, wall_s=round(res.wall_s, 1),
-                   summaries=list(by_layout.values()))  # fmt: skip
-    rows = []
-    for layout, summary in by_layout.items():
-        peaks = summary.get("peak_gib_per_stage", {})
-        notes = (f"MFU {100 * summary.get('mfu', 0.0):.1f}%; bubble {summary.get('bubble_1f1b', 0.0):.2f}; "
-                 f"loss {summary.get('loss_first', 0.0):.3f} -> {summary.get('loss_last', 0.0):.3f}; "
-                 f"peak/stage {max(peaks.values(), default=0.0):.1f} GiB; {summary.get('steps', '?')} steps")  # fmt: skip
-        rows.append(Row(SECTION, layout, UNIT, float(summary["tokens_per_s_per_gpu"]), best_single,
-                        "1-GPU full step, this run" if best_single else "", TARGET, notes))  # fmt: skip
+                   configs=list(settings.configs), summaries=list(by_name.values()))  # fmt: skip
     why = "timed out" if res.timed_out else f"exit {res.returncode}"
-    reason = f"no summary ({why}; {last_error_line(res.stdout + chr(10) + res.stderr + chr(10).join(logs.values()))}; pipeline_gpu.log)"
-    rows += [
-        Row(SECTION, m, UNIT, target=TARGET, status="failed", reason=reason)
-        for m in LAYOUTS
-        if m not in by_layout
-    ]
+    error = last_error_line(res.stdout + "\n" + res.stderr + "\n" + "\n".join(logs.values()))
+    rows = []
+    for config in settings.configs:
+        summary = by_name.get(config_name(config))
+        pp = int(config.split(":")[0])
+        variant = f"PP={pp} x DP={GPUS_NEEDED // pp} ({config})"
+        if summary is None:
+            reason = f"no summary ({why}; {error}; pipeline_gpu.log)"
+            rows.append(Row(SECTION, variant, UNIT, target=TARGET, status="failed", reason=reason))
+            continue
+        rows.append(Row(SECTION, variant, UNIT, float(summary["tokens_per_s_per_gpu"]), best_single,
+                        "1-GPU full step, this run" if best_single else "", TARGET, _notes(summary)))  # fmt: skip
     return rows, details

@@ -65,8 +65,9 @@ FOOTNOTES = [
     "saved beside the JSON as trace_full_step_*.json.gz (Chrome trace, ui.perfetto.dev) and profile_summary.txt "
     "(top kernels by GPU time, host syncs in the step, operator table).",
     "Pipeline: bench/pipeline_gpu.sh (DeepSpeed pipeline engine, bf16 + ZeRO-1, Base + Gundam pages and "
-    "text rows, global batch 16) run as a subprocess on 4 GPUs; ratio = per-GPU tokens/s over the best "
-    "1-GPU full step of this run (scaling efficiency per GPU).",
+    "text rows) run as a subprocess on 4 GPUs, one row per configuration PP:PARTITION:CHECKPOINTING:"
+    "GLOBAL_BATCH (partition paper = the paper's stage split, on = gradient checkpointing); ratio = per-GPU "
+    "tokens/s over the best 1-GPU full step of this run (scaling efficiency per GPU).",
 ]
 
 

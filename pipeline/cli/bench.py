@@ -10,9 +10,10 @@ section, and writes DIR/bench_results.json and DIR/PERFORMANCE.md (the README pe
 fragment; `--fragment PATH` copies it); `--profile` adds the gzip'd Chrome traces of one full
 training step (trace_full_step_*.json.gz, open in ui.perfetto.dev) and profile_summary.txt (top
 kernels, host syncs, operator table). Single-GPU rows run on the first visible GPU; with 4 GPUs
-visible the pipeline rows run bench/pipeline_gpu.sh on the first four (`--pipeline-steps`,
-`--pipeline-timeout-s`). A failing row is reported in the table and the run goes on; `--strict`
-then exits 1. The benchmark code is the `bench` package (installed with the project).
+visible the pipeline rows run bench/pipeline_gpu.sh on the first four, one row per configuration
+(`--pipeline-configs 4:balanced:off:16 ...`, `--pipeline-steps`, `--pipeline-timeout-s`). A
+failing row is reported in the table and the run goes on; `--strict` then exits 1. The benchmark
+code is the `bench` package (installed with the project).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="time limit of the pipeline script (both layouts)",
     )
+    parser.add_argument(
+        "--pipeline-configs",
+        nargs="+",
+        default=None,
+        metavar="CONFIG",
+        help="bench/pipeline_gpu.sh configurations PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK], "
+        "one row each (default: 4:paper:on:16 2:paper:on:16)",
+    )
     parser.add_argument("--fragment", type=Path, default=None, help="also write PERFORMANCE.md to this path")
     parser.add_argument(
         "--render", type=Path, default=None, help="only re-render PERFORMANCE.md from this JSON"
@@ -89,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from bench.pipeline_rows import PipelineSettings
 
-        pipeline = PipelineSettings(steps=args.pipeline_steps, timeout_s=args.pipeline_timeout_s)
+        pipeline = PipelineSettings(steps=args.pipeline_steps, timeout_s=args.pipeline_timeout_s,
+                                    configs=tuple(args.pipeline_configs or ()))  # fmt: skip
         settings = suite.BenchSettings(device=device, quick=args.quick, only=only, out=args.out,
                                        profile=args.profile, budget_s=args.budget_s, command=command.strip(),
                                        pipeline=pipeline)  # fmt: skip

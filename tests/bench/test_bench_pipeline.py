@@ -19,52 +19,84 @@ from bench import suite
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _summary(layout: str, tps: float) -> str:
-    return json.dumps({"layout": layout, "tokens_per_s_per_gpu": tps, "mfu": 0.3, "steps": 12,
-                       "peak_gib_per_stage": {"0": 20.0, "1": 31.5}}, indent=2)  # fmt: skip
+def _summary(config: str, tps: float, indent: int | None = 2) -> str:
+    name = pr.config_name(config)
+    return json.dumps({"name": name, "layout": name[:7], "tokens_per_s_per_gpu": tps, "mfu": 0.3, "steps": 12,
+                       "step_time_s": 2.1, "peak_gib_per_stage": {"0": 20.0, "1": 31.5}}, indent=indent)  # fmt: skip
 
 
-def _fake_script(monkeypatch, tmp_path: Path, body: str) -> pr.PipelineSettings:
+def _fake_script(monkeypatch, tmp_path: Path, body: str, configs=pr.DEFAULT_CONFIGS) -> pr.PipelineSettings:
     script = tmp_path / "pipeline_gpu.sh"
-    script.write_text("#!/usr/bin/env bash\nroot=$1\nsteps=$2\n" + body)
+    script.write_text('#!/usr/bin/env bash\nroot=$1\nsteps=$2\nshift 2\necho "configs $* timeout $CONFIG_TIMEOUT"\n'
+                      'rm -f "$SUMMARY"\n' + body)  # fmt: skip
     monkeypatch.setattr(pr, "SCRIPT", script)
     monkeypatch.setattr(pr, "visible_gpus", lambda: 4)
-    return pr.PipelineSettings(steps=5, timeout_s=20, data_dir=tmp_path / "data")
+    return pr.PipelineSettings(steps=5, timeout_s=20, data_dir=tmp_path / "data", configs=configs)
 
 
 @pytest.mark.unit
-def test_a_crash_after_the_first_layout_gives_one_row_and_one_failed_row(tmp_path, monkeypatch):
-    body = f"cat <<'EOF'\n{_summary('pp4_dp1', 26000.0)}\nEOF\necho 'RuntimeError: NCCL error: boom' >&2\nexit 3\n"
+def test_a_crash_after_the_first_configuration_gives_one_row_and_one_failed_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "not-here"))
+    body = (f"echo '{_summary('4:paper:on:16', 26000.0, None)}' >> \"$SUMMARY\"\n"
+            "[ -z \"${OUT:-}\" ] || echo 'OUT leaked'\n"
+            "echo 'RuntimeError: NCCL error: boom' >&2\nexit 3\n")  # fmt: skip
     settings = _fake_script(monkeypatch, tmp_path, body)
     (tmp_path / "out").mkdir()
     rows, details = pr.pipeline_rows(settings, tmp_path / "out", 30000.0, None, quick=False)
-    assert [(r.name, r.status) for r in rows] == [("pp4_dp1", "ok"), ("pp2_dp2", "failed")]
+    assert [(r.name, r.status) for r in rows] == [
+        ("PP=4 x DP=1 (4:paper:on:16)", "ok"),
+        ("PP=2 x DP=2 (2:paper:on:16)", "failed"),
+    ]
     assert rows[0].ours == 26000.0 and rows[0].peer == 30000.0 and rows[0].target_met is True
-    assert "peak/stage 31.5 GiB" in rows[0].notes
+    assert (
+        "pp4_dp1_paper_ckpt_gb16_chunk2048: MFU 30.0%" in rows[0].notes
+        and "peak/stage 31.5 GiB" in rows[0].notes
+    )
     assert "exit 3" in rows[1].reason and "RuntimeError: NCCL error: boom" in rows[1].reason
     assert details["returncode"] == 3 and not details["timed_out"]
     log = (tmp_path / "out" / "pipeline_gpu.log").read_text()
-    assert "NCCL error: boom" in log and "data" in log and "5" in log.splitlines()[0]  # the command line
+    assert "NCCL error: boom" in log and "OUT leaked" not in log
+    assert "configs 4:paper:on:16 2:paper:on:16 timeout 20" in log  # >= 60 s each, capped by the whole limit
+    assert not (tmp_path / "not-here").exists()
 
 
 @pytest.mark.unit
-def test_a_hanging_script_is_ended_and_reported_and_summaries_come_from_the_layout_logs(
-    tmp_path, monkeypatch
-):
-    # the layout's summary reached only its tee'd log (the grep'd stdout was lost), then it hangs
-    body = f"cat > \"$root/pp4.log\" <<'EOF'\n[rank1] noise\n{_summary('pp4_dp1', 12.5)}\nEOF\nsleep 60 & sleep 60\n"
-    settings = _fake_script(monkeypatch, tmp_path, body)
+def test_a_hanging_script_is_ended_and_reported_and_summaries_come_from_the_logs(tmp_path, monkeypatch):
+    # the first configuration's summary reached only its tee'd log, then the script hangs
+    configs = ("4:balanced:off:32", "2:paper:1,3:16:0")
+    body = f"cat > \"$root/pp4_x.log\" <<'EOF'\n[rank1] noise\n{_summary(configs[0], 12.5)}\nEOF\nsleep 60 & sleep 60\n"
+    settings = _fake_script(monkeypatch, tmp_path, body, configs)
     settings.timeout_s = 1
     settings.data_dir.mkdir()
-    (settings.data_dir / "pp2.log").write_text(_summary("pp2_dp2", 99.0))  # a previous run's: stale
+    (settings.data_dir / "pp2_old.log").write_text(_summary(configs[1], 99.0))  # a previous run's: stale
     start = time.perf_counter()
     rows, details = pr.pipeline_rows(settings, tmp_path, None, None, quick=False)
     assert time.perf_counter() - start < 15 and details["timed_out"]
     assert [(r.name, r.status, r.ours) for r in rows] == [
-        ("pp4_dp1", "ok", 12.5),
-        ("pp2_dp2", "failed", None),
+        ("PP=4 x DP=1 (4:balanced:off:32)", "ok", 12.5),
+        ("PP=2 x DP=2 (2:paper:1,3:16:0)", "failed", None),
     ]
     assert "timed out" in rows[1].reason and rows[0].peer is None
+
+
+@pytest.mark.unit
+def test_config_names_match_the_scripts(tmp_path):
+    from bench import pipeline_gpu
+
+    for config, flags in [
+        ("4:paper:on:16", ["--checkpointing"]),
+        ("2:balanced:off:32:0", ["--no-checkpointing"]),
+        ("4:parameters:1,2:16:4096", ["--no-checkpointing", "--checkpoint-stages", "1,2"]),
+    ]:  # the argument mapping of bench/pipeline_gpu.sh
+        pp, partition, _, gb, *chunk = config.split(":")
+        argv = ["train", str(tmp_path), "--pp", pp, "--partition", partition, "--global-batch", gb,
+                "--loss-chunk", chunk[0] if chunk else "2048", *flags]  # fmt: skip
+        _, name, _ = pipeline_gpu.bench_run(tmp_path, pipeline_gpu.arg_parser().parse_args(argv), world=4)
+        assert pr.config_name(config) == name
+    with pytest.raises(ValueError, match="PP:PARTITION"):
+        pr.PipelineSettings(configs=("3:paper:on:16",))
+    with pytest.raises(ValueError, match="PP:PARTITION"):
+        pr.PipelineSettings(configs=("4:even:on:16",))
 
 
 @pytest.mark.unit
@@ -87,16 +119,17 @@ def test_the_suite_reports_a_broken_pipeline_as_failed_rows(tmp_path, monkeypatc
     )
     monkeypatch.setattr(s, "quick", False)  # the CPU run takes the GPU run's pipeline path
     result = suite.run_suite(s)
-    assert [(r["section"], r["name"], r["status"]) for r in result["rows"]] == [
-        (pr.SECTION, "pp4_dp1", "failed"),
-        (pr.SECTION, "pp2_dp2", "failed"),
-    ]
+    assert [(r["section"], r["status"]) for r in result["rows"]] == [(pr.SECTION, "failed")] * 2
     assert set(result["section_wall_s"]) == {"pipeline"}
 
 
 @pytest.mark.unit
 def test_the_script_gets_the_first_four_of_the_visible_gpus():
     assert pr.pipeline_env({})["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert (
+        "OUT" not in pr.pipeline_env({"OUT": "/out"}, 90)
+        and pr.pipeline_env({}, 90)["CONFIG_TIMEOUT"] == "90"
+    )
     assert pr.pipeline_env({"CUDA_VISIBLE_DEVICES": "4,5,6,7,0"})["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     with pytest.raises(ValueError, match="steps"):
         pr.PipelineSettings(steps=2)
