@@ -54,7 +54,9 @@ for config in "${configs[@]}"; do
   [ "${CONFIG_TIMEOUT:-0}" -gt 0 ] && limit=(timeout --kill-after 10 "$CONFIG_TIMEOUT")
   "${limit[@]}" torchrun --standalone --nproc_per_node 4 bench/pipeline_gpu.py train "$root" --steps "$steps" \
     --summary "$summary" "${args[@]}" 2>&1 | tee "$root/$tag.log" | grep -v "^\[" || echo "=== $config failed"
-  [ -n "${OUT:-}" ] && cp "$root/$tag.log" "$OUT/"
+  if [ -n "${OUT:-}" ]; then  # after every configuration: a later kill keeps what was measured
+    cp "$root/$tag.log" "$OUT/"
+    if [ -s "$summary" ]; then cp "$summary" "$OUT/pipeline_summary.jsonl"; fi
+  fi
 done
-[ -n "${OUT:-}" ] && [ -s "$summary" ] && cp "$summary" "$OUT/pipeline_summary.jsonl"
 if [ -s "$summary" ]; then python3 bench/pipeline_gpu.py table "$summary"; fi
