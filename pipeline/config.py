@@ -131,6 +131,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     deterministic: bool = False
     threads: int = 0  # torch CPU threads, 0 = torch default
+    max_minutes: float = 0.0  # single-process runs: stop training after this wall time (0 = no limit)
 
 
 @dataclass

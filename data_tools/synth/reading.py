@@ -7,6 +7,11 @@ character pitch of `width / max_chars` every character lands at a predictable co
 debug-sized DeepEncoder + decoder trained from scratch learns to ground text positions on
 image tokens within minutes on a CPU (../shared/spec/training.md, "Small-scale learning
 dynamics": proportional fonts with centred text stay on the character-frequency plateau).
+
+`lines > 1` makes short paragraphs instead: a square page of `width x width` pixels with up to
+`lines` left-aligned lines of at most `max_chars` characters (words wrapped, the same fixed
+pitch), the reference being the lines joined by newlines. `lang` picks the word list; RTL
+languages (Persian) are shaped by raqm and right-aligned (DejaVu Sans Mono covers Persian).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
+from data_tools.synth.fonts import RTL_SCRIPTS, load_font, script_of_lang
 from data_tools.synth.render import render_line
 from data_tools.synth.text import TextSource
 
@@ -34,10 +40,15 @@ class ReadingLinesConfig:
     seed: int = 0
     width: int = 256
     min_chars: int = 2
-    max_chars: int = 8
+    max_chars: int = 8  # per line; the pitch is width / max_chars
     source: str = "reading-lines"
+    lang: str = "en"
+    lines: int = 1  # > 1: paragraphs of up to this many lines on a square page
 
     def __post_init__(self) -> None:
+        script_of_lang(self.lang)  # ValueError naming the known languages
+        if self.lines < 1:
+            raise ValueError(f"lines must be >= 1, got {self.lines}")
         if self.n < 0:
             raise ValueError(f"n must be >= 0, got {self.n}")
         if not 1 <= self.min_chars <= self.max_chars:
@@ -53,15 +64,61 @@ class ReadingLinesConfig:
 
 
 def reading_line(index: int, cfg: ReadingLinesConfig) -> tuple[Image.Image, str]:
-    """Sample `index` (depends only on cfg.seed and index)."""
+    """Sample `index` (depends only on cfg.seed and index): a line, or a paragraph when cfg.lines > 1."""
     rng = random.Random(cfg.seed * 1_000_003 + index)
-    text = TextSource("en", rng).short(cfg.min_chars, cfg.max_chars)[: cfg.max_chars]
+    source = TextSource(cfg.lang, rng)
+    if cfg.lines > 1:
+        return _paragraph(source, rng, cfg)
+    text = source.short(cfg.min_chars, cfg.max_chars)[: cfg.max_chars].strip() or source.chars(cfg.min_chars)
     bg = tuple(rng.randint(205, 255) for _ in range(3))
     fg = tuple(rng.randint(0, 70) for _ in range(3))
-    offset = (rng.randint(0, 3), rng.randint(-2, 2))
-    image = render_line(text, MONO_FONT, cfg.width // 4, width=cfg.width, font_size=cfg.font_size,
-                        fg=fg, bg=bg, pad=2, align="left", offset=offset)  # fmt: skip
+    rtl = source.script in RTL_SCRIPTS
+    offset = (-rng.randint(0, 3) if rtl else rng.randint(0, 3), rng.randint(-2, 2))
+    image = render_line(text, MONO_FONT, cfg.width // 4, width=cfg.width, font_size=cfg.font_size, script=source.script,
+                        fg=fg, bg=bg, pad=2, align="right" if rtl else "left", offset=offset)  # fmt: skip
     return image, text
+
+
+def wrap_words(words: list[str], max_chars: int, max_lines: int) -> list[str]:
+    """Greedy wrap into at most `max_lines` lines of <= max_chars characters (long words are cut)."""
+    lines, current = [], ""
+    for word in words:
+        word = word[:max_chars]
+        candidate = f"{current} {word}" if current else word
+        if len(candidate) <= max_chars:
+            current = candidate
+            continue
+        lines.append(current)
+        if len(lines) == max_lines:
+            return lines
+        current = word
+    if current and len(lines) < max_lines:
+        lines.append(current)
+    return lines
+
+
+def _paragraph(source: TextSource, rng: random.Random, cfg: ReadingLinesConfig) -> tuple[Image.Image, str]:
+    """2..cfg.lines wrapped lines of a random paragraph on a width x width page, one line per
+    width / cfg.lines pixels, at the fixed pitch of the lines."""
+    n_lines = rng.randint(2, cfg.lines)
+    words = " ".join(source.paragraph(3, 8) for _ in range(3)).split()
+    lines = wrap_words(words, cfg.max_chars, n_lines)
+    bg = tuple(rng.randint(205, 255) for _ in range(3))
+    fg = tuple(rng.randint(0, 70) for _ in range(3))
+    line_h = cfg.width // cfg.lines
+    pitch_size = int((cfg.width - 12) / cfg.max_chars / MONO_ADVANCE)  # a full line fits inside the margins
+    font = load_font(MONO_FONT, min(pitch_size, int(line_h * 0.75)), 0, source.script)
+    page = Image.new("RGB", (cfg.width, cfg.width), bg)
+    draw = ImageDraw.Draw(page)
+    rtl = source.script in RTL_SCRIPTS
+    x0, y0 = rng.randint(2, 6), rng.randint(2, 6)
+    for i, line in enumerate(lines):
+        y = y0 + i * line_h + line_h // 2
+        if rtl:
+            draw.text((cfg.width - x0, y), line, font=font, fill=fg, anchor="rm", direction="rtl")
+        else:
+            draw.text((x0, y), line, font=font, fill=fg, anchor="lm")
+    return page, "\n".join(lines)
 
 
 def reading_sample(args: tuple[int, ReadingLinesConfig]) -> Sample:
@@ -69,7 +126,7 @@ def reading_sample(args: tuple[int, ReadingLinesConfig]) -> Sample:
     image, text = reading_line(index, cfg)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
-    meta = {"prompt": PROMPT, "answer": text, "source": cfg.source, "lang": "en", "task": "free_ocr"}
+    meta = {"prompt": PROMPT, "answer": text, "source": cfg.source, "lang": cfg.lang, "task": "free_ocr"}
     return Sample(f"{cfg.source}-{index:09d}", meta, buf.getvalue(), "png")
 
 

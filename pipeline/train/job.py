@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,9 @@ class JobResult:
     capped_before: float | None
     capped_after: float | None
     checkpoint: Path | None
+    other_sets: dict[str, tuple[float | None, float | None]] = field(
+        default_factory=dict
+    )  # corpus CER before/after
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,39 +63,105 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- data
-def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
-    """Render the train/val reading lines into shards (reused when already complete)."""
-    from data_tools.shards import ShardWriterConfig
-    from data_tools.synth.reading import ReadingLinesConfig, write_reading_lines
+@dataclass(frozen=True)
+class SynthSet:
+    """One rendered set of `data.kind=synth_lines`: its train / held-out configs."""
+
+    name: str
+    train: object  # data_tools.synth.reading.ReadingLinesConfig
+    val: object
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation budget that fits the set's longest reference (characters + newlines)."""
+        return self.train.lines * (self.train.max_chars + 1) + 8
+
+
+def synth_sets(run: RunConfig) -> list[SynthSet]:
+    """The sets `data.synth` asks for: Latin lines always; paragraphs and Persian lines when counted."""
+    from data_tools.synth.reading import ReadingLinesConfig
 
     syn = run.data.synth
-    patterns = []
-    for split, n, seed in (("train", syn.num_train, syn.seed), ("val", syn.num_val, syn.seed + 7919)):
-        cfg = ReadingLinesConfig(n=n, seed=seed, width=syn.image_size, min_chars=syn.min_chars,
-                                 max_chars=syn.max_chars, source=f"reading-lines-{split}")  # fmt: skip
-        out = data_dir / split
-        manifest = out / "manifest.json"
-        if not (manifest.exists() and json.loads(manifest.read_text()).get("reading_lines") == vars(cfg)):
-            writer = ShardWriterConfig(str(out), prefix=split, max_count=5000, overwrite=True)
-            write_reading_lines(cfg, writer, workers=syn.workers)
-        patterns.append(str(out / f"{split}-*.tar"))
-    return patterns[0], patterns[1]
+    lines = dict(width=syn.image_size, min_chars=syn.min_chars, max_chars=syn.max_chars)
+    wanted = [("lines", syn.num_train, {**lines})]
+    if syn.paragraphs:
+        wanted.append(("paragraphs", syn.paragraphs, dict(width=syn.image_size, min_chars=1,
+                       max_chars=syn.paragraph_chars, lines=syn.paragraph_lines)))  # fmt: skip
+    if syn.persian:
+        wanted.append(("persian", syn.persian, {**lines, "lang": "fa"}))
+    sets = []
+    for k, (name, n, kwargs) in enumerate(wanted):
+        # the Latin lines keep the sources and seeds of the embedded default
+        tag = "reading-lines" if name == "lines" else f"reading-{name}"
+        train = ReadingLinesConfig(n=n, seed=syn.seed + 104_729 * k, source=f"{tag}-train", **kwargs)
+        val = ReadingLinesConfig(
+            n=syn.num_val, seed=syn.seed + 104_729 * k + 7919, source=f"{tag}-val", **kwargs
+        )
+        sets.append(SynthSet(name, train, val))
+    return sets
 
 
-def build_tokenizer_for(run: RunConfig, corpus: list[str]) -> OCRTokenizer:
+def _render(cfg, out: Path, prefix: str, workers: int) -> str:
+    """Render one reading set into shards under `out` (reused when its manifest matches)."""
+    from data_tools.shards import ShardWriterConfig
+    from data_tools.synth.reading import write_reading_lines
+
+    manifest = out / "manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("reading_lines") == vars(cfg)):
+        write_reading_lines(
+            cfg, ShardWriterConfig(str(out), prefix=prefix, max_count=5000, overwrite=True), workers
+        )
+    return str(out / f"{prefix}-*.tar")
+
+
+def prepare_synth_sets(run: RunConfig, data_dir: Path) -> dict[str, tuple[str, str]]:
+    """Render every synth set's train/val shards; {set name: (train pattern, val pattern)}."""
+    workers = run.data.synth.workers
+    patterns = {}
+    for synth in synth_sets(run):
+        sub = data_dir if synth.name == "lines" else data_dir / synth.name
+        patterns[synth.name] = (_render(synth.train, sub / "train", "train", workers),
+                                _render(synth.val, sub / "val", "val", workers))  # fmt: skip
+    return patterns
+
+
+def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
+    """The Latin reading lines' train/val shards (the embedded default's data)."""
+    lines = synth_sets(run)[0]
+    workers = run.data.synth.workers
+    return _render(lines.train, data_dir / "train", "train", workers), _render(
+        lines.val, data_dir / "val", "val", workers
+    )
+
+
+def lang_alphabet(lang: str) -> str:
+    """Every character the synthetic text of `lang` can produce (word list, letters, digits, punctuation)."""
+    from data_tools.synth import wordlists
+    from data_tools.synth.fonts import script_of_lang
+
+    script = script_of_lang(lang)
+    chars = set("".join(wordlists.WORDS[lang])) | set(wordlists.LETTERS[script]) | set(wordlists.DIGITS)
+    chars |= set(wordlists.LOCAL_DIGITS.get(script, "")) | set("".join(wordlists.PUNCT[script]))
+    return "".join(sorted(chars - {"\n"}))
+
+
+def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
     spec = run.data.tokenizer
     if spec == "char":
-        return build_char_tokenizer(DEMO_ALPHABET + "".join(sorted(set("".join(corpus)))))
+        return build_char_tokenizer(alphabet + "".join(sorted(set("".join(corpus)))))
     if spec == "bpe":
         return build_tokenizer(corpus, vocab_size=4096)
     return load_tokenizer(spec)
 
 
-def loader_config(run: RunConfig, train_shards: str | None) -> LoaderConfig:
+def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> LoaderConfig:
+    """The StreamingLoader of the job; synth sets are mixed in proportion to their sizes."""
     batch = run.parallel.micro_batch
     if run.data.kind == "synth_lines":
-        source = SourceSpec("reading-lines", train_shards, prompt="free_ocr", modes=run.data.synth.mode)
-        return LoaderConfig(sources=[source], seq_len=run.data.seq_len, batch_size=batch,
+        sizes = {s.name: s.train.n for s in synth_sets(run)}
+        sources = [SourceSpec(f"reading-{name}", pattern, weight=float(sizes[name]), prompt="free_ocr",
+                              modes=run.data.synth.mode) for name, pattern in train_shards.items()]  # fmt: skip
+        return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=batch,
                             packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
     if run.data.kind == "webdataset":
         return from_run_config(run.data, batch_size=batch, seed=run.train.seed)
@@ -129,6 +198,13 @@ def eval_config(run: RunConfig) -> EvalRunConfig:
                          no_repeat_window=run.eval.no_repeat_window)  # fmt: skip
 
 
+def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
+    """eval_config with a generation budget that fits synth set `name`'s longest reference."""
+    cfg = eval_config(run)
+    bound = next(s.max_new_tokens for s in synth_sets(run) if s.name == name)
+    return replace(cfg, max_new_tokens=max(cfg.max_new_tokens, bound))
+
+
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:
     was_training = model.training
     model.eval()
@@ -145,7 +221,8 @@ def contact_sheet(samples: list[EvalSample], report: EvalReport, path: Path, lim
 
     preds = {r.key: r.prediction for r in report.records}
     rows = samples[:limit]
-    thumb_w, thumb_h, text_w = 256, 64, 360
+    lines = max(1, *(s.reference.count("\n") + 1 for s in rows))
+    thumb_w, thumb_h, text_w = 256, max(64, 28 * lines + 8), 360  # one text line is ~12 px; two blocks
     sheet = Image.new("RGB", (thumb_w + text_w, thumb_h * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, sample in enumerate(rows):
@@ -155,7 +232,9 @@ def contact_sheet(samples: list[EvalSample], report: EvalReport, path: Path, lim
         pred = preds.get(sample.key, "?")
         ok = pred == sample.reference
         draw.text((thumb_w + 8, i * thumb_h + 8), f"target: {sample.reference}", fill="black")
-        draw.text((thumb_w + 8, i * thumb_h + 32), f"output: {pred}", fill="darkgreen" if ok else "red")
+        draw.text(
+            (thumb_w + 8, i * thumb_h + 14 * lines + 18), f"output: {pred}", fill="darkgreen" if ok else "red"
+        )
     sheet.save(path)
     return path
 
@@ -163,26 +242,37 @@ def contact_sheet(samples: list[EvalSample], report: EvalReport, path: Path, lim
 # ----------------------------------------------------------------------------- job
 @dataclass
 class JobData:
-    train_shards: str | None
-    val_samples: list[EvalSample]
+    train_shards: dict[str, str] | None  # synth set name -> train shard pattern (None: data.sources)
+    val_sets: dict[str, list[EvalSample]]  # held-out sets; the first one drives eval during training
     tokenizer: OCRTokenizer
+
+    @property
+    def val_samples(self) -> list[EvalSample]:
+        return next(iter(self.val_sets.values()), [])
 
 
 def prepare_job_data(run: RunConfig, out: Path, *, rank: int = 0) -> JobData:
     """Shards, held-out samples and the tokenizer; identical on every rank of a job."""
-    train_shards = None
+    train_shards, val_shards = None, {}
+    alphabet = DEMO_ALPHABET
     if run.data.kind == "synth_lines":
         if rank != 0:
             raise ValueError(
                 "data.kind=synth_lines renders its data inside one process; for multi-process runs write "
                 "shards first (dsocr-data synth / convert-*) and use data.kind=webdataset"
             )
-        train_shards, val_shards = prepare_synth_lines(run, out / "data")
-    else:
-        val_shards = run.data.val_shards
-    val_samples = read_eval_set(val_shards, limit=run.eval.num_samples) if val_shards else []
-    tokenizer = build_tokenizer_for(run, [s.reference for s in val_samples])
-    return JobData(train_shards, val_samples, tokenizer)
+        patterns = prepare_synth_sets(run, out / "data")
+        train_shards = {name: train for name, (train, _) in patterns.items()}
+        val_shards = {name: val for name, (_, val) in patterns.items()}
+        alphabet += "".join(lang_alphabet(s.train.lang) for s in synth_sets(run) if s.train.lang != "en")
+    elif run.data.val_shards:
+        val_shards = {"val": run.data.val_shards}
+    val_sets = {
+        name: read_eval_set(pattern, limit=run.eval.num_samples) for name, pattern in val_shards.items()
+    }
+    corpus = [s.reference for samples in val_sets.values() for s in samples]
+    tokenizer = build_tokenizer_for(run, corpus, alphabet)
+    return JobData(train_shards, val_sets, tokenizer)
 
 
 def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
@@ -272,6 +362,10 @@ def run_job(run: RunConfig) -> JobResult:
 
     ecfg = eval_config(run)
     before = run_eval(model, tokenizer, val_samples, ecfg, out / "eval", "before") if val_samples else None
+    other_sets = {name: samples for name, samples in list(data.val_sets.items())[1:] if samples}
+    other_cfg = {name: set_eval_config(run, name) for name in other_sets}
+    other_before = {name: run_eval(model, tokenizer, samples, other_cfg[name], out / "eval", f"before_{name}")
+                    for name, samples in other_sets.items()}  # fmt: skip
 
     optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
     scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
@@ -294,6 +388,16 @@ def run_job(run: RunConfig) -> JobResult:
         after = run_eval(model, tokenizer, val_samples, ecfg, out / "eval", "after")
         logger.log({"event": "eval", "step": trainer.step, "cer": after.raw.corpus_cer}, console=False)
         contact_sheet(val_samples, after, out / "eval" / "contact_sheet.png")
+    other_after = {}
+    for name, samples in other_sets.items():
+        if result.stopped_by_signal:
+            break
+        other_after[name] = run_eval(
+            model, tokenizer, samples, other_cfg[name], out / "eval", f"after_{name}"
+        )
+        logger.log({"event": "eval", "step": trainer.step, f"cer_{name}": other_after[name].raw.corpus_cer},
+                   console=False)  # fmt: skip
+        contact_sheet(samples, other_after[name], out / "eval" / f"contact_sheet_{name}.png")
     logger.close()
     plot_run(out / "metrics.jsonl", out / "plots")
 
@@ -307,6 +411,13 @@ def run_job(run: RunConfig) -> JobResult:
         capped_before=before.raw.capped_cer if before else None,
         capped_after=after.raw.capped_cer if after else None,
         checkpoint=result.last_checkpoint,
+        other_sets={
+            name: (
+                other_before[name].raw.corpus_cer,
+                other_after[name].raw.corpus_cer if name in other_after else None,
+            )
+            for name in other_sets
+        },  # fmt: skip
     )
     print_summary(job)
     return job
@@ -321,12 +432,14 @@ def print_summary(job: JobResult) -> None:
     print(
         f"  capped at 1        {fmt(job.capped_before)} before -> {fmt(job.capped_after)} after (mean per line)"
     )
+    for name, (cer_before, cer_after) in job.other_sets.items():
+        print(f"{'  ' + name:<21}{fmt(cer_before)} before -> {fmt(cer_after)} after (corpus CER)")
     print(f"run directory        {job.out_dir}")
     print(f"  checkpoint         {job.checkpoint}")
     print(f"  model (release)    {job.out_dir / 'model'}")
     print(f"  metrics log        {job.out_dir / 'metrics.jsonl'}")
     print(f"  plots              {job.out_dir / 'plots'}")
-    print(f"  eval reports       {job.out_dir / 'eval'} (before.*, after.*, contact_sheet.png)", flush=True)
+    print(f"  eval reports       {job.out_dir / 'eval'} (before*, after*, contact_sheet*.png)", flush=True)
 
 
 __all__ = ["JobResult", "run_from_config", "run_job"]

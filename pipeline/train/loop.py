@@ -169,8 +169,14 @@ class LocalTrainer:
         result = TrainResult(steps=0)
         bad_in_row = 0
         self.model.train()
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
         with SigtermFlag() as sigterm:
             while self.step < cfg.max_steps:
+                if time.monotonic() > deadline:  # a time-boxed run ends like a finished one
+                    self.logger.log(
+                        {"event": "time_limit", "step": self.step, "max_minutes": cfg.max_minutes}
+                    )
+                    break
                 t0 = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 parts, tokens, docs = [], 0, 0

@@ -235,3 +235,22 @@ def test_rotated_page_boxes_follow_the_ink():
                                                              degrade=DegradeConfig.off()))  # fmt: skip
     assert [b.box for b in page.blocks] != [b.box for b in straight.blocks]
     assert _ink_outside_boxes(page) == 0
+
+
+@pytest.mark.unit
+def test_reading_paragraphs_wrap_at_the_pitch_and_persian_lines_are_tagged():
+    from data_tools.synth.reading import ReadingLinesConfig, reading_line, reading_sample, wrap_words
+
+    assert wrap_words(["ab", "cde", "fghijkl", "m"], 6, 9) == ["ab cde", "fghijk", "m"]
+    assert wrap_words(["ab", "cd", "ef"], 2, 2) == ["ab", "cd"]  # at most max_lines lines
+    cfg = ReadingLinesConfig(n=8, seed=5, width=320, max_chars=16, lines=6)
+    for i in range(8):
+        image, text = reading_line(i, cfg)
+        rows = text.split("\n")
+        assert image.size == (320, 320) and 2 <= len(rows) <= 6 and all(0 < len(r) <= 16 for r in rows)
+    assert reading_line(3, cfg)[1] == reading_line(3, cfg)[1]  # deterministic per index
+    fa = ReadingLinesConfig(n=2, seed=5, width=320, max_chars=12, lang="fa")
+    sample = reading_sample((1, fa))
+    assert sample.meta["lang"] == "fa" and any("\u0600" <= ch <= "\u06ff" for ch in sample.meta["answer"])
+    with pytest.raises(ValueError, match="unknown language"):
+        ReadingLinesConfig(n=1, lang="xx")

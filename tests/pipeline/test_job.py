@@ -59,3 +59,39 @@ def test_job_refuses_pipeline_layouts(tmp_path):
     run = compose_run(tmp_path / "run", "parallel.pp=2")
     with pytest.raises(ValueError, match="parallel.pp=2"):
         run_job(run)
+
+
+@pytest.mark.slow
+def test_paragraph_and_persian_sets_are_trained_and_evaluated_separately_within_the_time_box(tmp_path):
+    run = compose_run(
+        tmp_path / "run",
+        "data.synth.num_train=200",
+        "data.synth.paragraphs=60",
+        "data.synth.persian=60",
+        "data.synth.paragraph_lines=4",
+        "data.synth.paragraph_chars=16",
+        "data.synth.num_val=6",
+        "data.seq_len=256",
+        "eval.num_samples=6",
+        "train.max_steps=100000",
+        "train.max_minutes=0.02",  # ~1 s of training: the time box, not max_steps, ends the run
+        "train.eval_every=0",
+        "train.save_every=0",
+    )
+    job = run_job(run)
+    assert 0 < job.steps < 100000
+    assert set(job.other_sets) == {"paragraphs", "persian"}
+    assert all(before is not None and after is not None for before, after in job.other_sets.values())
+    out = job.out_dir
+    for name in ("paragraphs", "persian"):
+        for rel in (f"before_{name}_report.json", f"after_{name}_report.json", f"contact_sheet_{name}.png"):
+            assert (out / "eval" / rel).exists(), rel
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "time_limit" for r in records)
+    # the character tokenizer covers every Persian character the generator can produce
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.train.job import lang_alphabet
+
+    tokenizer = load_tokenizer(str(out / "tokenizer"))
+    unk = tokenizer.encode("\uffff")[0]
+    assert unk not in tokenizer.encode(lang_alphabet("fa"))
