@@ -40,7 +40,12 @@ DEFAULT_CONFIGS = ("4:paper:on:16", "2:paper:on:16")  # PP=4 x DP=1 and PP=2 x D
 CONFIG = re.compile(r"^(1|2|4):(paper|balanced|parameters):(on|off|[0-3](?:,[0-3])*):([1-9]\d*)(?::(\d+))?$")
 DEFAULT_LOSS_CHUNK = 2048
 TARGET = Target("value", 25000, "issue 7, per H200")
-ERROR_LINE = re.compile(r"(Error|error:|Traceback|Killed|out of memory|FAILED|failed|killed after)")
+# what a FAILED row quotes, most telling first: an exception, a kill, then anything error-like
+ERROR_LINES = (
+    re.compile(r"\b(?!ChildFailedError)\w*(Error|Exception): "),
+    re.compile(r"out of memory|SIGKILL|Killed|killed after|timed out"),
+    re.compile(r"(Error|error:|Traceback|FAILED|failed)"),
+)
 LOG_TAIL_LINES = 200
 SUMMARY_FILE = "dsocr_bench_summary.jsonl"
 
@@ -144,10 +149,13 @@ def run_script(cmd: list[str], env: dict, timeout_s: float) -> ScriptResult:
 
 
 def last_error_line(text: str) -> str:
-    """The last line that looks like an error (for the FAILED row), else the last non-empty line."""
+    """The last line of the most telling kind in ERROR_LINES (for the FAILED row), else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if ERROR_LINE.search(line)]
-    return (errors or lines or ["no output"])[-1][:200]
+    for pattern in ERROR_LINES:
+        errors = [line for line in lines if pattern.search(line)]
+        if errors:
+            return errors[-1][:200]
+    return (lines or ["no output"])[-1][:200]
 
 
 class DataPrep:

@@ -179,3 +179,18 @@ def test_data_prep_runs_make_data_in_the_background(tmp_path, monkeypatch):
     assert prep.wait().startswith("make-data exited 0 after")
     assert (tmp_path / "data" / "args").read_text() == f"make-data {tmp_path / 'data'}"
     assert prep.log.read_text().strip() == "made" and prep.wait() == prep.result  # idempotent
+
+
+@pytest.mark.unit
+def test_the_failed_row_quotes_the_most_telling_line():
+    torchrun = (
+        "[rank3]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.0 GiB\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "  exitcode  : -9 (pid: 7)  (SIGKILL)\nbench/pipeline_gpu.py FAILED\n=== 4:paper:on:16 failed\n"
+    )
+    assert (
+        pr.last_error_line(torchrun)
+        == "[rank3]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.0 GiB"
+    )
+    assert pr.last_error_line(torchrun.split("\n", 2)[2]) == "exitcode  : -9 (pid: 7)  (SIGKILL)"
+    assert pr.last_error_line("step 1\nstep 2\n") == "step 2" and pr.last_error_line("") == "no output"
