@@ -154,6 +154,9 @@ def full_step_flops(
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout, or $DSOCR_GIT_COMMIT where the code is a copy without .git (GPU machine)."""
+    if os.environ.get("DSOCR_GIT_COMMIT"):
+        return os.environ["DSOCR_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
