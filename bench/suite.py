@@ -30,6 +30,7 @@ SECTIONS = ("decoder", "sam", "full", "data", "pipeline")  # table order, issue 
 # run order: the full step (the headline, its compile the most expensive) gets the time budget first;
 # data and pipeline read its result
 RUN_ORDER = ("full", "decoder", "sam", "data", "pipeline")
+DEADLINE_MARGIN_S, MIN_PIPELINE_S = 20.0, 90.0  # writing the results; less than this runs no layout
 DATA_MODES = ("tiny", "small", "base", "large", "gundam")
 # transformers DeepSeek-OCR-2 image processor settings that produce the same views as our modes
 PEER_PROCESSOR = {
@@ -81,6 +82,7 @@ class BenchSettings:
     budget_s: float = 330.0
     command: str = "dsocr-bench"
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    deadline_s: float | None = None  # end the whole run by then (the pipeline rows' limit shrinks)
     # derived from `quick` in __post_init__
     decoder_preset: str = field(init=False)
     seq_len: int = field(init=False)
@@ -100,6 +102,8 @@ class BenchSettings:
             raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but CUDA is not available: use --device cpu --quick")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"--deadline-s must be positive, got {self.deadline_s}")
         unknown = set(self.only) - set(SECTIONS)
         if unknown or not self.only:
             raise ValueError(f"--only takes a comma list of {','.join(SECTIONS)}, got {','.join(self.only)}")
@@ -400,8 +404,15 @@ def pipeline_rows(run: Run) -> list[Row]:
     """bench/pipeline_gpu.sh (PP=4 x DP=1, then PP=2 x DP=2) as a subprocess: bench/pipeline_rows.py."""
     single = run.details.get("full", {}).get("variants", {})
     best = max((v["tokens_per_s"] for k, v in single.items() if k != "peer"), default=None)
-    rows, details = run_pipeline(run.s.pipeline, run.s.out, best, run.pipeline_prep, run.s.quick)
-    run.details["pipeline"] = details
+    settings = run.s.pipeline
+    if run.s.deadline_s is not None:  # the whole run must end by then: the pipeline gets what is left
+        left = run.s.deadline_s - (time.perf_counter() - run.start) - DEADLINE_MARGIN_S
+        if left < MIN_PIPELINE_S:
+            why = f"{left + DEADLINE_MARGIN_S:.0f} s left before --deadline-s {run.s.deadline_s:g}"
+            return [skipped_row(PIPELINE_SECTION, ", ".join(settings.configs), "tokens/s/GPU", why)]
+        settings = dataclasses.replace(settings, timeout_s=min(settings.timeout_s, left))
+    rows, details = run_pipeline(settings, run.s.out, best, run.pipeline_prep, run.s.quick)
+    run.details["pipeline"] = {**details, "timeout_s": settings.timeout_s}
     return rows
 
 

@@ -11,7 +11,8 @@ fragment; `--fragment PATH` copies it); `--profile` adds the gzip'd Chrome trace
 training step (trace_full_step_*.json.gz, open in ui.perfetto.dev) and profile_summary.txt (top
 kernels, host syncs, operator table). Single-GPU rows run on the first visible GPU; with 4 GPUs
 visible the pipeline rows run bench/pipeline_gpu.sh on the first four, one row per configuration
-(`--pipeline-configs 4:balanced:off:16 ...`, `--pipeline-steps`, `--pipeline-timeout-s`). A
+(`--pipeline-configs 4:balanced:off:16 ...`, `--pipeline-steps`, `--pipeline-timeout-s`;
+`--deadline-s` ends the whole run in time by shrinking the pipeline's limit). A
 failing row is reported in the table and the run goes on; `--strict` then exits 1. The benchmark
 code is the `bench` package (installed with the project).
 """
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bench/pipeline_gpu.sh configurations PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK], "
         "one row each (default: 4:paper:on:16 2:paper:on:16)",
     )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="end the whole run within this many seconds (the pipeline rows get the time left)",
+    )
     parser.add_argument("--fragment", type=Path, default=None, help="also write PERFORMANCE.md to this path")
     parser.add_argument(
         "--render", type=Path, default=None, help="only re-render PERFORMANCE.md from this JSON"
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     configs=tuple(args.pipeline_configs or ()))  # fmt: skip
         settings = suite.BenchSettings(device=device, quick=args.quick, only=only, out=args.out,
                                        profile=args.profile, budget_s=args.budget_s, command=command.strip(),
-                                       pipeline=pipeline)  # fmt: skip
+                                       pipeline=pipeline, deadline_s=args.deadline_s)  # fmt: skip
     except ValueError as error:
         print(f"dsocr-bench: {error}", file=sys.stderr)
         return 2

@@ -194,3 +194,24 @@ def test_the_failed_row_quotes_the_most_telling_line():
     )
     assert pr.last_error_line(torchrun.split("\n", 2)[2]) == "exitcode  : -9 (pid: 7)  (SIGKILL)"
     assert pr.last_error_line("step 1\nstep 2\n") == "step 2" and pr.last_error_line("") == "no output"
+
+
+@pytest.mark.unit
+def test_the_deadline_shrinks_or_skips_the_pipeline(tmp_path, monkeypatch):
+    settings = _fake_script(monkeypatch, tmp_path, "exit 1\n")
+    settings.timeout_s = 300
+    monkeypatch.setattr(suite, "visible_gpus", lambda: 0)
+
+    def run(deadline: float) -> dict:
+        s = suite.BenchSettings(device="cpu", quick=True, only=("pipeline",), out=tmp_path / "out",
+                                pipeline=settings, deadline_s=deadline)  # fmt: skip
+        monkeypatch.setattr(s, "quick", False)
+        return suite.run_suite(s)
+
+    result = run(200.0)
+    assert 150 < result["details"]["pipeline"]["timeout_s"] <= 200 - suite.DEADLINE_MARGIN_S
+    assert settings.timeout_s == 300  # the settings object itself is left alone
+    row = run(100.0)["rows"][0]
+    assert row["status"] == "skipped" and "before --deadline-s 100" in row["reason"]
+    with pytest.raises(ValueError, match="deadline"):
+        suite.BenchSettings(device="cpu", quick=True, deadline_s=0)
