@@ -1,11 +1,13 @@
 """`dsocr-bench`: every benchmark row of issue 13 in one run, peers measured in the same process.
 
 Rows: (a) decoder training step, (b) frozen SAM + compressor forward, (c) full-model training
-step, (d) data loading per CPU core, (e) pipeline scaling on 4 GPUs. Each row runs inside its
-own try/except: a failure becomes a FAILED row with the error, the run goes on. Optional
-extras (compiled peers) are skipped when the time budget runs low. Writes bench_results.json
-and PERFORMANCE.md (the README fragment) to --out, and with --profile the chrome traces of
-the full step. `BenchSettings.quick` uses the debug presets (CPU smoke test, < 60 s).
+step, (d) data loading per CPU core, (e) pipeline scaling on 4 GPUs (bench/pipeline_rows.py).
+Each section runs inside its own try/except: a failure becomes a FAILED row with the error, the
+run goes on. Optional extras (compiled peers) are skipped when the time budget runs low; the
+wall time of every section is printed and kept. bench_results.json and PERFORMANCE.md (the
+README fragment) are (re)written to --out after every section; with --profile the gzip'd
+Chrome traces of the full step and profile_summary.txt go there too. `BenchSettings.quick` uses
+the debug presets on CPU and takes the GPU run's code paths (compiled variants with aot_eager).
 """
 
 from __future__ import annotations
