@@ -197,7 +197,9 @@ def run_pipeline_training(
     # DeepSpeed 0.19 back-propagates a stage with several float outputs one tensor at a time,
     # retain_graph=True for all but the last; compiled backwards (the decoder's flex attention)
     # with donated buffers refuse that (seen on H200 with PP=2 x DP=2, no checkpointing).
-    torch._functorch.config.donated_buffer = False
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
     trainer.setup(model_dict, resume_from, loader_factory, logger)
     try:
