@@ -37,7 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(params: Iterable[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """AdamW, fused (one kernel per step instead of a chain of foreach ops) where torch has the
+    fused kernel for every parameter's device: CUDA (A100 and H100 alike) and CPU."""
+    groups = list(params)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = devices <= {"cuda", "cpu"}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
