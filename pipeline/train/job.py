@@ -101,27 +101,32 @@ def synth_sets(run: RunConfig) -> list[SynthSet]:
     return sets
 
 
-def _render(cfg, out: Path, prefix: str, workers: int) -> str:
-    """Render one reading set into shards under `out` (reused when its manifest matches)."""
+def _render(cfg, out: Path, prefix: str, workers: int, render: bool = True) -> str:
+    """Render one reading set into shards under `out` (reused when its manifest matches);
+    render=False only checks that they are there (ranks that read what rank 0 rendered)."""
     from data_tools.shards import ShardWriterConfig
     from data_tools.synth.reading import write_reading_lines
 
     manifest = out / "manifest.json"
     if not (manifest.exists() and json.loads(manifest.read_text()).get("reading_lines") == vars(cfg)):
+        if not render:
+            raise ValueError(
+                f"no complete shards of {cfg.source} in {out}: the rendering rank writes them first"
+            )
         write_reading_lines(
             cfg, ShardWriterConfig(str(out), prefix=prefix, max_count=5000, overwrite=True), workers
         )
     return str(out / f"{prefix}-*.tar")
 
 
-def prepare_synth_sets(run: RunConfig, data_dir: Path) -> dict[str, tuple[str, str]]:
+def prepare_synth_sets(run: RunConfig, data_dir: Path, render: bool = True) -> dict[str, tuple[str, str]]:
     """Render every synth set's train/val shards; {set name: (train pattern, val pattern)}."""
     workers = run.data.synth.workers
     patterns = {}
     for synth in synth_sets(run):
         sub = data_dir if synth.name == "lines" else data_dir / synth.name
-        patterns[synth.name] = (_render(synth.train, sub / "train", "train", workers),
-                                _render(synth.val, sub / "val", "val", workers))  # fmt: skip
+        patterns[synth.name] = (_render(synth.train, sub / "train", "train", workers, render),
+                                _render(synth.val, sub / "val", "val", workers, render))  # fmt: skip
     return patterns
 
 
@@ -251,17 +256,15 @@ class JobData:
         return next(iter(self.val_sets.values()), [])
 
 
-def prepare_job_data(run: RunConfig, out: Path, *, rank: int = 0) -> JobData:
-    """Shards, held-out samples and the tokenizer; identical on every rank of a job."""
+def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobData:
+    """Shards, held-out samples and the tokenizer; identical on every rank of a job.
+
+    data.kind=synth_lines renders its shards into the run directory; in a multi-process job one
+    rank renders (render=True) and the others, after a barrier, read them (render=False)."""
     train_shards, val_shards = None, {}
     alphabet = DEMO_ALPHABET
     if run.data.kind == "synth_lines":
-        if rank != 0:
-            raise ValueError(
-                "data.kind=synth_lines renders its data inside one process; for multi-process runs write "
-                "shards first (dsocr-data synth / convert-*) and use data.kind=webdataset"
-            )
-        patterns = prepare_synth_sets(run, out / "data")
+        patterns = prepare_synth_sets(run, out / "data", render)
         train_shards = {name: train for name, (train, _) in patterns.items()}
         val_shards = {name: val for name, (_, val) in patterns.items()}
         alphabet += "".join(lang_alphabet(s.train.lang) for s in synth_sets(run) if s.train.lang != "en")
@@ -297,17 +300,15 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
     from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
     from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
-    if run.data.kind == "synth_lines":
-        # rank 0 renders the shards once; after the barrier every other rank finds them complete
-        # (prepare_synth_lines only compares their manifests) and reads the same files
+    if run.data.kind == "synth_lines":  # rank 0 renders the shards once, the others read them
         init_distributed()
         if rank == 0:
-            data = prepare_job_data(run, out, rank=0)
+            data = prepare_job_data(run, out)
         torch.distributed.barrier()
         if rank != 0:
-            data = prepare_job_data(run, out, rank=0)
+            data = prepare_job_data(run, out, render=False)
     else:
-        data = prepare_job_data(run, out, rank=rank)
+        data = prepare_job_data(run, out)
     if rank == 0:
         data.tokenizer.save(out / "tokenizer")
     config = loader_config(run, data.train_shards)

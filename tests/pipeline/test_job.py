@@ -95,3 +95,13 @@ def test_paragraph_and_persian_sets_are_trained_and_evaluated_separately_within_
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     unk = tokenizer.encode("\uffff")[0]
     assert unk not in tokenizer.encode(lang_alphabet("fa"))
+
+
+@pytest.mark.unit
+def test_reading_ranks_refuse_missing_synth_shards(tmp_path):
+    """In a multi-process job only one rank renders; a rank that reads must find complete shards."""
+    from pipeline.train.job import prepare_job_data
+
+    run = compose_run(tmp_path / "run", "data.synth.num_train=8", "data.synth.num_val=2")
+    with pytest.raises(ValueError, match="no complete shards of reading-lines-train"):
+        prepare_job_data(run, tmp_path / "run", render=False)
