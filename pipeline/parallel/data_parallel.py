@@ -33,11 +33,9 @@ accumulates gradients in fp32 (`data_types.grad_accum_dtype`), ZeRO-2 in its bf1
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +49,15 @@ from pipeline.model import DeepSeekOCR
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
 from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, stage_model_configs
+from pipeline.parallel.engine_loop import EngineResult, EngineTrainer
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed, peak_flops
 from pipeline.stage1.options import export_encoder_if_requested
-from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.logging import NullLogger, RunLogger
-from pipeline.train.loop import SigtermFlag, batch_to
+from pipeline.train.loop import batch_to
 
 ZERO_STAGES = (0, 1, 2)
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
-
-
-@dataclass
-class DataParallelResult:
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    bad_steps: int = 0
-    stopped_by_signal: bool = False
-    last_checkpoint: Path | None = None
-    dp_rank: int = 0
 
 
 def validate_data_parallel_config(run: RunConfig) -> None:
@@ -138,7 +126,7 @@ def run_data_parallel_training(
     logger: RunLogger | NullLogger | None = None,
     final_checkpoint: bool = True,
     export: bool = True,
-) -> DataParallelResult:
+) -> EngineResult:
     """Train `run` on this rank's replica; returns what this rank saw.
 
     export=True: rank 0 writes `<out_dir>/model` (release layout) and, with
@@ -157,20 +145,15 @@ def run_data_parallel_training(
         trainer.logger.close()
 
 
-class DataParallelTrainer:
-    """The per-rank state of a data-parallel run: engine, data iterator, counters, checkpoints."""
+class DataParallelTrainer(EngineTrainer):
+    """The per-rank state of a data-parallel run: engine, data iterator, counters, checkpoints
+    (the loop itself: `engine_loop.EngineTrainer.train`)."""
 
     def __init__(self, run: RunConfig, topology: Topology, tokenizer, device: torch.device) -> None:
-        torch.manual_seed(run.train.seed)
-        if run.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        if run.train.threads:
-            torch.set_num_threads(run.train.threads)
-        self.run, self.topology, self.tokenizer, self.device = run, topology, tokenizer, device
+        super().__init__(run, device)
+        self.topology, self.tokenizer = topology, tokenizer
         self.rank = dist.get_rank()
         self.dp_rank = topology.dp_rank(self.rank)
-        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
-        self._skipped = False
         self._micro_losses: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ setup
@@ -205,45 +188,21 @@ class DataParallelTrainer:
         self.logger = logger if self.rank == 0 else NullLogger()
         self.loader = loader_factory(self.dp_rank, self.topology.dp)
         if resume_from is not None:
-            self._resume(resume_from)
+            self._resume(resume_from, self.loader)
         self.batches = iter(self.loader)
+        self.engine.train()
 
     @property
     def model(self) -> DeepSeekOCR:
         return self.engine.module
 
-    def _resume(self, ckpt: Path) -> None:
-        self.engine.load_checkpoint(
-            str(ckpt), tag=ckpt_io.ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        state = ckpt_io.load_rank_state(ckpt, self.rank)
-        if state["dp_rank"] != self.dp_rank:
-            raise ValueError(
-                f"{ckpt}: rank {self.rank} state belongs to data-parallel rank {state['dp_rank']}"
-            )
-        self.step, self.bad_in_row, self.bad_total = state["step"], state["bad_in_row"], state["bad_total"]
-        set_rng_state(state["rng"])
-        if state["data"] is not None and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(state["data"])
-        self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
-
     # ------------------------------------------------------------------ step guard
     def _local_step_ok(self) -> bool:
         return bool(torch.isfinite(torch.stack(self._micro_losses)).all()) if self._micro_losses else True
 
-    def _mark_skipped(self) -> None:
-        self._skipped = True
-
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        rank_state = {
-            "step": self.step,
-            "dp_rank": self.dp_rank,
-            "bad_in_row": self.bad_in_row,
-            "bad_total": self.bad_total,
-            "rng": rng_state(),
-            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-        }
+        rank_state = self._rank_state(self.loader)
         return ckpt_io.save_engine_checkpoint(
             self.engine, out_dir=self.run.train.out_dir, step=self.step, rank=self.rank, rank_state=rank_state,
             meta=self.meta, tokenizer=self.tokenizer, keep_last=self.run.train.keep_last, kind=ckpt_io.DP_KIND,
@@ -277,16 +236,11 @@ class DataParallelTrainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ loop
-    def _agree(self, value: int) -> int:
-        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def _train_step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step = grad_accum micro-batches; returns ([loss, lm, aux, tokens, rows, image
-        tokens] summed over ranks, wall time). The engine averages gradients over micro-batches and ranks."""
+    def _step(self) -> tuple[float, float, torch.Tensor]:
+        """One optimizer step = grad_accum micro-batches; returns (mean loss over ranks, wall time,
+        [loss, lm, aux, tokens, rows, image tokens] summed over ranks). The engine averages
+        gradients over micro-batches and ranks."""
         t0 = time.perf_counter()
-        self._skipped = False
         self._micro_losses = []
         parts, tokens, rows, images = [], 0, 0, 0
         image_id = self.model.image_token_id
@@ -304,53 +258,8 @@ class DataParallelTrainer:
         counts = torch.tensor([tokens, rows, images], dtype=torch.float64, device=mean.device)
         totals = torch.cat([mean, counts]).to(self.device)
         dist.all_reduce(totals)
-        return totals.cpu(), time.perf_counter() - t0
-
-    def train(self, eval_hook=None, *, final_checkpoint: bool = True) -> DataParallelResult:
-        cfg = self.run.train
-        dp = self.topology.dp
-        result = DataParallelResult(steps=self.step, dp_rank=self.dp_rank)
-        saved_at = None
-        self.engine.train()
-        with SigtermFlag() as sigterm:
-            while self.step < cfg.max_steps:
-                totals, dt = self._train_step()
-                loss = float(totals[0]) / dp
-                if self._skipped or not math.isfinite(loss):
-                    self.bad_in_row += 1
-                    self.bad_total += 1
-                    result.bad_steps += 1
-                    self.logger.log(
-                        {"event": "bad_loss", "step": self.step, "loss": loss, "in_row": self.bad_in_row}
-                    )
-                    if self.bad_in_row >= cfg.max_bad_steps:
-                        raise RuntimeError(
-                            f"{self.bad_in_row} non-finite losses in a row at step {self.step}; stopping. The "
-                            f"last good checkpoint is {ckpt_io.newest_checkpoint(cfg.out_dir)}. Lower "
-                            "optim.lr or check the data."
-                        )
-                    continue
-                self.bad_in_row = 0
-                self.step += 1
-                result.losses.append(loss)
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    self._log_step(totals, dt)
-                if eval_hook is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._run_eval(eval_hook)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    result.last_checkpoint, saved_at = self.save(), self.step
-                if self._agree(int(sigterm.raised)):
-                    if saved_at != self.step:
-                        result.last_checkpoint, saved_at = self.save(), self.step
-                    result.stopped_by_signal = True
-                    self.logger.log(
-                        {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
-                    )
-                    break
-        if final_checkpoint and not result.stopped_by_signal and saved_at != self.step:
-            result.last_checkpoint = self.save()
-        result.steps = self.step
-        return result
+        totals = totals.cpu()
+        return float(totals[0]) / self.topology.dp, time.perf_counter() - t0, totals
 
     # ------------------------------------------------------------------ logging and eval
     def _log_step(self, totals: torch.Tensor, dt: float) -> None:
@@ -407,7 +316,6 @@ class DataParallelTrainer:
 
 
 __all__ = [
-    "DataParallelResult",
     "DataParallelTrainer",
     "data_parallel_ds_config",
     "prepare_data_parallel",

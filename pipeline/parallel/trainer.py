@@ -28,11 +28,9 @@ and training continues with exactly the next batch.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,28 +46,16 @@ from pipeline.parallel.engine import (
     run_partition,
     stage_model_configs,
 )
+from pipeline.parallel.engine_loop import EngineResult, EngineTrainer
 from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs, unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.stage1.options import encoder_sources, validate_model_options
 from pipeline.stage1.parts import encoder_part_of
-from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.logging import NullLogger, RunLogger
-from pipeline.train.loop import SigtermFlag
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
 ENCODER_PREFIX = "encoder."
-
-
-@dataclass
-class PipelineResult:
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    bad_steps: int = 0
-    stopped_by_signal: bool = False
-    last_checkpoint: Path | None = None
-    stage: int = 0
-    dp_rank: int = 0
 
 
 class _StageBatches:
@@ -187,7 +173,7 @@ def run_pipeline_training(
     logger: RunLogger | NullLogger | None = None,
     view_sizes=VIEW_SIZES,
     final_checkpoint: bool = True,
-) -> PipelineResult:
+) -> EngineResult:
     """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer).
 
     final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay."""
@@ -208,23 +194,18 @@ def run_pipeline_training(
         trainer.logger.close()
 
 
-class PipelineTrainer:
-    """The per-rank state of a pipeline run: engine, data iterator, counters, checkpoints."""
+class PipelineTrainer(EngineTrainer):
+    """The per-rank state of a pipeline run: engine, data iterator, counters, checkpoints
+    (the loop itself: `engine_loop.EngineTrainer.train`)."""
 
     def __init__(self, run, topology, split, configs, tokenizer, device, view_sizes) -> None:
-        torch.manual_seed(run.train.seed)
-        if run.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        if run.train.threads:
-            torch.set_num_threads(run.train.threads)
-        self.run, self.topology, self.split, self.configs = run, topology, split, configs
-        self.tokenizer, self.device, self.view_sizes = tokenizer, device, tuple(view_sizes)
+        super().__init__(run, device)
+        self.topology, self.split, self.configs = topology, split, configs
+        self.tokenizer, self.view_sizes = tokenizer, tuple(view_sizes)
         self.module = build_pipeline_module(run, topology, configs, view_sizes=view_sizes)
         self.rank = torch.distributed.get_rank()
         self.stage, self.dp_rank = topology.stage(self.rank), topology.dp_rank(self.rank)
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
-        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
-        self._skipped = False
         self.batches: _StageBatches | None = None
         self.loaded_encoder_parts: dict[str, list[str]] = {}
 
@@ -261,19 +242,6 @@ class PipelineTrainer:
             )
             self.engine.set_dataiterator(self.batches)
 
-    def _resume(self, ckpt: Path, loader) -> None:
-        self.engine.load_checkpoint(
-            str(ckpt), tag=ckpt_io.ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        state = ckpt_io.load_rank_state(ckpt, self.rank)
-        if (state["stage"], state["dp_rank"]) != (self.stage, self.dp_rank):
-            raise ValueError(f"{ckpt}: rank {self.rank} state belongs to another stage/dp rank")
-        self.step, self.bad_in_row, self.bad_total = state["step"], state["bad_in_row"], state["bad_total"]
-        set_rng_state(state["rng"])
-        if loader is not None and state["data"] is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state["data"])
-        self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
-
     # ------------------------------------------------------------------ step guard
     def _local_step_ok(self) -> bool:
         if not self.last:
@@ -281,21 +249,9 @@ class PipelineTrainer:
         total = self.engine.total_loss
         return total is None or bool(torch.isfinite(torch.as_tensor(total)).all())
 
-    def _mark_skipped(self) -> None:
-        self._skipped = True
-
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        loader = self.batches.loader if self.batches is not None else None
-        rank_state = {
-            "step": self.step,
-            "stage": self.stage,
-            "dp_rank": self.dp_rank,
-            "bad_in_row": self.bad_in_row,
-            "bad_total": self.bad_total,
-            "rng": rng_state(),
-            "data": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
-        }
+        rank_state = self._rank_state(self.batches.loader if self.batches is not None else None)
         return ckpt_io.save_engine_checkpoint(
             self.engine,
             out_dir=self.run.train.out_dir,
@@ -308,60 +264,14 @@ class PipelineTrainer:
         )
 
     # ------------------------------------------------------------------ loop
-    def _agree(self, value: int, op) -> int:
-        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(flag, op=op)
-        return int(flag.item())
-
-    def train(self, eval_hook=None, *, final_checkpoint: bool = True) -> PipelineResult:
-        cfg = self.run.train
-        result = PipelineResult(steps=self.step, stage=self.stage, dp_rank=self.dp_rank)
-        saved_at = None
-        with SigtermFlag() as sigterm:
-            while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
-                self._skipped = False
-                self.module.reset_step_records()
-                if self.batches is not None:
-                    self.batches.records.clear()
-                loss = float(self.engine.train_batch())
-                self._check_labels()
-                dt = time.perf_counter() - t0
-                if self._skipped or not math.isfinite(loss):
-                    self.bad_in_row += 1
-                    self.bad_total += 1
-                    result.bad_steps += 1
-                    self.logger.log(
-                        {"event": "bad_loss", "step": self.step, "loss": loss, "in_row": self.bad_in_row}
-                    )
-                    if self.bad_in_row >= cfg.max_bad_steps:
-                        raise RuntimeError(
-                            f"{self.bad_in_row} non-finite losses in a row at step {self.step}; stopping. The "
-                            f"last good checkpoint is {ckpt_io.newest_checkpoint(cfg.out_dir)}. Lower "
-                            "optim.lr or check the data."
-                        )
-                    continue
-                self.bad_in_row = 0
-                self.step += 1
-                result.losses.append(loss)
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    self._log_step(loss, dt)
-                if eval_hook is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._run_eval(eval_hook)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    result.last_checkpoint, saved_at = self.save(), self.step
-                if self._agree(int(sigterm.raised), torch.distributed.ReduceOp.MAX):
-                    if saved_at != self.step:
-                        result.last_checkpoint, saved_at = self.save(), self.step
-                    result.stopped_by_signal = True
-                    self.logger.log(
-                        {"event": "sigterm", "step": self.step, "checkpoint": str(result.last_checkpoint)}
-                    )
-                    break
-        if final_checkpoint and not result.stopped_by_signal and saved_at != self.step:
-            result.last_checkpoint = self.save()
-        result.steps = self.step
-        return result
+    def _step(self) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        self.module.reset_step_records()
+        if self.batches is not None:
+            self.batches.records.clear()
+        loss = float(self.engine.train_batch())
+        self._check_labels()
+        return loss, time.perf_counter() - t0, loss  # the logged loss
 
     def _check_labels(self) -> None:
         if not self.last or self.batches is None:

@@ -16,6 +16,7 @@ from pipeline.data.testing import write_ocr_shards
 from pipeline.model import build_model
 from pipeline.parallel import data_parallel, trainer
 from pipeline.parallel.data_parallel import data_parallel_ds_config, prepare_data_parallel
+from pipeline.parallel.engine_loop import EngineResult
 from pipeline.parallel.topology import Topology
 from pipeline.stage1.export import export_encoder
 from pipeline.stage1.options import encoder_sources
@@ -97,10 +98,10 @@ def test_world_of_two_dispatches_by_pp(tmp_path, monkeypatch, pp, expected):
     monkeypatch.setattr(
         data_parallel,
         "run_data_parallel_training",
-        lambda run, **kw: called.append(("data_parallel", kw)) or data_parallel.DataParallelResult(0),
+        lambda run, **kw: called.append(("data_parallel", kw)) or EngineResult(0),
     )
     monkeypatch.setattr(trainer, "run_pipeline_training",
-                        lambda run, **kw: called.append(("pipeline", kw)) or trainer.PipelineResult(0))  # fmt: skip
+                        lambda run, **kw: called.append(("pipeline", kw)) or EngineResult(0))  # fmt: skip
     for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     assert job.run_from_config(run) is None
