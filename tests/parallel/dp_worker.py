@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from harness import rank_outcome, write_rank_result  # noqa: E402  (this directory is on sys.path)
 from omegaconf import OmegaConf
 
 from pipeline.config import RunConfig, to_run_config
@@ -63,8 +64,9 @@ def main(spec_path: str) -> None:
         device = init_distributed()
         trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, VIEW_SIZES)
         trainer.setup(model_dict, None, loader_factory, None)
-        rank = torch.distributed.get_rank()
-        torch.save(trainer.module.model_state_dict(), f"{spec['result']}.rank{rank}.pt")
+        torch.save(
+            trainer.module.model_state_dict(), f"{spec['result']}.rank{torch.distributed.get_rank()}.pt"
+        )
         out = {"stage": trainer.stage, "loaded": trainer.loaded_encoder_parts}
     else:
         from pipeline.parallel.data_parallel import run_data_parallel_training
@@ -73,27 +75,15 @@ def main(spec_path: str) -> None:
         if spec.get("nan_steps"):
             accum = run.parallel.global_batch // run.parallel.micro_batch // int(spec["world_size"])
             _poison(set(spec["nan_steps"]), accum)
-        try:
-            result = run_data_parallel_training(
+        out = rank_outcome(
+            lambda: run_data_parallel_training(
                 run,
                 tokenizer=tokenizer,
                 loader_factory=loader_factory,
                 model_factory=lambda: build_run_model(run, tokenizer),
-            )
-            out = {
-                "steps": result.steps,
-                "losses": result.losses,
-                "bad_steps": result.bad_steps,
-                "dp_rank": result.dp_rank,
-                "stopped_by_signal": result.stopped_by_signal,
-                "checkpoint": str(result.last_checkpoint),
-            }
-        except RuntimeError as err:  # e.g. too many non-finite losses: the test reads the message
-            out = {"error": str(err)}
-        rank = torch.distributed.get_rank()
-    Path(f"{spec['result']}.rank{rank}.json").write_text(json.dumps(out))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+            )  # fmt: skip
+        )
+    write_rank_result(spec, out)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,26 @@ def debug_model_and_shards(work: Path):
         eos_token_id=tok.eos_id,
     )
     return tok, shards, model
+
+
+def rank_outcome(train) -> dict:
+    """Worker side: run `train()` (an `EngineResult`) into a JSON-able dict; a RuntimeError (e.g.
+    too many non-finite losses) becomes {"error": message}, which the test reads."""
+    import dataclasses
+
+    try:
+        result = dataclasses.asdict(train())
+    except RuntimeError as err:
+        return {"error": str(err)}
+    checkpoint = result.pop("last_checkpoint")
+    return {**result, "checkpoint": str(checkpoint)}
+
+
+def write_rank_result(spec: dict, out: dict) -> None:
+    """Worker side: this rank's result file for `launch`, then leave the process group."""
+    import torch
+
+    rank = torch.distributed.get_rank()
+    Path(f"{spec['result']}.rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

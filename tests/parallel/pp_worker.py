@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+from harness import rank_outcome, write_rank_result  # noqa: E402  (this directory is on sys.path)
 from omegaconf import OmegaConf
 
 from pipeline.config import RunConfig, to_run_config
@@ -58,22 +58,8 @@ def main(spec_path: str) -> None:
         )
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
-    try:
-        result = run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory)
-        out = {
-            "steps": result.steps,
-            "losses": result.losses,
-            "bad_steps": result.bad_steps,
-            "stage": result.stage,
-            "dp_rank": result.dp_rank,
-            "checkpoint": str(result.last_checkpoint),
-        }
-    except RuntimeError as err:  # e.g. too many non-finite losses: the test reads the message
-        out = {"error": str(err)}
-    rank = torch.distributed.get_rank()
-    Path(f"{spec['result']}.rank{rank}.json").write_text(json.dumps(out))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    train = lambda: run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory)  # noqa: E731
+    write_rank_result(spec, rank_outcome(train))
 
 
 if __name__ == "__main__":
