@@ -46,7 +46,7 @@ class SourceConfig:
     shards: str = ""  # brace pattern or glob of webdataset tars
     weight: float = 1.0
     prompt: str = "free_ocr"  # pipeline.prompts.PROMPTS key, or a literal prompt with <image>
-    modes: dict[str, float] = field(default_factory=lambda: {"base": 1.0})
+    modes: dict[str, float] = field(default_factory=dict)  # empty = Base only (processing.mode_weights)
     kind: str = "ocr"  # "ocr" (image + text) or "text" (text-only rows)
 
 

@@ -267,6 +267,12 @@ class _Random(Protocol):
     def random(self) -> float: ...
 
 
+def mode_weights(modes: Mapping[str, float]) -> dict[str, float]:
+    """Mode weights of a config source; empty means Base only. (The schemas default to an empty
+    dict because OmegaConf merges a dict default with the user's dict instead of replacing it.)"""
+    return dict(modes) or {"base": 1.0}
+
+
 def select_mode(rng: _Random, weights: Mapping[str, float]) -> str:
     """Sample a mode name with probability proportional to `weights` (random.Random or numpy Generator)."""
     if not weights:

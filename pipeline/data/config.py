@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.processing import MODES
+from pipeline.processing import MODES, mode_weights
 from pipeline.prompts import get_prompt
 from pipeline.tokenizer import IMAGE_TOKEN
 
@@ -174,7 +174,8 @@ def paper_mixture(
 def from_run_config(data: Any, *, batch_size: int, seed: int, **overrides: Any) -> LoaderConfig:
     """Build from the Hydra schema `pipeline.config.DataConfig` (kind "webdataset")."""
     sources = [
-        SourceSpec(s.name, s.shards, float(s.weight), s.prompt, dict(s.modes), s.kind) for s in data.sources
+        SourceSpec(s.name, s.shards, float(s.weight), s.prompt, mode_weights(s.modes), s.kind)
+        for s in data.sources
     ]
     return LoaderConfig(
         **{

@@ -92,7 +92,7 @@ class ReplaySpec:
     share: float = 0.25
     shards: str = ""
     prompt: str = "free_ocr"
-    modes: dict[str, float] = field(default_factory=lambda: {"base": 1.0})
+    modes: dict[str, float] = field(default_factory=dict)  # empty = Base only (processing.mode_weights)
     val: str = ""
 
     def __post_init__(self) -> None:

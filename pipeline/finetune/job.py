@@ -38,6 +38,7 @@ from pipeline.finetune.export import export_merged, save_adapter
 from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
 from pipeline.finetune.vocab import cover_texts, is_char_tokenizer
 from pipeline.model import DeepSeekOCR
+from pipeline.processing import mode_weights
 from pipeline.tokenizer import OCRTokenizer
 from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
 from pipeline.train.logging import RunLogger
@@ -143,7 +144,7 @@ def webdataset_data(run: RunConfig) -> FinetuneData:
                 "e.g. synthetic pages of the original languages from `dsocr-data synth`), or set share=0"
             )
         replay = SourceSpec(
-            "replay", ft.replay.shards, ft.replay.share, ft.replay.prompt, dict(ft.replay.modes)
+            "replay", ft.replay.shards, ft.replay.share, ft.replay.prompt, mode_weights(ft.replay.modes)
         )
     val = ft.val or run.data.val_shards
     if not val:

@@ -76,3 +76,20 @@ def test_from_run_config_maps_the_hydra_schema():
     assert (config.seq_len, config.batch_size, config.seed, config.num_workers) == (4096, 4, 9, 3)
     assert (config.max_pixels, config.max_tiles, config.packing) == (1000, 6, True)
     assert config.sources[0].modes == {"gundam": 1.0} and config.sources[0].shards == ["x-{0..1}.tar"]
+
+
+@pytest.mark.config
+def test_source_modes_replace_the_default_instead_of_merging_into_it():
+    """OmegaConf merges a dict default with the user's dict: a {base: 1} default made
+    `modes: {debug: 1}` draw Base pages half the time."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import to_run_config
+    from pipeline.data.config import from_run_config
+
+    run = to_run_config(OmegaConf.create({"data": {"kind": "webdataset", "sources": [
+        {"name": "a", "shards": "a.tar", "modes": {"debug": 1.0}}, {"name": "b", "shards": "b.tar"}]},
+        "finetune": {"replay": {"modes": {"tiny": 1.0}}}}))  # fmt: skip
+    sources = from_run_config(run.data, batch_size=1, seed=0).sources
+    assert [s.modes for s in sources] == [{"debug": 1.0}, {"base": 1.0}]
+    assert dict(run.finetune.replay.modes) == {"tiny": 1.0}
