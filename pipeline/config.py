@@ -48,6 +48,7 @@ class SourceConfig:
     prompt: str = "free_ocr"  # pipeline.prompts.PROMPTS key, or a literal prompt with <image>
     modes: dict[str, float] = field(default_factory=dict)  # empty = Base only (processing.mode_weights)
     kind: str = "ocr"  # "ocr" (image + text) or "text" (text-only rows)
+    start_after: int = 0  # curriculum: joins the mixture after this many samples of the run
 
 
 @dataclass
@@ -68,6 +69,9 @@ class SynthConfig:
     paragraph_lines: int = 10  # at most this many lines per paragraph page (line height image_size / lines)
     paragraph_chars: int = 30  # characters per paragraph line (the pitch: image_size / paragraph_chars)
     persian: int = 0
+    # Curriculum: the Latin lines alone for this many training samples, then every set
+    # (learning to read short lines first; long paragraphs reward a text-only language model).
+    lines_first: int = 0
 
 
 @dataclass
@@ -132,6 +136,9 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = 0  # torch CPU threads, 0 = torch default
     max_minutes: float = 0.0  # single-process runs: stop training after this wall time (0 = no limit)
+    compile: bool = (
+        False  # single-process runs: torch.compile the repeated blocks (DeepSeekOCR.compile_regions)
+    )
 
 
 @dataclass

@@ -41,6 +41,8 @@ class SourceSpec:
     kind: "ocr" (image samples) or "text" (text-only: JSON `text`, or `prompt` + `answer`).
       The kind sets what the default prompt may be; each sample needs an image exactly
       when its own prompt (else the default) has `<image>` (pipeline.data.samples).
+    start_after: a curriculum: the source joins the mixture after this many samples of the
+      run (over all ranks and workers; each consumer waits for its share). 0 = from the start.
     """
 
     name: str
@@ -49,6 +51,7 @@ class SourceSpec:
     prompt: str = "free_ocr"
     modes: dict[str, float] | str = "base"
     kind: str = "ocr"
+    start_after: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -63,6 +66,10 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: weight must be finite and > 0, got {self.weight}")
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.start_after, int) or self.start_after < 0:
+            raise ValueError(
+                f"source {self.name!r}: start_after must be an int >= 0, got {self.start_after!r}"
+            )
         self.prompt = get_prompt(self.prompt)
         tags = self.prompt.count(IMAGE_TOKEN)
         if self.kind == "ocr" and tags != 1:
@@ -131,6 +138,11 @@ class LoaderConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        if all(s.start_after for s in self.sources):
+            raise ValueError(
+                f"every source has start_after > 0 ({ {s.name: s.start_after for s in self.sources} }): "
+                "the mixture needs at least one source from the start"
+            )
         for attr in ("seq_len", "batch_size", "pack_buffer", "max_pixels", "prefetch_factor"):
             if getattr(self, attr) < 1:
                 raise ValueError(f"{attr} must be >= 1, got {getattr(self, attr)}")
@@ -147,7 +159,7 @@ class LoaderConfig:
 
     @property
     def mixture(self) -> dict[str, float]:
-        """Normalised source weights."""
+        """Normalised source weights (once every source has joined; see SourceSpec.start_after)."""
         total = sum(s.weight for s in self.sources)
         return {s.name: s.weight / total for s in self.sources}
 
@@ -174,7 +186,7 @@ def paper_mixture(
 def from_run_config(data: Any, *, batch_size: int, seed: int, **overrides: Any) -> LoaderConfig:
     """Build from the Hydra schema `pipeline.config.DataConfig` (kind "webdataset")."""
     sources = [
-        SourceSpec(s.name, s.shards, float(s.weight), s.prompt, mode_weights(s.modes), s.kind)
+        SourceSpec(s.name, s.shards, float(s.weight), s.prompt, mode_weights(s.modes), s.kind, s.start_after)
         for s in data.sources
     ]
     return LoaderConfig(

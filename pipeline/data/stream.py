@@ -22,7 +22,9 @@ skip or repeat samples. Here the order is a pure function of (seed, source, epoc
 `MixtureStream` draws a source for each sample with weights from a counter-based
 RNG (draw n of consumer c is seeded by (seed, c, n)), so its state is one integer
 per consumer. A failed sample is retried from the *same* source, so the mixture
-proportions hold over valid samples.
+proportions hold over valid samples. A source with `start_after = S` (a curriculum)
+takes part from draw ceil(S / num_consumers) of each consumer on: the run has drawn
+about S samples from the other sources by then.
 """
 
 from __future__ import annotations
@@ -193,6 +195,10 @@ class MixtureStream:
             for i, spec in enumerate(cfg.sources)
         ]
 
+    def _joined(self, index: int) -> bool:
+        start = self.config.sources[index].start_after
+        return self.draws >= -(-start // self.num_consumers)  # ceil: this consumer's share of S
+
     def _draw(self, active: list[int]) -> int:
         weights = list(accumulate(self.config.sources[i].weight for i in active))
         u = random.Random(stable_seed(self.config.seed, "mixture", self.consumer, self.draws)).random()
@@ -202,9 +208,11 @@ class MixtureStream:
     def next(self) -> tuple[Example, SampleRef] | None:
         """The next valid example and its reference, or None when every finite source is exhausted."""
         while True:
-            active = [i for i in range(len(self.sources)) if i not in self.exhausted]
-            if not active:
+            remaining = [i for i in range(len(self.sources)) if i not in self.exhausted]
+            if not remaining:
                 return None
+            # a finite stream whose early sources ran out lets the waiting ones join at once
+            active = [i for i in remaining if self._joined(i)] or remaining
             source = self.sources[self._draw(active)]
             start_epoch = source.epoch
             while True:

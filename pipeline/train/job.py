@@ -160,12 +160,15 @@ def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_
 
 
 def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> LoaderConfig:
-    """The StreamingLoader of the job; synth sets are mixed in proportion to their sizes."""
+    """The StreamingLoader of the job; synth sets are mixed in proportion to their sizes, the
+    lines alone for the first `data.synth.lines_first` samples."""
     batch = run.parallel.micro_batch
     if run.data.kind == "synth_lines":
         sizes = {s.name: s.train.n for s in synth_sets(run)}
         sources = [SourceSpec(f"reading-{name}", pattern, weight=float(sizes[name]), prompt="free_ocr",
-                              modes=run.data.synth.mode) for name, pattern in train_shards.items()]  # fmt: skip
+                              modes=run.data.synth.mode,
+                              start_after=0 if name == "lines" else run.data.synth.lines_first)
+                   for name, pattern in train_shards.items()]  # fmt: skip
         return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=batch,
                             packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
     if run.data.kind == "webdataset":
@@ -213,7 +216,8 @@ def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    # generation runs eagerly: compiled training blocks would recompile for every decode shape
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         report = evaluate(model, tokenizer, samples, cfg, name=name)
     model.train(was_training)
     report.write(out_dir, name)
@@ -368,6 +372,8 @@ def run_job(run: RunConfig) -> JobResult:
     other_before = {name: run_eval(model, tokenizer, samples, other_cfg[name], out / "eval", f"before_{name}")
                     for name, samples in other_sets.items()}  # fmt: skip
 
+    if run.train.compile:
+        model.compile_regions()
     optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
     scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
     logger = RunLogger(out, run.logger, asdict(run), run.name)

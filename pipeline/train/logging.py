@@ -50,6 +50,7 @@ class RunLogger:
         "grad_norm",
         "tokens_per_s",
         "samples_per_s",
+        "data_wait",
         "mfu",
         "cer",
     )

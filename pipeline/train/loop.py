@@ -105,6 +105,7 @@ class LocalTrainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.step = 0
         self._data_iter = iter(data)
+        self._data_wait = 0.0  # seconds spent waiting for batches in the current step
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -156,7 +157,9 @@ class LocalTrainer:
 
     def _micro_step(self) -> tuple[torch.Tensor, int, int]:
         """Forward + backward of one micro-batch; returns detached (loss, lm, aux) without a host sync."""
+        t0 = time.perf_counter()
         cpu_batch = next(self._data_iter)
+        self._data_wait += time.perf_counter() - t0
         tokens, docs = cpu_batch.num_tokens, cpu_batch.num_documents  # counted before the copy
         with self._autocast():
             out = self.model(batch_to(cpu_batch, self.device))
@@ -178,6 +181,7 @@ class LocalTrainer:
                     )
                     break
                 t0 = time.perf_counter()
+                self._data_wait = 0.0
                 self.optimizer.zero_grad(set_to_none=True)
                 parts, tokens, docs = [], 0, 0
                 for _ in range(self.grad_accum):
@@ -234,6 +238,7 @@ class LocalTrainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
             "samples_per_s": docs / dt,
+            "data_wait": self._data_wait / dt,  # fraction of the step spent waiting for batches
         }
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
@@ -249,7 +254,7 @@ class LocalTrainer:
     def _run_eval(self) -> dict:
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # generation: no recompiles
             metrics = self.evaluate(self.model, self.step)
         self.model.train(was_training)
         self.logger.log({"event": "eval", "step": self.step, **metrics})

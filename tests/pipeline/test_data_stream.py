@@ -97,11 +97,12 @@ def test_source_without_samples_for_a_consumer_raises(tmp_path):
         lonely.next()
 
 
-def _mixture(tmp_path, weights, decode, *, consumer=0, infinite=True):
+def _mixture(tmp_path, weights, decode, *, consumer=0, infinite=True, start_after=None):
     sources = []
     for name, weight in weights.items():
         paths, _ = make_shards(tmp_path, name, (10, 10))
-        sources.append(SourceSpec(name, paths, weight, kind="text", prompt=""))
+        start = (start_after or {}).get(name, 0)
+        sources.append(SourceSpec(name, paths, weight, kind="text", prompt="", start_after=start))
     config = LoaderConfig(sources, seed=3, infinite=infinite)
     return MixtureStream(config, decode, consumer, 2, SkipCounter())
 
@@ -147,3 +148,33 @@ def test_mixture_raises_when_a_source_has_no_valid_sample(tmp_path):
     mix = _mixture(tmp_path, {"p": 1.0}, lambda ref: None)
     with pytest.raises(ValueError, match="no valid sample"):
         mix.next()
+
+
+def test_curriculum_source_joins_after_its_share_of_samples_and_resumes_exactly(tmp_path):
+    # 2 consumers: start_after=41 -> each consumer draws ceil(41 / 2) = 21 samples of "p" first
+    weights, start = {"p": 1.0, "q": 3.0}, {"q": 41}
+    mix = _mixture(tmp_path, weights, fake_decode, start_after=start)
+    sources = [mix.next()[0].source for _ in range(21)]
+    assert sources == ["0"] * 21
+    state = mix.state_dict()
+    tail = [mix.next()[0].source for _ in range(400)]
+    assert 0.65 < tail.count("1") / len(tail) < 0.85  # then the weights hold (3:1)
+    again = _mixture(tmp_path, weights, fake_decode, start_after=start)
+    again.load_state_dict(state)
+    assert [again.next()[0].source for _ in range(400)] == tail
+
+
+def test_finite_curriculum_lets_waiting_sources_join_when_the_others_run_out(tmp_path):
+    mix = _mixture(tmp_path, {"p": 1.0, "q": 1.0}, fake_decode, infinite=False, start_after={"q": 10**6})
+    sources = []
+    while (item := mix.next()) is not None:
+        sources.append(item[0].source)
+    assert sources == ["0"] * 10 + ["1"] * 10  # this consumer's half of each source, p first
+
+
+@pytest.mark.parametrize(
+    ("start", "match"), [({"p": 5, "q": 1}, "at least one source"), ({"q": -1}, "start_after")]
+)
+def test_curriculum_config_errors(tmp_path, start, match):
+    with pytest.raises(ValueError, match=match):
+        _mixture(tmp_path, {"p": 1.0, "q": 1.0}, fake_decode, start_after=start)

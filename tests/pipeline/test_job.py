@@ -49,6 +49,8 @@ def test_embedded_default_loss_falls_and_run_leaves_artifacts(tmp_path):
     assert job.checkpoint is not None and job.checkpoint.name == "step_00000080"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1 and any(r["step"] == 80 for r in records)
+    logged = [r for r in records if "loss" in r and "event" not in r]
+    assert logged and all(0.0 <= r["data_wait"] <= 1.0 for r in logged)  # fraction of the step
     periodic = [r for r in records if r.get("event") == "eval" and "capped_cer" in r]
     assert [r["step"] for r in periodic] == [40, 80]
     assert all(0.0 <= r["capped_cer"] <= 1.0 for r in periodic)
@@ -105,3 +107,19 @@ def test_reading_ranks_refuse_missing_synth_shards(tmp_path):
     run = compose_run(tmp_path / "run", "data.synth.num_train=8", "data.synth.num_val=2")
     with pytest.raises(ValueError, match="no complete shards of reading-lines-train"):
         prepare_job_data(run, tmp_path / "run", render=False)
+
+
+@pytest.mark.config
+def test_lines_first_holds_back_the_other_sets(tmp_path):
+    from pipeline.train.job import loader_config
+
+    run = compose_run(tmp_path / "run", "data.synth.paragraphs=60", "data.synth.persian=30",
+                      "data.synth.lines_first=5000")  # fmt: skip
+    shards = {name: f"/data/{name}-*.tar" for name in ("lines", "paragraphs", "persian")}
+    cfg = loader_config(run, shards)
+    assert {s.name: s.start_after for s in cfg.sources} == {
+        "reading-lines": 0,
+        "reading-paragraphs": 5000,
+        "reading-persian": 5000,
+    }
+    assert [s.weight for s in cfg.sources] == [run.data.synth.num_train, 60, 30]
