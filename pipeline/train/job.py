@@ -29,6 +29,7 @@ from pipeline.model import DeepSeekOCR, build_model
 from pipeline.parallel.topology import dist_env
 from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
+from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
@@ -199,6 +200,19 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
 
 
 # ----------------------------------------------------------------------------- eval
+@dataclass(frozen=True)
+class SavedScores:
+    """The CERs of an evaluation report written earlier (`<stem>_report.json`)."""
+
+    corpus_cer: float
+    capped_cer: float
+
+    @classmethod
+    def read(cls, path: Path) -> SavedScores:
+        raw = json.loads(path.read_text())["raw"]
+        return cls(raw["corpus_cer"], raw["capped_cer"])
+
+
 def eval_config(run: RunConfig) -> EvalRunConfig:
     mode = run.data.synth.mode if run.data.kind == "synth_lines" else run.eval.mode
     return EvalRunConfig(mode=mode, prompt="free_ocr", batch_size=run.eval.batch_size,
@@ -366,10 +380,19 @@ def run_job(run: RunConfig) -> JobResult:
           f"({n_train:,} trainable), device {device}, out {out}", flush=True)  # fmt: skip
 
     ecfg = eval_config(run)
-    before = run_eval(model, tokenizer, val_samples, ecfg, out / "eval", "before") if val_samples else None
     other_sets = {name: samples for name, samples in list(data.val_sets.items())[1:] if samples}
     other_cfg = {name: set_eval_config(run, name) for name in other_sets}
-    other_before = {name: run_eval(model, tokenizer, samples, other_cfg[name], out / "eval", f"before_{name}")
+    # a resumed run (e.g. a time-boxed job continued) keeps the reports of the untrained model
+    resuming = run.train.resume and latest_checkpoint(out) is not None
+
+    def before_eval(samples, cfg, stem):
+        saved = out / "eval" / f"{stem}_report.json"
+        if resuming and saved.exists():
+            return SavedScores.read(saved)
+        return run_eval(model, tokenizer, samples, cfg, out / "eval", stem).raw
+
+    before = before_eval(val_samples, ecfg, "before") if val_samples else None
+    other_before = {name: before_eval(samples, other_cfg[name], f"before_{name}")
                     for name, samples in other_sets.items()}  # fmt: skip
 
     if run.train.compile:
@@ -413,14 +436,14 @@ def run_job(run: RunConfig) -> JobResult:
         steps=result.steps,
         first_loss=result.losses[0] if result.losses else None,
         last_loss=sum(result.losses[-20:]) / len(result.losses[-20:]) if result.losses else None,
-        cer_before=before.raw.corpus_cer if before else None,
+        cer_before=before.corpus_cer if before else None,
         cer_after=after.raw.corpus_cer if after else None,
-        capped_before=before.raw.capped_cer if before else None,
+        capped_before=before.capped_cer if before else None,
         capped_after=after.raw.capped_cer if after else None,
         checkpoint=result.last_checkpoint,
         other_sets={
             name: (
-                other_before[name].raw.corpus_cer,
+                other_before[name].corpus_cer,
                 other_after[name].raw.corpus_cer if name in other_after else None,
             )
             for name in other_sets

@@ -123,3 +123,21 @@ def test_lines_first_holds_back_the_other_sets(tmp_path):
         "reading-persian": 5000,
     }
     assert [s.weight for s in cfg.sources] == [run.data.synth.num_train, 60, 30]
+
+
+@pytest.mark.slow
+def test_continued_job_resumes_and_keeps_the_untrained_reports(tmp_path):
+    common = ["data.synth.num_train=200", "data.synth.paragraphs=20", "data.synth.paragraph_lines=3",
+              "data.synth.paragraph_chars=16", "data.synth.num_val=4", "data.seq_len=256",
+              "eval.num_samples=4", "train.eval_every=0", "train.save_every=0"]  # fmt: skip
+    first = run_job(compose_run(tmp_path / "run", *common, "train.max_steps=4"))
+    reports = sorted((first.out_dir / "eval").glob("before*_report.json"))
+    assert [p.name for p in reports] == ["before_paragraphs_report.json", "before_report.json"]
+    stamps = [p.stat().st_mtime_ns for p in reports]
+    second = run_job(compose_run(tmp_path / "run", *common, "train.max_steps=8"))
+    assert (first.steps, second.steps) == (4, 8)
+    assert [p.stat().st_mtime_ns for p in reports] == stamps  # not evaluated again
+    assert (second.cer_before, second.capped_before) == (first.cer_before, first.capped_before)
+    assert second.other_sets["paragraphs"][0] == first.other_sets["paragraphs"][0]
+    records = [json.loads(line) for line in (second.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resume" and r["step"] == 4 for r in records)
