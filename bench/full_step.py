@@ -42,6 +42,7 @@ from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
 from pipeline.data.packing import IGNORE_INDEX
 from pipeline.model import DeepSeekOCR, ImagePlan
+from pipeline.processing import normalize_pixels
 from pipeline.train.optim import param_groups
 
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-5, (0.9, 0.95), 0.1, 1.0
@@ -105,7 +106,9 @@ class PeerOCR(nn.Module):
         if b.image_positions.numel():
             dtype = self.lm_head.weight.dtype
             with torch.no_grad():
-                feats = [self.sam(pixel_values=p.to(dtype)).last_hidden_state for p in b.pixels]
+                feats = [
+                    self.sam(pixel_values=normalize_pixels(p, dtype)).last_hidden_state for p in b.pixels
+                ]
             flat = [self.encoder.clip_project(f).flatten(0, 1) for f in feats]  # (N*g*g, H) each
             special = torch.stack([self.encoder.image_newline, self.encoder.view_seperator])  # (2, H)
             embeds = scatter_images(embeds, torch.cat([*flat, special.to(flat[0].dtype)]), b)

@@ -27,7 +27,7 @@ import torch
 from pipeline.batch import Example, ImageViews, PackedBatch
 from pipeline.data.packing import IGNORE_INDEX, Packer, collate_packed
 from pipeline.model import plan_images
-from pipeline.processing import get_mode, load_image, process_image
+from pipeline.processing import get_mode, load_image, normalize_pixels, process_image
 
 
 def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
@@ -146,7 +146,11 @@ class StagedBatch:
 def stage_batch(
     batch: PackedBatch, image_token_id: int, pixel_dtype: torch.dtype | None = None
 ) -> StagedBatch:
-    """Host-side preparation of one batch (see the module docstring); raises on placeholder mismatch."""
+    """Host-side preparation of one batch (see the module docstring); raises on placeholder mismatch.
+
+    pixel_dtype None keeps the views uint8 (the model normalises them on its device); a dtype
+    normalises them here, on the host, into that dtype (the data path before uint8 views).
+    """
     plan = plan_images(batch.images)
     is_image = batch.input_ids == image_token_id  # (B, L)
     per_row = is_image.sum(dim=1).tolist()
@@ -158,7 +162,7 @@ def stage_batch(
     for row in batch.doc_ids:
         counts = torch.bincount(row[row >= 0])
         doc_lengths += [int(c) for c in counts if c > 0]
-    pixels = plan.pixels if pixel_dtype is None else [p.to(pixel_dtype) for p in plan.pixels]
+    pixels = plan.pixels if pixel_dtype is None else [normalize_pixels(p, pixel_dtype) for p in plan.pixels]
     sides = [s for s, p in zip(plan.sizes, plan.pixels) for _ in range(p.shape[0])]
     return StagedBatch(
         input_ids=batch.input_ids,

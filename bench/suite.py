@@ -62,8 +62,9 @@ FOOTNOTES = [
     "'syncs' = synchronising CUDA calls in one step (torch sync debug mode); 'SAM calls' = SAM forwards "
     "per step vs view-size groups (equal = no recomputation; 'no graph' = frozen SAM kept out of autograd).",
     "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
-    "transform, tokenize, pack) on rendered 1024 px text pages; peer = PNG decode + transformers "
-    "DeepseekOcr2ImageProcessor with the same view sizes (images only: no tokenizing or packing).",
+    "transform to uint8 views, tokenize, pack; the model normalises the views on its device) on rendered "
+    "1024 px text pages; peer = PNG decode + transformers DeepseekOcr2ImageProcessor with the same view "
+    "sizes (images only: no tokenizing or packing; normalised float32 views).",
     "Profile (--profile): one step of 'LocalTrainer' and of the fastest sync-free variant under torch.profiler, "
     "saved beside the JSON as trace_full_step_*.json.gz (Chrome trace, ui.perfetto.dev) and profile_summary.txt "
     "(top kernels by GPU time, host syncs in the step, operator table).",

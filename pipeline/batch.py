@@ -16,8 +16,10 @@ import torch
 class ImageViews:
     """One image after mode processing.
 
-    global_view: (3, S, S) normalised pixels of the global view (S = base_size or image_size).
-    tiles: (n, 3, T, T) local crops (Gundam) in row-major order, or None.
+    global_view: (3, S, S) uint8 RGB pixels of the global view (S = base_size or image_size);
+        the model normalises them on its device (`pipeline.processing.normalize_pixels`), and
+        takes floating views as already normalised.
+    tiles: (n, 3, T, T) uint8 local crops (Gundam) in row-major order, or None.
     grid: (w, h) tile grid, (1, 1) when there are no tiles.
     num_placeholders: number of `<image>` tokens this image occupies in the text.
     """

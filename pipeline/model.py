@@ -7,8 +7,9 @@ first when there are tiles, then the global grid (newline after each row), then
 `view_seperator`; the result is scattered into the `<image>` placeholder positions in order.
 
 The pieces are separately callable so a pipeline stage can run one of them:
-`plan_images` (CPU, data side: pixels grouped by view size + an int64 gather index),
-`sam_features` (SAM + compressor per size group), `clip_features` (CLIP + projector),
+`plan_images` (CPU, data side: uint8 pixels grouped by view size + an int64 gather index),
+`sam_features` (normalisation on the device, SAM + compressor per size group),
+`clip_features` (CLIP + projector),
 `image_table` + `merge` (layout and scatter into the token embeddings), then the decoder.
 Views of equal size are encoded in one call (one call per distinct size).
 """
@@ -24,7 +25,7 @@ from decoder import DecoderModel, decoder_config
 from deepencoder import DeepEncoder, encoder_config
 from pipeline.batch import ImageViews, PackedBatch
 from pipeline.loss import IGNORE_INDEX, next_token_loss  # noqa: F401 (re-exported: one loss for all paths)
-from pipeline.processing import VIEW_DOWNSAMPLE
+from pipeline.processing import VIEW_DOWNSAMPLE, normalize_pixels
 
 _NEWLINE, _SEPARATOR = -1, -2  # sentinels in the layout before the table size is known
 
@@ -34,9 +35,10 @@ class ImagePlan:
     """How the images of a batch become placeholder embeddings (all tensors, PP-friendly).
 
     sizes[k]: view side of group k; pixels[k]: (N_k, 3, S_k, S_k) views of that side in
-    batch order. gather_index (P,) int64 indexes the table cat(features of group 0 flattened
-    to (N_0*q_0^2, H), group 1, ..., image_newline, view_seperator) for the P placeholders
-    of the batch in (row, position) order. row_counts[b]: placeholders of row b.
+    batch order, uint8 RGB from `pipeline.processing` (or already-normalised floats).
+    gather_index (P,) int64 indexes the table cat(features of group 0 flattened to
+    (N_0*q_0^2, H), group 1, ..., image_newline, view_seperator) for the P placeholders of the
+    batch in (row, position) order. row_counts[b]: placeholders of row b.
     """
 
     sizes: list[int]
@@ -108,6 +110,9 @@ def plan_images(images: list[list[ImageViews]]) -> ImagePlan:
     for side in sizes:
         if side % VIEW_DOWNSAMPLE:
             raise ValueError(f"view side {side} is not a multiple of {VIEW_DOWNSAMPLE}")
+    dtypes = {v.dtype for side in sizes for v in groups[side]}
+    if len(dtypes) > 1:  # stacking would promote uint8 to float without normalising it
+        raise ValueError(f"the views of a batch mix dtypes {sorted(map(str, dtypes))}; use uint8 throughout")
     offsets, total = {}, 0
     for side in sizes:
         offsets[side] = total
@@ -176,9 +181,16 @@ class DeepSeekOCR(nn.Module):
     # ---- vision side, one piece per pipeline stage ----
 
     def sam_features(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per size group (N, 3, S, S) -> compressed SAM features (N, C, S/64, S/64)."""
+        """Per size group (N, 3, S, S) -> compressed SAM features (N, C, S/64, S/64).
+
+        uint8 views are copied to the encoder's device as uint8 and normalised there
+        (`normalize_pixels`); floating views are taken as already normalised.
+        """
         param = next(self.encoder.parameters())
-        return [self.encoder.sam_features(p.to(device=param.device, dtype=param.dtype)) for p in pixels]
+        return [
+            self.encoder.sam_features(normalize_pixels(p.to(param.device, non_blocking=True), param.dtype))
+            for p in pixels
+        ]
 
     def clip_features(self, compressed: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per size group (N, C, g, g) -> projected vision features (N, g*g, n_embed)."""

@@ -12,11 +12,13 @@ pipeline split), so it runs the model's own methods (`sam_features`, `clip_featu
 Boundary tuples (every micro-batch; `dynamic_shape=True` lets sizes change). K = len(view_sizes)
 pixel / feature slots, one per view side in ascending order; a side absent from the micro-batch
 has an empty (0, ...) slot, so the layout and the dtype at every index never change (DeepSpeed
-reuses its receive buffers by index). Float tensors first, int64 after:
+reuses its receive buffers by index). Between stages float tensors come first, int64 after:
 
     inputs  (data -> stage 0):  input_ids, labels, position_ids, doc_ids (B, L) int64,
                                 gather_index (P,) int64, row_counts (B,) int64,
-                                pixels_1..pixels_K (N_k, 3, S_k, S_k) fp32
+                                pixels_1..pixels_K (N_k, 3, S_k, S_k) in the views' dtype, uint8
+                                (raw RGB) from the loader, empty slots alike; `sam_features`
+                                normalises them on the device
     vision  (after SAM):        link (1,) fp32, feats_1..feats_K (N_k, C, S_k/64, S_k/64),
                                 input_ids, labels, position_ids, doc_ids, gather_index, row_counts
     hidden  (after CLIP/merge   aux (1,) fp32 running MoE balance loss, hidden (B, L, H),
@@ -26,6 +28,11 @@ reuses its receive buffers by index). Float tensors first, int64 after:
 The head computes the loss with `pipeline.loss.chunked_next_token_loss` (loss_chunk_tokens > 0:
 the row's (L, vocab) logits never exist at once) or `next_token_loss` on full logits (0), the
 same loss the single-process `DeepSeekOCR.forward` computes.
+
+The `inputs` tuple never crosses a p2p boundary: the first stage loads it from the data
+iterator (DeepSpeed's `_exec_load_micro_batch` clones it to the device and, under reentrant
+checkpointing, marks only floating tensors as requiring grad), so uint8 pixels travel as uint8
+up to SAM.
 
 Labels ride along in the tuple, so the last stage computes the loss from exactly the rows the
 first stage embedded (the engine's `loss_fn` is unused). DeepSpeed marks every received float
@@ -65,10 +72,11 @@ def micro_batch_inputs(
     if unknown:
         raise ValueError(f"view sides {unknown} have no pipeline slot; slots: {list(view_sizes)}")
     by_size = dict(zip(plan.sizes, plan.pixels))
-    pixels = [by_size.get(s, torch.zeros(0, 3, s, s)) for s in view_sizes]
+    dtype = plan.pixels[0].dtype if plan.pixels else torch.uint8  # uint8 from the loader
+    pixels = [by_size.get(s, torch.zeros(0, 3, s, s, dtype=dtype)) for s in view_sizes]
     text = (batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids)
     counts = torch.tensor(plan.row_counts, dtype=torch.long)
-    return (*(t.long() for t in text), plan.gather_index.long(), counts, *(p.float() for p in pixels))
+    return (*(t.long() for t in text), plan.gather_index.long(), counts, *pixels)
 
 
 def _materialize(module: nn.Module | None, device: torch.device | str) -> None:

@@ -101,22 +101,29 @@ def test_deepspeed_config_batch_and_precision(tmp_path):
     assert cfg["gradient_clipping"] == run.optim.grad_clip
 
 
-def test_micro_batch_inputs_fixed_slots(tok):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])  # the loader's views; pre-normalised ones
+def test_micro_batch_inputs_fixed_slots(tok, dtype):
     from pipeline.batch import ImageViews, PackedBatch
 
     ids = torch.tensor([[tok.bos_id] + [tok.image_id] * 7 + [5, 6]])
+    view = torch.arange(3 * 128 * 128).view(3, 128, 128).remainder(256).to(dtype)
     batch = PackedBatch(
         input_ids=ids,
         labels=ids.clone(),
         position_ids=torch.arange(10)[None],
         doc_ids=torch.zeros(1, 10, dtype=torch.long),
-        images=[[ImageViews(global_view=torch.zeros(3, 128, 128), num_placeholders=7)]],
+        images=[[ImageViews(global_view=view, num_placeholders=7)]],
     )
     inputs = micro_batch_inputs(batch)
     pixels = inputs[6:]
     assert len(pixels) == len(VIEW_SIZES)
     assert [p.shape[0] for p in pixels] == [1 if s == 128 else 0 for s in VIEW_SIZES]
+    assert all(p.dtype == dtype for p in pixels)  # kept as given (no host-side cast), empty slots alike
+    assert torch.equal(pixels[VIEW_SIZES.index(128)][0], view)
     assert inputs[4].tolist() == [0, 1, 4, 2, 3, 4, 5] and inputs[5].tolist() == [7]  # gather index, counts
+    assert all(t.dtype == torch.long for t in inputs[:6])
+    text_only = PackedBatch(ids, ids.clone(), batch.position_ids, batch.doc_ids, images=[[]])
+    assert all(p.dtype == torch.uint8 and p.shape[0] == 0 for p in micro_batch_inputs(text_only)[6:])
 
 
 def test_stage1_freeze_is_refused_not_ignored(tmp_path, tok):

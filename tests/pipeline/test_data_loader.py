@@ -6,11 +6,14 @@ depend on anything but (seed, dp_rank), and that a resumed loader continues with
 exactly the next batch (in-process and with DataLoader workers).
 """
 
+import io
 import json
 import string
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader
 from pipeline.data.samples import SampleDecoder
@@ -154,6 +157,26 @@ def test_modes_fixed_sampled_and_hinted(tmp_path, tokenizer):
     assert hinted.num_placeholders == num_placeholders("debug-gundam", hinted.grid)
     assert all(v.global_view.shape == (3, 128, 128) and v.tiles is None for v in views.values())
     assert {v.num_placeholders for v in views.values()} == {num_placeholders("debug-pad")}
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # in process, and through a DataLoader worker's shared memory
+def test_batches_carry_uint8_views_with_the_decoded_pixels(tmp_path, tokenizer, workers):
+    pngs = {f"u{i}": png_bytes(128, 128, seed=i) for i in range(3)}
+    members = [m for key, png in pngs.items() for m in sample_members(key, f"text {key}", png)]
+    shard = str(write_tar(tmp_path / "u8.tar", members))
+    cfg = config(
+        shard, infinite=False, num_workers=workers, sources=[SourceSpec("ocr", shard, modes="debug")]
+    )
+    seen = {}
+    for batch in StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=1):
+        for keys, row in zip(batch.keys, batch.images):
+            for key, views in zip(keys, row):
+                seen[key.split("/")[-1]] = views
+    assert sorted(seen) == sorted(pngs)
+    for key, views in seen.items():
+        assert views.global_view.dtype == torch.uint8 and views.tiles is None
+        decoded = np.array(Image.open(io.BytesIO(pngs[key])).convert("RGB"))  # 128 px: "debug" keeps it
+        assert torch.equal(views.global_view, torch.from_numpy(decoded).permute(2, 0, 1)), key
 
 
 def test_unpacked_batches_pad_to_the_longest(tmp_path, tokenizer):

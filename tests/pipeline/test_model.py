@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.batch import PackedBatch
+from pipeline.batch import ImageViews, PackedBatch
 from pipeline.model import ImagePlan, build_model, next_token_loss, plan_images
-from pipeline.processing import process_image
+from pipeline.processing import normalize_pixels, process_image
 from pipeline.prompts import PROMPTS, build_example
 from pipeline.tokenizer import build_char_tokenizer
 
@@ -36,12 +36,12 @@ def reference_image_embeddings(model, views):
     """The release's per-image layout (`DeepseekOCRModel.forward`), one encoder call per view set."""
     enc = model.encoder
     nl, sep = enc.image_newline, enc.view_seperator
-    g = enc(views.global_view[None])[0]  # (q*q, H)
+    g = enc(normalize_pixels(views.global_view[None]))[0]  # (q*q, H)
     q = int(g.shape[0] ** 0.5)
     g = torch.cat([g.view(q, q, -1), nl[None, None].expand(q, 1, -1)], dim=1).view(-1, g.shape[-1])
     if views.tiles is None:
         return torch.cat([g, sep[None]])
-    local = enc(views.tiles)  # (n, q2*q2, H)
+    local = enc(normalize_pixels(views.tiles))  # (n, q2*q2, H)
     q2 = int(local.shape[1] ** 0.5)
     w, h = views.grid
     local = local.view(h, w, q2, q2, -1).permute(0, 2, 1, 3, 4).reshape(h * q2, w * q2, -1)
@@ -93,7 +93,46 @@ def test_plan_groups_by_size_and_counts(tok):
     assert back.sizes == plan.sizes and back.row_counts == plan.row_counts
     assert torch.equal(back.gather_index, plan.gather_index)
     assert all(torch.equal(a, b) for a, b in zip(back.pixels, plan.pixels))
-    assert all(t.dtype in (torch.long, torch.float32) for t in plan.to_tensors())
+    assert [t.dtype for t in plan.to_tensors()] == [
+        torch.long,
+        torch.uint8,
+        torch.uint8,
+        torch.long,
+        torch.long,
+    ]
+
+
+def test_plan_rejects_mixed_view_dtypes():
+    views = [ImageViews(torch.zeros(3, 64, 64, dtype=torch.uint8)), ImageViews(torch.zeros(3, 64, 64))]
+    with pytest.raises(ValueError, match="mix dtypes"):
+        plan_images([views])
+
+
+def float_views(views: ImageViews) -> ImageViews:
+    """The same image with its views normalised to float32 on the CPU (the former data path)."""
+    tiles = None if views.tiles is None else normalize_pixels(views.tiles)
+    return ImageViews(normalize_pixels(views.global_view), tiles, views.grid, views.num_placeholders)
+
+
+def test_forward_on_uint8_views_equals_cpu_normalised_views(tok, model):
+    batch, _ = mixed_batch(tok)
+    assert all(v.global_view.dtype == torch.uint8 for row in batch.images for v in row)
+    floats = PackedBatch(
+        batch.input_ids,
+        batch.labels,
+        batch.position_ids,
+        batch.doc_ids,
+        [[float_views(v) for v in row] for row in batch.images],
+    )
+    assert all(v.global_view.dtype == torch.float32 for row in floats.images for v in row)
+    with torch.no_grad():
+        a = model(batch, return_logits=True)
+        b = model(floats, return_logits=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    plan = plan_images(batch.images)
+    feats_u8 = model.sam_features(plan.pixels)
+    feats_f32 = model.sam_features(plan_images(floats.images).pixels)
+    assert all(torch.equal(x, y) for x, y in zip(feats_u8, feats_f32))
 
 
 def test_merge_matches_per_image_reference(tok, model):

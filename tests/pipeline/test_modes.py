@@ -15,6 +15,7 @@ from pipeline.processing import (
     choose_grid,
     get_mode,
     load_image,
+    normalize_pixels,
     num_placeholders,
     process_image,
     select_mode,
@@ -146,14 +147,20 @@ def test_single_view_modes_shapes(mode, side, count):
 def test_resize_mode_stretches_and_normalises():
     color = (200, 10, 60)
     views = process_image(solid(300, 100, color), "debug")
+    assert views.global_view.dtype == torch.uint8
+    assert torch.equal(
+        views.global_view, torch.tensor(color, dtype=torch.uint8).view(3, 1, 1).expand(3, 128, 128)
+    )
     expected = torch.tensor([(c / 255 - 0.5) / 0.5 for c in color])
-    assert torch.allclose(views.global_view, expected.view(3, 1, 1).expand(3, 128, 128), atol=1e-6)
+    normalised = normalize_pixels(views.global_view)
+    assert normalised.dtype == torch.float32
+    assert torch.allclose(normalised, expected.view(3, 1, 1).expand(3, 128, 128), atol=1e-6)
 
 
 def test_pad_mode_keeps_aspect_and_pads_with_127():
     color = (200, 10, 60)
     views = process_image(solid(256, 128, color), "debug-pad")  # fits as 128 x 64, centred
-    g = views.global_view
+    g = normalize_pixels(views.global_view)
     assert torch.allclose(g[:, :32], torch.full((3, 32, 128), PAD_VALUE), atol=1e-6)
     assert torch.allclose(g[:, 96:], torch.full((3, 32, 128), PAD_VALUE), atol=1e-6)
     expected = torch.tensor([(c / 255 - 0.5) / 0.5 for c in color]).view(3, 1, 1)
@@ -170,9 +177,30 @@ def test_tiles_are_row_major():
     views = process_image(image, "debug-gundam")
     assert views.grid == (2, 2)
     for i, color in enumerate(colors):
-        center = views.tiles[i, :, 16:48, 16:48]
+        center = normalize_pixels(views.tiles[i, :, 16:48, 16:48])
         expected = torch.tensor([(c / 255 - 0.5) / 0.5 for c in color]).view(3, 1, 1)
         assert torch.allclose(center, expected.expand_as(center), atol=1e-6), i
+
+
+def test_views_are_uint8_and_normalize_matches_torchvision_order():
+    array = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    views = process_image(Image.fromarray(array), "debug")  # 128 -> 128: the pixels unchanged
+    assert views.global_view.dtype == torch.uint8 and views.global_view.is_contiguous()
+    assert torch.equal(views.global_view, torch.from_numpy(array).permute(2, 0, 1))
+    every = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(2, 3, 1, 256)  # (N, 3, H, W)
+    ref = ((torch.arange(256, dtype=torch.float64) / 255 - 0.5) / 0.5).view(1, 1, 1, 256).expand(2, 3, 1, 256)
+    out = normalize_pixels(every)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 1, 256)
+    assert (out.double() - ref).abs().max() < 1e-7
+    assert torch.equal(
+        normalize_pixels(every, torch.bfloat16), out.to(torch.bfloat16)
+    )  # fp32 math, then cast
+    floats = torch.randn(3, 4, 4, dtype=torch.float64)
+    assert torch.equal(normalize_pixels(floats), floats.float())  # floating = already normalised, cast only
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(every.to(torch.int32))
+    with pytest.raises(ValueError, match="3, H, W"):
+        normalize_pixels(torch.zeros(4, 8, 8, dtype=torch.uint8))
 
 
 def test_num_placeholders_rejects_tiles_for_non_crop_modes():
