@@ -262,17 +262,6 @@ def measure_local_trainer(
     return result
 
 
-def compile_regions(model: DeepSeekOCR, backend: str = "inductor") -> None:
-    """Regional torch.compile: decoder layers, SAM blocks, CLIP blocks (state-dict keys unchanged).
-    backend "aot_eager" (the CPU smoke run) traces the same graphs, forward and backward, without
-    generating kernels."""
-    model.decoder.compile_layers(backend=backend)
-    for block in model.encoder.sam_model.blocks:
-        block.compile(backend=backend)
-    for layer in model.encoder.vision_model.transformer.layers:
-        layer.compile(backend=backend)
-
-
 def first_batch_loss_check(model: DeepSeekOCR, batch: PackedBatch, staged: StagedBatch, device) -> float:
     """|ocr_loss - model(batch).loss| on one batch before training (same weights, no grad)."""
     from pipeline.train.loop import batch_to
@@ -443,7 +432,7 @@ def measure_full_step(
 
     attempt("sync_free", sync_free("sync-free", None if s.compile else "sync_free"))
     if s.compile:
-        compile_regions(model, s.compile_backend)
+        model.compile_regions(s.compile_backend)
         attempt("sync_free_compiled", sync_free("sync-free + compile", "sync_free_compiled"))
     if profile_dir is not None:
         result["profile_summary"] = str(_write_profile_summary(result["variants"], profile_dir))

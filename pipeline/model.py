@@ -178,6 +178,16 @@ class DeepSeekOCR(nn.Module):
         self.encoder.init_weights()
         self.decoder.init_weights()
 
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """Regional torch.compile of the repeated blocks: decoder layers, SAM blocks, CLIP layers
+        (state-dict keys unchanged). One compiled graph per block kind fuses the norms, RoPE, SwiGLU
+        and routing elementwise work around the matmuls; "aot_eager" traces without generating kernels."""
+        self.decoder.compile_layers(backend=backend)
+        for block in self.encoder.sam_model.blocks:
+            block.compile(backend=backend)
+        for layer in self.encoder.vision_model.transformer.layers:
+            layer.compile(backend=backend)
+
     # ---- vision side, one piece per pipeline stage ----
 
     def sam_features(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
