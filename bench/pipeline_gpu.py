@@ -5,10 +5,15 @@ Two phases (bench/pipeline_gpu.sh runs one or several configurations):
   python bench/pipeline_gpu.py make-data DIR           synthetic shards (pages 1240x1754 + text)
   torchrun --nproc_per_node 4 bench/pipeline_gpu.py train DIR --pp 4 [--steps 20]
       [--partition paper|balanced|parameters] [--checkpointing | --no-checkpointing]
-      [--checkpoint-stages 2,3] [--global-batch 16] [--loss-chunk 2048] [--summary FILE]
+      [--checkpoint-stages 2,3] [--global-batch 16] [--loss-chunk 2048] [--micro-batch 1]
+      [--compile | --no-compile] [--summary FILE]
+--micro-batch rows of 8192 tokens per pipeline micro-batch (parallel.micro_batch; the global
+batch counts rows, so accumulation = global / (micro x DP)); --compile compiles the repeated
+blocks of every stage with inductor (parallel.compile_layers: SAM blocks, CLIP layers, decoder
+layers; pipeline/parallel/regions.py), compiled during the first steps (--warmup leaves them out).
 Every rank trains; the last stage of data-parallel rank 0 writes DIR/<name>/metrics.jsonl.
 Rank 0 prints one JSON summary (and appends it as one line to --summary): tokens/s per GPU
-(mean over steps after --warmup), step time, first/last loss, peak GPU memory per stage
+(mean and median over steps after --warmup), step time, first/last loss, peak GPU memory per stage
 (torch.cuda.max_memory_allocated, max over DP ranks) next to the memory model's estimate
 (pipeline/parallel/memory.py at 15% vision tokens), the 1F1B bubble (p-1)/(m+p-1) and the MFU
 estimate; `python bench/pipeline_gpu.py table FILE` renders the summaries as a markdown table.
@@ -59,12 +64,14 @@ def bench_run(root: Path, args, world: int):
     if args.checkpoint_stages is not None:
         ckpt = "ckpt" + args.checkpoint_stages.replace(",", "")
     name = f"{layout}_{args.partition}_{ckpt}_gb{args.global_batch}_chunk{args.loss_chunk}"
+    name += (f"_mb{args.micro_batch}" if args.micro_batch != 1 else "") + ("_compile" if args.compile else "")
     run = RunConfig(name=f"bench-{name}")
     run.model.encoder, run.model.decoder = "full", "full"
     run.model.decoder_overrides = {"vocab_size": 129280}
     run.model.freeze_sam, run.model.gradient_checkpointing = True, args.checkpointing
     p = run.parallel
-    p.pp, p.dp, p.micro_batch, p.global_batch = args.pp, None, 1, args.global_batch
+    p.pp, p.dp, p.micro_batch, p.global_batch = args.pp, None, args.micro_batch, args.global_batch
+    p.compile_layers, p.compile_backend = args.compile, "inductor"
     p.dtype, p.zero_stage = "bf16", 1
     p.partition_method, p.loss_chunk_tokens = args.partition, args.loss_chunk
     if args.checkpoint_stages is not None:
@@ -95,12 +102,13 @@ def summarize(run, name: str, layout: str, args, world: int, peaks: list[float],
     split = run_partition(run)
     enc, dec = model_configs(run.model)
     estimate = stage_memory(
-        split, Topology(world, args.pp, 1, args.global_batch), enc, dec, workload_of(run, 0.15)
+        split, Topology(world, args.pp, args.micro_batch, args.global_batch), enc, dec, workload_of(run, 0.15)
     )
     steps = [r for r in records if "tokens_per_s" in r]
     timed = steps[args.warmup :] or steps
     mean = lambda key: sum(r.get(key, 0.0) for r in timed) / len(timed)  # noqa: E731
-    accum = args.global_batch // dp
+    per_gpu = sorted(r["tokens_per_s_per_gpu"] for r in timed)
+    accum = args.global_batch // (args.micro_batch * dp)
     return {
         "name": name,
         "layout": layout,
@@ -110,9 +118,12 @@ def summarize(run, name: str, layout: str, args, world: int, peaks: list[float],
         "checkpointing": args.checkpointing,
         "checkpoint_stages": run.parallel.checkpoint_stages,
         "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "compile": args.compile,
         "loss_chunk_tokens": args.loss_chunk,
         "steps": len(steps),
         "tokens_per_s_per_gpu": mean("tokens_per_s_per_gpu"),
+        "tokens_per_s_per_gpu_median": per_gpu[len(per_gpu) // 2],
         "tokens_per_s": mean("tokens_per_s"),
         "step_time_s": mean("step_time"),
         "mfu": mean("mfu"),
@@ -139,7 +150,7 @@ def train(root: Path, args) -> None:
     tokenizer = build_char_tokenizer(ALPHABET)
 
     def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
-        cfg = from_run_config(run.data, batch_size=1, seed=run.train.seed)
+        cfg = from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
         return StreamingLoader(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory, final_checkpoint=False)
@@ -196,6 +207,13 @@ def arg_parser() -> argparse.ArgumentParser:
         help="comma-separated stages that checkpoint (overrides the flag)",
     )
     parser.add_argument("--loss-chunk", type=int, default=2048, help="loss tokens per chunk; 0 = whole row")
+    parser.add_argument("--micro-batch", type=int, default=1, help="rows per pipeline micro-batch")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile (inductor) the repeated blocks of every stage (parallel.compile_layers)",
+    )
     parser.add_argument("--summary", type=Path, default=None, help="append the JSON summary to this file")
     return parser
 

@@ -4,18 +4,25 @@
 #
 # usage (GPU machine, repository root; wheels from ../shared/device/prepare_wheels.sh in .whl/):
 #   bash bench/pipeline_gpu.sh [DATA_DIR] [STEPS] [CONFIG ...]
-# CONFIG = PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK]
+# CONFIG = PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO[:COMPILE]]]
 #   PARTITION     paper | balanced | parameters        (parallel.partition_method)
 #   CHECKPOINTING on | off | comma-separated stages    (model.gradient_checkpointing /
 #                                                      parallel.checkpoint_stages, e.g. 1,2)
-#   LOSS_CHUNK    loss tokens per chunk, 0 = whole-row logits (default 2048)
+#   GLOBAL_BATCH  rows of 8192 tokens per optimizer step (= MICRO x accumulation x DP)
+#   LOSS_CHUNK    loss tokens per chunk, 0 = whole-row logits (default 2048; empty = default)
+#   MICRO         rows per pipeline micro-batch (parallel.micro_batch; default 1; empty = default)
+#   COMPILE       on | off: torch.compile (inductor) the repeated blocks of every stage
+#                 (parallel.compile_layers; default off)
 # default: 4:paper:on:16 2:paper:on:16 (PP=4 x DP=1 and PP=2 x DP=2, the paper's split).
 # Example, paper vs balanced and checkpointing on vs off in one call:
 #   bash bench/pipeline_gpu.sh /tmp/ppb 20 4:paper:on:16 4:balanced:on:16 4:balanced:off:16 4:balanced:off:32
+# compiled vs eager, and micro-batch 2:
+#   bash bench/pipeline_gpu.sh /tmp/ppb 20 4:balanced:off:32 4:balanced:off:32::1:on 4:balanced:off:32::2:on
 # Each configuration prints one JSON summary (tokens/s per GPU, step time, loss first -> last,
 # peak and estimated memory per stage, 1F1B bubble); all of them are appended to
 # $SUMMARY (default DATA_DIR/summary.jsonl) and rendered as one markdown table at the end. Logs:
-# DATA_DIR/pp<PP>_<partition>_ckpt<..>_gb<..>_chunk<..>.log; with $OUT set, logs and summary
+# DATA_DIR/pp<PP>_<partition>_ckpt<..>_gb<..>_chunk<..>[_mb<MICRO>][_compile].log (suffixes only
+# for MICRO > 1 and COMPILE on, as in the summary's name); with $OUT set, logs and summary
 # (pipeline_summary.jsonl) are copied there too. CONFIG_TIMEOUT (seconds, default 0 = none) bounds
 # each configuration's torchrun so that one hang cannot eat the whole call.
 set -euo pipefail
@@ -41,14 +48,21 @@ mkdir -p "$root"
 rm -f "$summary"
 python3 bench/pipeline_gpu.py make-data "$root"
 for config in "${configs[@]}"; do
-  IFS=: read -r pp partition ckpt gb chunk <<< "$config"
-  args=(--pp "$pp" --partition "$partition" --global-batch "$gb" --loss-chunk "${chunk:-2048}")
+  IFS=: read -r pp partition ckpt gb chunk micro compile <<< "$config"
+  chunk=${chunk:-2048} micro=${micro:-1} compile=${compile:-off}
+  args=(--pp "$pp" --partition "$partition" --global-batch "$gb" --loss-chunk "$chunk" --micro-batch "$micro")
   case "$ckpt" in
     on) args+=(--checkpointing) ;;
     off) args+=(--no-checkpointing) ;;
     *) args+=(--no-checkpointing --checkpoint-stages "$ckpt") ;;
   esac
-  tag=pp${pp}_${partition}_ckpt${ckpt//,/}_gb${gb}_chunk${chunk:-2048}
+  tag=pp${pp}_${partition}_ckpt${ckpt//,/}_gb${gb}_chunk${chunk}
+  if [ "$micro" != 1 ]; then tag+=_mb${micro}; fi
+  case "$compile" in
+    on) args+=(--compile); tag+=_compile ;;
+    off) args+=(--no-compile) ;;
+    *) echo "=== $config: COMPILE must be on or off, got '$compile'"; continue ;;
+  esac
   echo "=== $config: ${args[*]}"
   limit=()
   [ "${CONFIG_TIMEOUT:-0}" -gt 0 ] && limit=(timeout --kill-after 10 "$CONFIG_TIMEOUT")

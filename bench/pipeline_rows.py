@@ -1,8 +1,9 @@
 """Row (e) of `dsocr-bench`: pipeline scaling on 4 GPUs, bench/pipeline_gpu.sh run as a subprocess.
 
 bench/pipeline_gpu.sh (owned by the pipeline engineer) trains the full preset with DeepSpeed's
-pipeline engine, one torchrun per configuration (PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK];
-default PP=4 x DP=1 and PP=2 x DP=2 on the paper's split), and rank 0 appends one JSON summary
+pipeline engine, one torchrun per configuration
+(PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO[:COMPILE]]]; default PP=4 x DP=1 and
+PP=2 x DP=2 on the paper's split), and rank 0 appends one JSON summary
 per configuration to $SUMMARY. This module runs it on the first 4 visible GPUs (the single-GPU
 rows ran on the first one before), in its own process group under a time limit (and
 CONFIG_TIMEOUT per configuration), and turns the summaries into one row per configuration: a
@@ -35,10 +36,14 @@ HERE = Path(__file__).resolve().parent
 SCRIPT, DRIVER = HERE / "pipeline_gpu.sh", HERE / "pipeline_gpu.py"
 SECTION = "pipeline scaling (4 GPUs, full, 1x8192 rows)"
 UNIT, GPUS_NEEDED = "tokens/s/GPU", 4
-# bench/pipeline_gpu.sh's CONFIG: PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK]
+# bench/pipeline_gpu.sh's CONFIG: PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO[:COMPILE]]]
+# (an empty LOSS_CHUNK or MICRO takes the default)
 DEFAULT_CONFIGS = ("4:paper:on:16", "2:paper:on:16")  # PP=4 x DP=1 and PP=2 x DP=2, the paper's split
-CONFIG = re.compile(r"^(1|2|4):(paper|balanced|parameters):(on|off|[0-3](?:,[0-3])*):([1-9]\d*)(?::(\d+))?$")
-DEFAULT_LOSS_CHUNK = 2048
+CONFIG = re.compile(
+    r"^(1|2|4):(paper|balanced|parameters):(on|off|[0-3](?:,[0-3])*):([1-9]\d*)"
+    r"(?::(\d*)(?::([1-9]\d*)?(?::(on|off))?)?)?$"
+)
+DEFAULT_LOSS_CHUNK, DEFAULT_MICRO = 2048, 1
 TARGET = Target("value", 25000, "issue 7, per H200")
 # what a FAILED row quotes, most telling first: an exception, a kill, then anything error-like
 ERROR_LINES = (
@@ -69,21 +74,27 @@ class PipelineSettings:
         bad = [c for c in self.configs if not CONFIG.match(c)]
         if bad:
             raise ValueError(
-                f"pipeline configs {bad} are not PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK] "
-                "(PP 1|2|4, PARTITION paper|balanced|parameters, CHECKPOINTING on|off|stages like 1,2)"
+                f"pipeline configs {bad} are not PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO"
+                "[:COMPILE]]] (PP 1|2|4, PARTITION paper|balanced|parameters, CHECKPOINTING on|off|stages "
+                "like 1,2, MICRO >= 1, COMPILE on|off)"
             )
         self.data_dir = Path(self.data_dir)
 
 
 def config_name(config: str, gpus: int = GPUS_NEEDED) -> str:
     """The name bench/pipeline_gpu.py gives a configuration's summary, e.g. 4:paper:on:16 ->
-    pp4_dp1_paper_ckpt_gb16_chunk2048 (tests/bench check it against pipeline_gpu.bench_run)."""
+    pp4_dp1_paper_ckpt_gb16_chunk2048, 4:balanced:off:32::2:on ->
+    pp4_dp1_balanced_nockpt_gb32_chunk2048_mb2_compile (tests/bench check it against
+    pipeline_gpu.bench_run and bench/pipeline_gpu.sh)."""
     match = CONFIG.match(config)
     if match is None:
         raise ValueError(f"not a pipeline config: {config!r}")
-    pp, partition, ckpt, gb, chunk = match.groups()
+    pp, partition, ckpt, gb, chunk, micro, compile_ = match.groups()
     ckpt = {"on": "ckpt", "off": "nockpt"}.get(ckpt, "ckpt" + ckpt.replace(",", ""))
-    return f"pp{pp}_dp{gpus // int(pp)}_{partition}_{ckpt}_gb{gb}_chunk{chunk or DEFAULT_LOSS_CHUNK}"
+    name = f"pp{pp}_dp{gpus // int(pp)}_{partition}_{ckpt}_gb{gb}_chunk{chunk or DEFAULT_LOSS_CHUNK}"
+    if int(micro or DEFAULT_MICRO) != 1:
+        name += f"_mb{micro}"
+    return name + ("_compile" if compile_ == "on" else "")
 
 
 def visible_gpus() -> int:

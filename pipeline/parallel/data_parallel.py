@@ -22,8 +22,11 @@ What it shares with the pipeline trainer (`pipeline.parallel.trainer`), not copi
 The model comes from `model_factory()` (the job's `build_run_model`: presets or
 `model.init_from`, then the stage-1 options `encoder_init` / `sam_init` / `clip_init` / `freeze`
 of `pipeline.stage1.options`), seeded identically on every rank (DeepSpeed also broadcasts rank
-0's weights). At the end rank 0 writes the release-layout model (fp32 master weights when bf16)
-and, when `model.export_encoder` is set, the stage-1 encoder export.
+0's weights). parallel.compile_layers compiles its repeated blocks in place before DeepSpeed
+wraps it (`DeepSeekOCR.compile_regions`, backend parallel.compile_backend; state-dict keys
+unchanged); evaluation then runs eagerly (no recompiles for generation shapes). At the end
+rank 0 writes the release-layout model (fp32 master weights when bf16) and, when
+`model.export_encoder` is set, the stage-1 encoder export.
 
 DeepSpeed 0.19 precision rules (engine `_do_optimizer_sanity_check`): bf16 keeps fp32 master
 weights only inside its ZeRO optimizers, so parallel.dtype=bf16 needs zero_stage 1 or 2; ZeRO-1
@@ -171,6 +174,8 @@ class DataParallelTrainer(EngineTrainer):
                 configs_from_dict(built), configs_from_dict(model_dict), "the built model"
             )
         model.train()
+        if run.parallel.compile_layers:
+            model.compile_regions(backend=run.parallel.compile_backend)
         optimizer, scheduler = build_optimizer_and_scheduler(model, run)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -308,7 +313,7 @@ class DataParallelTrainer(EngineTrainer):
         if self.rank == 0:
             model = self.model
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # generation: no recompiles
                 metrics = eval_hook(model, self.step)
             model.train()
             self.logger.log({"event": "eval", "step": self.step, **metrics})

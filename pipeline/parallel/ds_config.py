@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.config import RunConfig
+from pipeline.parallel.regions import validate_compile_options
 from pipeline.parallel.topology import Topology
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
@@ -49,6 +50,7 @@ def validate_training_config(run: RunConfig) -> None:
         raise ValueError(
             f"parallel.activation_checkpoint_interval must be >= 0, got {p.activation_checkpoint_interval}"
         )
+    validate_compile_options(p.compile_layers, p.compile_backend)
     if o.grad_clip < 0:
         raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
     if o.lr <= 0:

@@ -6,7 +6,9 @@ Order of work: validate everything that can be checked from configs and files (t
 partition, DeepSpeed settings, `model.init_from` size, resume layout) -> init the process
 group -> build this rank's stage -> load weights (`model.init_from`, then the stage-1 encoder
 sources `model.encoder_init` / `sam_init` / `clip_init`, each stage copying only its own tensors
-after a strict check against the whole encoder) -> deepspeed.initialize -> resume -> loop.
+after a strict check against the whole encoder) -> with parallel.compile_layers, regional
+torch.compile of the stage's repeated blocks (`pipeline.parallel.regions`; state-dict keys
+unchanged) -> deepspeed.initialize -> resume -> loop.
 `model.freeze` is refused (only SAM + compressor freeze, `model.freeze_sam`); parallel.pp = 1
 runs in `pipeline.parallel.data_parallel`.
 
@@ -47,6 +49,7 @@ from pipeline.parallel.engine import (
     stage_model_configs,
 )
 from pipeline.parallel.engine_loop import EngineResult, EngineTrainer
+from pipeline.parallel.regions import compile_stage_regions
 from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs, unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.stage1.options import encoder_sources, validate_model_options
@@ -208,6 +211,7 @@ class PipelineTrainer(EngineTrainer):
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
         self.batches: _StageBatches | None = None
         self.loaded_encoder_parts: dict[str, list[str]] = {}
+        self.compiled_regions: dict[str, int] = {}  # blocks compiled per kind (parallel.compile_layers)
 
     # ------------------------------------------------------------------ setup
     def setup(
@@ -218,6 +222,8 @@ class PipelineTrainer(EngineTrainer):
             self.module.load_model_state(ckpt_io.load_init_state(run.model.init_from))
         if resume_from is None:
             self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, self.configs[0])
+        if run.parallel.compile_layers:  # on the stage's device, before DeepSpeed wraps it
+            self.compiled_regions = compile_stage_regions(self.module.units(), run.parallel.compile_backend)
         self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
         install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
         self.meta = {
@@ -233,6 +239,9 @@ class PipelineTrainer(EngineTrainer):
             cfg = ckpt_io.run_config_dict(run)
             logger = RunLogger(run.train.out_dir, run.logger, cfg, run.name) if is_logger else NullLogger()
         self.logger = logger if is_logger else NullLogger()
+        if run.parallel.compile_layers:  # what the logging (last) stage compiled
+            self.logger.log({"event": "compile", "stage": self.stage, "backend": run.parallel.compile_backend,
+                             "regions": self.compiled_regions})  # fmt: skip
         loader = loader_factory(self.dp_rank, self.topology.dp) if (self.first or self.last) else None
         if resume_from is not None:
             self._resume(resume_from, loader)

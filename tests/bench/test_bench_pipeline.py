@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -87,16 +88,58 @@ def test_config_names_match_the_scripts(tmp_path):
         ("4:paper:on:16", ["--checkpointing"]),
         ("2:balanced:off:32:0", ["--no-checkpointing"]),
         ("4:parameters:1,2:16:4096", ["--no-checkpointing", "--checkpoint-stages", "1,2"]),
-    ]:  # the argument mapping of bench/pipeline_gpu.sh
-        pp, partition, _, gb, *chunk = config.split(":")
+        ("4:balanced:off:32::1:on", ["--no-checkpointing", "--compile"]),
+        ("4:balanced:off:64:1024:2:off", ["--no-checkpointing", "--no-compile"]),
+        ("2:paper:on:16::4", ["--checkpointing"]),
+    ]:  # the argument mapping of bench/pipeline_gpu.sh (checked against the script below)
+        pp, partition, _, gb, *rest = config.split(":") + ["", ""]
         argv = ["train", str(tmp_path), "--pp", pp, "--partition", partition, "--global-batch", gb,
-                "--loss-chunk", chunk[0] if chunk else "2048", *flags]  # fmt: skip
-        _, name, _ = pipeline_gpu.bench_run(tmp_path, pipeline_gpu.arg_parser().parse_args(argv), world=4)
+                "--loss-chunk", rest[0] or "2048", "--micro-batch", rest[1] or "1", *flags]  # fmt: skip
+        args = pipeline_gpu.arg_parser().parse_args(argv)
+        run, name, _ = pipeline_gpu.bench_run(tmp_path, args, world=4)
         assert pr.config_name(config) == name
-    with pytest.raises(ValueError, match="PP:PARTITION"):
-        pr.PipelineSettings(configs=("3:paper:on:16",))
-    with pytest.raises(ValueError, match="PP:PARTITION"):
-        pr.PipelineSettings(configs=("4:even:on:16",))
+        assert run.parallel.micro_batch == int(rest[1] or 1) and run.parallel.compile_layers == (
+            "--compile" in flags
+        )
+    assert pr.config_name("4:balanced:off:32::2:on") == "pp4_dp1_balanced_nockpt_gb32_chunk2048_mb2_compile"
+    for bad in ("3:paper:on:16", "4:even:on:16", "4:paper:on:16:2048:0", "4:paper:on:16:2048:2:yes"):
+        with pytest.raises(ValueError, match="PP:PARTITION"):
+            pr.PipelineSettings(configs=(bad,))
+
+
+@pytest.mark.unit
+def test_the_script_maps_each_config_to_its_flags_and_log_name(tmp_path):
+    """bench/pipeline_gpu.sh itself, with torchrun and python3 replaced by recorders on PATH."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python3").write_text("#!/usr/bin/env bash\nexit 0\n")
+    (shims / "torchrun").write_text('#!/usr/bin/env bash\necho "torchrun $*"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    root = tmp_path / "data"
+    configs = [
+        "4:paper:on:16",
+        "4:balanced:off:32::1:on",
+        "4:balanced:off:64:1024:2",
+        "4:paper:on:16::1:maybe",
+    ]
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "CONFIG_TIMEOUT": "0"}
+    env.pop("OUT", None)
+    res = subprocess.run(["bash", str(pr.SCRIPT), str(root), "5", *configs], env=env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    logs = {p.stem: p.read_text().split() for p in root.glob("pp*.log")}
+    flags = {tag: words[words.index("--pp") :] for tag, words in logs.items()}  # torchrun's train flags
+    base = ["--pp", "4", "--partition"]
+    assert flags == {
+        "pp4_paper_ckpton_gb16_chunk2048": [*base, "paper", "--global-batch", "16", "--loss-chunk", "2048",
+                                            "--micro-batch", "1", "--checkpointing", "--no-compile"],
+        "pp4_balanced_ckptoff_gb32_chunk2048_compile": [*base, "balanced", "--global-batch", "32", "--loss-chunk",
+                                                        "2048", "--micro-batch", "1", "--no-checkpointing", "--compile"],
+        "pp4_balanced_ckptoff_gb64_chunk1024_mb2": [*base, "balanced", "--global-batch", "64", "--loss-chunk", "1024",
+                                                    "--micro-batch", "2", "--no-checkpointing", "--no-compile"],
+    }  # fmt: skip
+    assert "COMPILE must be on or off, got 'maybe'" in res.stdout
 
 
 @pytest.mark.unit
@@ -215,3 +258,22 @@ def test_the_deadline_shrinks_or_skips_the_pipeline(tmp_path, monkeypatch):
     assert row["status"] == "skipped" and "before --deadline-s 100" in row["reason"]
     with pytest.raises(ValueError, match="deadline"):
         suite.BenchSettings(device="cpu", quick=True, deadline_s=0)
+
+
+@pytest.mark.unit
+def test_the_summary_records_micro_batch_and_compile(tmp_path):
+    from bench import pipeline_gpu
+
+    argv = ["train", str(tmp_path), "--pp", "4", "--partition", "balanced", "--global-batch", "32",
+            "--micro-batch", "2", "--compile", "--no-checkpointing", "--warmup", "1"]  # fmt: skip
+    args = pipeline_gpu.arg_parser().parse_args(argv)
+    run, name, layout = pipeline_gpu.bench_run(tmp_path, args, world=4)
+    records = [{"step": i, "loss": 5.0 - i, "tokens_per_s": 4 * t, "tokens_per_s_per_gpu": t, "step_time": 1.0}
+               for i, t in enumerate([100.0, 32.0, 10.0, 12.0])]  # fmt: skip
+    summary = pipeline_gpu.summarize(run, name, layout, args, 4, [1.0, 2.0, 3.0, 4.0], records)
+    assert summary["name"] == name == "pp4_dp1_balanced_nockpt_gb32_chunk2048_mb2_compile"
+    assert summary["micro_batch"] == 2 and summary["compile"] is True
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(18.0)  # mean after the warm-up step
+    assert summary["tokens_per_s_per_gpu_median"] == 12.0
+    assert summary["bubble_1f1b"] == pytest.approx(3 / (16 + 3))  # 32 rows = 2 x 16 micro-batches
+    assert summary["peak_gib_per_stage"] == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}

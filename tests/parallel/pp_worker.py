@@ -2,7 +2,8 @@
 
 Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str, "seq_len": int,
 "result": path prefix, "nan_steps": [engine steps whose loss is made NaN]} and trains with
-`run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw.
+`run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw, including
+"dynamo_graphs": the graphs torch.compile captured in this process (parallel.compile_layers).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch._dynamo.utils
 from harness import rank_outcome, write_rank_result  # noqa: E402  (this directory is on sys.path)
 from omegaconf import OmegaConf
 
@@ -59,7 +61,9 @@ def main(spec_path: str) -> None:
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     train = lambda: run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory)  # noqa: E731
-    write_rank_result(spec, rank_outcome(train))
+    out = rank_outcome(train)
+    out["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    write_rank_result(spec, out)
 
 
 if __name__ == "__main__":
