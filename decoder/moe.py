@@ -35,7 +35,11 @@ from .config import DecoderConfig, MoEConfig
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """grouped_mm needs 16-byte aligned operands; parameters that are views into a flat
-    buffer (DeepSpeed ZeRO-1 with DP > 1) can start at any element offset: copy those."""
+    buffer (DeepSpeed ZeRO-1 with DP > 1) can start at any element offset: copy those.
+    Under torch.compile the pointer cannot be traced (a graph break per call); compiled graphs
+    check their inputs' alignment themselves and copy misaligned ones."""
+    if torch.compiler.is_compiling():
+        return t
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
