@@ -135,7 +135,8 @@ class LocalTrainer:
         ckpt = latest_checkpoint(self.run.train.out_dir) if self.run.train.resume else None
         if ckpt is None:
             return None
-        state = torch.load(ckpt / "trainer_state.pt", map_location=self.device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU ByteTensors; the load_state_dicts copy to the device
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

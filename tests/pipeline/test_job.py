@@ -3,11 +3,14 @@
 import json
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli.train import CONFIG_DIR
 from pipeline.config import register_configs, to_run_config
 from pipeline.train.job import run_job
+
+CUDA = torch.cuda.is_available()
 
 
 def compose_run(out_dir, *overrides):
@@ -126,8 +129,12 @@ def test_lines_first_holds_back_the_other_sets(tmp_path):
 
 
 @pytest.mark.slow
-def test_continued_job_resumes_and_keeps_the_untrained_reports(tmp_path):
-    common = ["data.synth.num_train=200", "data.synth.paragraphs=20", "data.synth.paragraph_lines=3",
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])],
+)
+def test_continued_job_resumes_and_keeps_the_untrained_reports(tmp_path, device):
+    common = [f"train.device={device}", "data.synth.num_train=200", "data.synth.paragraphs=20", "data.synth.paragraph_lines=3",
               "data.synth.paragraph_chars=16", "data.synth.num_val=4", "data.seq_len=256",
               "eval.num_samples=4", "train.eval_every=0", "train.save_every=0"]  # fmt: skip
     first = run_job(compose_run(tmp_path / "run", *common, "train.max_steps=4"))
