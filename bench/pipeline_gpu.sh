@@ -63,11 +63,18 @@ for config in "${configs[@]}"; do
     off) args+=(--no-compile) ;;
     *) echo "=== $config: COMPILE must be on or off, got '$compile'"; continue ;;
   esac
-  echo "=== $config: ${args[*]}"
+  echo "=== $config: ${args[*]} (start $(date +%T))"
   limit=()
   [ "${CONFIG_TIMEOUT:-0}" -gt 0 ] && limit=(timeout --kill-after 10 "$CONFIG_TIMEOUT")
-  "${limit[@]}" torchrun --standalone --nproc_per_node 4 bench/pipeline_gpu.py train "$root" --steps "$steps" \
-    --summary "$summary" "${args[@]}" 2>&1 | tee "$root/$tag.log" | grep -v "^\[" || echo "=== $config failed"
+  # Own session, output to the log file (not a pipe): processes that outlive a timed-out torchrun
+  # (inductor's compile workers) would hold a pipe open and hang the whole script; the group is
+  # killed after the configuration ends.
+  setsid "${limit[@]}" torchrun --standalone --nproc_per_node 4 bench/pipeline_gpu.py train "$root" \
+    --steps "$steps" --summary "$summary" "${args[@]}" > "$root/$tag.log" 2>&1 &
+  job=$!
+  wait "$job" || echo "=== $config failed (exit $?)"
+  kill -9 -- -"$job" 2>/dev/null || true
+  grep -v "^\[" "$root/$tag.log" || true
   if [ -n "${OUT:-}" ]; then  # after every configuration: a later kill keeps what was measured
     cp "$root/$tag.log" "$OUT/"
     if [ -s "$summary" ]; then cp "$summary" "$OUT/pipeline_summary.jsonl"; fi

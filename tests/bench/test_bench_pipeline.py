@@ -143,6 +143,43 @@ def test_the_script_maps_each_config_to_its_flags_and_log_name(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_timed_out_configuration_with_stray_children_does_not_hang_the_script(tmp_path):
+    """A torchrun killed by CONFIG_TIMEOUT can leave children holding its stdout (inductor's compile
+    workers): the script must go on to the next configuration and kill the strays."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python3").write_text("#!/usr/bin/env bash\nexit 0\n")
+    # the stray ignores SIGTERM (as a busy worker would) and keeps stdout open
+    (shims / "torchrun").write_text(
+        '#!/usr/bin/env bash\necho "torchrun $*"\n'
+        "(trap '' TERM; echo $BASHPID >> \"$STRAY_PIDS\"; exec sleep 300) &\nexec sleep 300\n"
+    )
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    root = tmp_path / "data"
+    pids = tmp_path / "stray.pids"
+    env = {
+        **os.environ,
+        "PATH": f"{shims}:{os.environ['PATH']}",
+        "CONFIG_TIMEOUT": "1",
+        "STRAY_PIDS": str(pids),
+    }
+    env.pop("OUT", None)
+    res = subprocess.run(["bash", str(pr.SCRIPT), str(root), "5", "4:paper:on:16", "4:balanced:off:32"],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("failed (exit 124)") == 2
+    assert sorted(p.stem for p in root.glob("pp*.log")) == [
+        "pp4_balanced_ckptoff_gb32_chunk2048", "pp4_paper_ckpton_gb16_chunk2048"
+    ]  # fmt: skip
+    strays = [int(pid) for pid in pids.read_text().split()]
+    assert len(strays) == 2
+    for pid in strays:  # killed with their group (a zombie until reaped by init counts as gone)
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z", pid
+
+
+@pytest.mark.unit
 def test_no_pipeline_rows_without_four_gpus_or_script(tmp_path, monkeypatch):
     monkeypatch.setattr(pr, "visible_gpus", lambda: 1)
     rows, _ = pr.pipeline_rows(pr.PipelineSettings(), tmp_path, None, None, quick=False)
