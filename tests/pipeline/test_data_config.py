@@ -65,7 +65,10 @@ def test_duplicate_source_names_are_rejected():
 def test_from_run_config_maps_the_hydra_schema():
     data = DataConfig(
         kind="webdataset",
-        sources=[SourceConfig(name="ocr", shards="x-{0..1}.tar", weight=2.0, modes={"gundam": 1.0})],
+        sources=[
+            SourceConfig(name="ocr", shards="x-{0..1}.tar", weight=2.0, modes={"gundam": 1.0}),
+            SourceConfig(name="late", shards="y.tar", start_after=500),
+        ],
         seq_len=4096,
         pack=True,
         num_workers=3,
@@ -76,6 +79,7 @@ def test_from_run_config_maps_the_hydra_schema():
     assert (config.seq_len, config.batch_size, config.seed, config.num_workers) == (4096, 4, 9, 3)
     assert (config.max_pixels, config.max_tiles, config.packing) == (1000, 6, True)
     assert config.sources[0].modes == {"gundam": 1.0} and config.sources[0].shards == ["x-{0..1}.tar"]
+    assert [s.start_after for s in config.sources] == [0, 500]
 
 
 @pytest.mark.config
