@@ -41,6 +41,9 @@ VIEW_DOWNSAMPLE = 64  # pixels per feature-grid cell: patch 16 x 4 (two stride-2
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel, the release's background colour
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+assert len(set(IMAGE_MEAN)) == len(set(IMAGE_STD)) == 1, (
+    "normalize_pixels uses one mean / std for all channels"
+)
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb limit of `load_image`
 DEFAULT_MAX_ASPECT = 100.0  # longest side / shortest side allowed by `load_image`
 
@@ -186,9 +189,9 @@ def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
         raise TypeError(f"pixels must be uint8 (raw RGB) or floating (normalised), got {pixels.dtype}")
     if pixels.dim() < 3 or pixels.shape[-3] != 3:
         raise ValueError(f"pixels must have shape (..., 3, H, W), got {tuple(pixels.shape)}")
-    mean = torch.tensor(IMAGE_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=pixels.device).view(3, 1, 1)
-    out = pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    # every channel alike (the release's 0.5 / 0.5): Python scalars, so no per-call tensor is
+    # copied to the device (a host sync inside the training step)
+    out = pixels.to(torch.float32).div_(255.0).sub_(IMAGE_MEAN[0]).div_(IMAGE_STD[0])
     return out.to(dtype)
 
 
