@@ -67,7 +67,13 @@ class SynthConfig:
     # (num_val each): short paragraphs on square pages, and Persian (RTL) lines. 0 = none.
     paragraphs: int = 0
     paragraph_lines: int = 10  # at most this many lines per paragraph page (line height image_size / lines)
-    paragraph_chars: int = 30  # characters per paragraph line (the pitch: image_size / paragraph_chars)
+    paragraph_chars: int = (
+        30  # characters per paragraph line (the pitch: paragraph page side / paragraph_chars)
+    )
+    # The paragraph pages' side and image mode (0 / "" = image_size / mode). At 2 characters per
+    # image-token column, the lines' density, 30-character lines need Base mode's 16 columns.
+    paragraph_size: int = 0
+    paragraph_mode: str = ""
     persian: int = 0
     # Curriculum: the Latin lines alone for this many training samples, then every set
     # (learning to read short lines first; long paragraphs reward a text-only language model).

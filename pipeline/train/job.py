@@ -71,6 +71,7 @@ class SynthSet:
     name: str
     train: object  # data_tools.synth.reading.ReadingLinesConfig
     val: object
+    mode: str  # pipeline.processing.MODES key the set is trained and evaluated in
 
     @property
     def max_new_tokens(self) -> int:
@@ -84,21 +85,21 @@ def synth_sets(run: RunConfig) -> list[SynthSet]:
 
     syn = run.data.synth
     lines = dict(width=syn.image_size, min_chars=syn.min_chars, max_chars=syn.max_chars)
-    wanted = [("lines", syn.num_train, {**lines})]
+    wanted = [("lines", syn.num_train, {**lines}, syn.mode)]
     if syn.paragraphs:
-        wanted.append(("paragraphs", syn.paragraphs, dict(width=syn.image_size, min_chars=1,
-                       max_chars=syn.paragraph_chars, lines=syn.paragraph_lines)))  # fmt: skip
+        wanted.append(("paragraphs", syn.paragraphs, dict(width=syn.paragraph_size or syn.image_size, min_chars=1,
+                       max_chars=syn.paragraph_chars, lines=syn.paragraph_lines), syn.paragraph_mode or syn.mode))  # fmt: skip
     if syn.persian:
-        wanted.append(("persian", syn.persian, {**lines, "lang": "fa"}))
+        wanted.append(("persian", syn.persian, {**lines, "lang": "fa"}, syn.mode))
     sets = []
-    for k, (name, n, kwargs) in enumerate(wanted):
+    for k, (name, n, kwargs, mode) in enumerate(wanted):
         # the Latin lines keep the sources and seeds of the embedded default
         tag = "reading-lines" if name == "lines" else f"reading-{name}"
         train = ReadingLinesConfig(n=n, seed=syn.seed + 104_729 * k, source=f"{tag}-train", **kwargs)
         val = ReadingLinesConfig(
             n=syn.num_val, seed=syn.seed + 104_729 * k + 7919, source=f"{tag}-val", **kwargs
         )
-        sets.append(SynthSet(name, train, val))
+        sets.append(SynthSet(name, train, val, mode))
     return sets
 
 
@@ -165,9 +166,9 @@ def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> Loader
     lines alone for the first `data.synth.lines_first` samples."""
     batch = run.parallel.micro_batch
     if run.data.kind == "synth_lines":
-        sizes = {s.name: s.train.n for s in synth_sets(run)}
-        sources = [SourceSpec(f"reading-{name}", pattern, weight=float(sizes[name]), prompt="free_ocr",
-                              modes=run.data.synth.mode,
+        sets = {s.name: s for s in synth_sets(run)}
+        sources = [SourceSpec(f"reading-{name}", pattern, weight=float(sets[name].train.n), prompt="free_ocr",
+                              modes=sets[name].mode,
                               start_after=0 if name == "lines" else run.data.synth.lines_first)
                    for name, pattern in train_shards.items()]  # fmt: skip
         return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=batch,
@@ -221,10 +222,10 @@ def eval_config(run: RunConfig) -> EvalRunConfig:
 
 
 def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
-    """eval_config with a generation budget that fits synth set `name`'s longest reference."""
+    """eval_config in synth set `name`'s mode, with a generation budget that fits its longest reference."""
     cfg = eval_config(run)
-    bound = next(s.max_new_tokens for s in synth_sets(run) if s.name == name)
-    return replace(cfg, max_new_tokens=max(cfg.max_new_tokens, bound))
+    synth = next(s for s in synth_sets(run) if s.name == name)
+    return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
 
 
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:

@@ -128,6 +128,25 @@ def test_lines_first_holds_back_the_other_sets(tmp_path):
     assert [s.weight for s in cfg.sources] == [run.data.synth.num_train, 60, 30]
 
 
+@pytest.mark.config
+def test_paragraphs_can_have_their_own_page_size_and_mode(tmp_path):
+    from pipeline.train.job import loader_config, set_eval_config, synth_sets
+
+    run = compose_run(tmp_path / "run", "data.synth.paragraphs=60", "data.synth.persian=30",
+                      "data.synth.paragraph_size=1024", "data.synth.paragraph_mode=base")  # fmt: skip
+    sets = {s.name: s for s in synth_sets(run)}
+    assert {name: (s.train.width, s.val.width, s.mode) for name, s in sets.items()} == {
+        "lines": (256, 256, "debug-256"), "paragraphs": (1024, 1024, "base"), "persian": (256, 256, "debug-256")
+    }  # fmt: skip
+    shards = {name: f"/data/{name}-*.tar" for name in sets}
+    assert [s.modes for s in loader_config(run, shards).sources] == ["debug-256", "base", "debug-256"]
+    assert set_eval_config(run, "paragraphs").mode == "base"
+    assert set_eval_config(run, "persian").mode == "debug-256"
+    bad = compose_run(tmp_path / "bad", "data.synth.paragraphs=60", "data.synth.paragraph_mode=huge")
+    with pytest.raises(ValueError, match="unknown mode 'huge'"):
+        loader_config(bad, {"lines": "/l.tar", "paragraphs": "/p.tar"})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "device",
