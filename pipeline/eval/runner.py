@@ -177,10 +177,12 @@ def evaluate(
     generate_fn = generate_fn or _default_generate()
     records: list[SampleRecord] = []
     start = time.perf_counter()
-    for i in range(0, len(samples), cfg.batch_size):
-        records += _run_batch(model, tokenizer, samples[i : i + cfg.batch_size], cfg, generate_fn)
-        if progress is not None:
-            progress(len(records), len(samples))
+    # generation runs eagerly: blocks compiled for training would recompile for every decode shape
+    with torch.compiler.set_stance("force_eager"):
+        for i in range(0, len(samples), cfg.batch_size):
+            records += _run_batch(model, tokenizer, samples[i : i + cfg.batch_size], cfg, generate_fn)
+            if progress is not None:
+                progress(len(records), len(samples))
     wall = time.perf_counter() - start
     info = {"mode": cfg.mode, "prompt": get_prompt(cfg.prompt), "max_new_tokens": cfg.max_new_tokens}
     info.update(no_repeat_ngram_size=cfg.no_repeat_ngram_size, no_repeat_window=cfg.no_repeat_window)

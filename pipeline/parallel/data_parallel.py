@@ -52,9 +52,9 @@ from pipeline.model import DeepSeekOCR
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
 from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, stage_model_configs
-from pipeline.parallel.engine_loop import EngineResult, EngineTrainer
+from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
 from pipeline.parallel.topology import Topology, dist_env
-from pipeline.parallel.trainer import init_distributed, peak_flops
+from pipeline.parallel.trainer import init_distributed
 from pipeline.stage1.options import export_encoder_if_requested
 from pipeline.train.logging import NullLogger, RunLogger
 from pipeline.train.loop import batch_to
@@ -275,37 +275,16 @@ class DataParallelTrainer(EngineTrainer):
             return
         dp = self.topology.dp
         loss, lm, aux, tokens, rows, images = totals.tolist()
-        record = {
-            "step": self.step,
-            "loss": loss / dp,
-            "lm_loss": lm / dp,
-            "aux_loss": aux / dp,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "tokens_per_s": tokens / dt,
-            "tokens_per_s_per_gpu": tokens / dt / self.topology.world_size,
-            "samples_per_s": rows / dt,
-            "step_time": dt,
-            "bad_steps": self.bad_total,
-        }
-        peak = peak_flops()
-        if peak and tokens:
-            from pipeline.parallel.memory import step_flops
-
-            m = self.model
-            frozen_sam = not any(p.requires_grad for p in m.encoder.sam_model.parameters())
-            flops = step_flops(m.encoder.config, m.decoder.config, int(tokens), self.run.data.seq_len,
-                               images / tokens, frozen_sam)  # fmt: skip
-            record["mfu"] = flops.total / dt / (peak * self.topology.world_size)
+        m = self.model
+        frozen_sam = not any(p.requires_grad for p in m.encoder.sam_model.parameters())
+        record = self._step_record(loss / dp, lm / dp, aux / dp, {"tokens": tokens, "rows": rows, "images": images},
+                                   dt, m.encoder.config, m.decoder.config, frozen_sam)  # fmt: skip
         merged = sum((Counter(g) for g in gathered or []), Counter())
         if merged:
             record["skipped"] = dict(merged)
         counts = self.model.decoder.expert_counts()  # (n_moe_layers, E) of rank 0's last micro-batch
         if counts is not None:
-            table = counts.float()
-            record["expert_counts"] = counts.tolist()
-            load = table / table.sum(dim=1, keepdim=True).clamp(min=1)
-            record["expert_load_max_over_mean"] = float((load.max(dim=1).values * table.shape[1]).mean())
+            record.update(expert_load_fields(counts))
         self.logger.log(record)
 
     def _run_eval(self, eval_hook) -> None:
@@ -313,7 +292,7 @@ class DataParallelTrainer(EngineTrainer):
         if self.rank == 0:
             model = self.model
             model.eval()
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # generation: no recompiles
+            with torch.no_grad():
                 metrics = eval_hook(model, self.step)
             model.train()
             self.logger.log({"event": "eval", "step": self.step, **metrics})

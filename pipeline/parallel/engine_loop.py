@@ -11,7 +11,7 @@ record, its eval and its save.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,36 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.train.checkpoint import rng_state, set_rng_state
-from pipeline.train.loop import SigtermFlag
+from pipeline.train.loop import SigtermFlag, TrainResult
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
+
+
+def peak_flops() -> float:
+    """Dense bf16 peak of this rank's GPU (0 when unknown, e.g. CPU: no MFU logged)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
 
 
 @dataclass
-class EngineResult:
-    """What one rank saw: its losses (the global loss of every good step), counters, checkpoint."""
+class EngineResult(TrainResult):
+    """What one rank saw: its losses (the global loss of every good step), counters, checkpoint,
+    and where the rank sits."""
 
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    bad_steps: int = 0
-    stopped_by_signal: bool = False
-    last_checkpoint: Path | None = None
     stage: int = 0
     dp_rank: int = 0
+
+
+def expert_load_fields(table: torch.Tensor) -> dict[str, Any]:
+    """Log fields of per-layer expert counts (n_moe_layers, E): the counts, and the busiest
+    expert's share over the mean share, averaged over the layers (1.0 = perfectly balanced)."""
+    load = table.float() / table.sum(dim=1, keepdim=True).clamp(min=1)
+    return {
+        "expert_counts": table.long().tolist(),
+        "expert_load_max_over_mean": float((load.max(dim=1).values * table.shape[1]).mean()),
+    }
 
 
 class EngineTrainer:
@@ -54,6 +70,33 @@ class EngineTrainer:
         self.run, self.device = run, device
         self.step, self.bad_in_row, self.bad_total = 0, 0, 0
         self._skipped = False
+
+    def _step_record(self, loss: float, lm: float, aux: float, counts: dict[str, float], dt: float,
+                     encoder_cfg, decoder_cfg, frozen_sam: bool) -> dict[str, Any]:  # fmt: skip
+        """The step's log record: losses, lr, grad norm, throughput of the whole job (`counts`:
+        tokens, rows, images over all ranks) and its MFU against the measured peak."""
+        from pipeline.parallel.memory import step_flops
+
+        tokens, world = counts["tokens"], self.topology.world_size
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lm_loss": lm,
+            "aux_loss": aux,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_gpu": tokens / dt / world,
+            "samples_per_s": counts["rows"] / dt,
+            "step_time": dt,
+            "bad_steps": self.bad_total,
+        }
+        peak = peak_flops()
+        if peak and tokens:
+            flops = step_flops(encoder_cfg, decoder_cfg, int(tokens), self.run.data.seq_len,
+                               counts["images"] / tokens, frozen_sam)  # fmt: skip
+            record["mfu"] = flops.total / dt / (peak * world)
+        return record
 
     # ------------------------------------------------------------------ subclass hooks
     def _step(self) -> tuple[float, float, Any]:

@@ -48,7 +48,7 @@ from pipeline.parallel.engine import (
     run_partition,
     stage_model_configs,
 )
-from pipeline.parallel.engine_loop import EngineResult, EngineTrainer
+from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
 from pipeline.parallel.regions import compile_stage_regions
 from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs, unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
@@ -57,7 +57,6 @@ from pipeline.stage1.parts import encoder_part_of
 from pipeline.train.logging import NullLogger, RunLogger
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
 ENCODER_PREFIX = "encoder."
 
 
@@ -78,14 +77,6 @@ class _StageBatches:
         images = int((batch.input_ids == self.image_id).sum())
         self.records.append((batch.num_tokens, batch.input_ids.shape[0], images, batch.labels.long()))
         return inputs, batch.labels
-
-
-def peak_flops() -> float:
-    """Dense bf16 peak of this rank's GPU (0 when unknown, e.g. CPU: no MFU logged)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    name = torch.cuda.get_device_name()
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
 
 
 def prepare(run: RunConfig, tokenizer, world_size: int):
@@ -309,38 +300,17 @@ class PipelineTrainer(EngineTrainer):
             torch.distributed.all_reduce(local, group=self.engine.grid.get_data_parallel_group())
         tokens, rows, images = local.tolist()
         extra = self.engine.get_additional_losses() or {}
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lm_loss": float(extra["lm_loss"]) if "lm_loss" in extra else loss,
-            "aux_loss": float(extra["aux_loss"]) if "aux_loss" in extra else 0.0,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "tokens_per_s": tokens / dt,
-            "tokens_per_s_per_gpu": tokens / dt / self.topology.world_size,
-            "samples_per_s": rows / dt,
-            "step_time": dt,
-            "bubble": self.topology.bubble_fraction,
-            "bad_steps": self.bad_total,
-        }
-        peak = peak_flops()
-        if peak and tokens:
-            from pipeline.parallel.memory import step_flops
-
-            enc, dec, _ = self.configs
-            flops = step_flops(
-                enc, dec, int(tokens), self.run.data.seq_len, images / tokens, self.run.model.freeze_sam
-            )
-            record["mfu"] = flops.total / dt / (peak * self.topology.world_size)
+        lm = float(extra["lm_loss"]) if "lm_loss" in extra else loss
+        aux = float(extra["aux_loss"]) if "aux_loss" in extra else 0.0
+        enc, dec, _ = self.configs
+        record = self._step_record(loss, lm, aux, {"tokens": tokens, "rows": rows, "images": images}, dt,
+                                   enc, dec, self.run.model.freeze_sam)  # fmt: skip
+        record["bubble"] = self.topology.bubble_fraction
         skips = getattr(self.batches.loader, "skip_counts", None) if self.batches is not None else None
         if skips:
             record["skipped"] = dict(skips)
         if counts:
-            layers = sorted(counts)
-            table = torch.stack([counts[i].float() for i in layers])  # (n_moe_layers, E)
-            record["expert_counts"] = table.long().tolist()
-            load = table / table.sum(dim=1, keepdim=True).clamp(min=1)
-            record["expert_load_max_over_mean"] = float((load.max(dim=1).values * table.shape[1]).mean())
+            record.update(expert_load_fields(torch.stack([counts[i] for i in sorted(counts)])))
         self.logger.log(record)
 
     def _gather_expert_counts(self) -> dict[int, torch.Tensor]:

@@ -231,8 +231,7 @@ def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:
     was_training = model.training
     model.eval()
-    # generation runs eagerly: compiled training blocks would recompile for every decode shape
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    with torch.no_grad():
         report = evaluate(model, tokenizer, samples, cfg, name=name)
     model.train(was_training)
     report.write(out_dir, name)

@@ -255,7 +255,7 @@ class LocalTrainer:
     def _run_eval(self) -> dict:
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # generation: no recompiles
+        with torch.no_grad():
             metrics = self.evaluate(self.model, self.step)
         self.model.train(was_training)
         self.logger.log({"event": "eval", "step": self.step, **metrics})

@@ -139,3 +139,11 @@ def test_stage1_init_sources_are_checked_before_building(tmp_path, tok, field):
     setattr(run.model, field, str(tmp_path / "absent"))
     with pytest.raises(ValueError, match=f"model.{field}=.*absent: no such file or directory"):
         prepare(run, tok, world_size=4)
+
+
+def test_expert_load_fields_measure_the_busiest_expert_against_the_mean():
+    from pipeline.parallel.engine_loop import expert_load_fields
+
+    fields = expert_load_fields(torch.tensor([[3, 1], [2, 2], [0, 0]]))  # skewed, balanced, idle layer
+    assert fields["expert_counts"] == [[3, 1], [2, 2], [0, 0]]
+    assert fields["expert_load_max_over_mean"] == pytest.approx((1.5 + 1.0 + 0.0) / 3)
