@@ -137,7 +137,13 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_proj, mean=0.0, std=self.init_std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N, H); indices, weights (N, k) -> (N, H) in x's dtype, the routing-weighted sum."""
+        """x (N, H); indices, weights (N, k) -> (N, H), the routing-weighted sum, in x's dtype
+        (autocast's dtype while autocast is on)."""
+        if torch.is_autocast_enabled(x.device.type):
+            # fp32 master weights under bf16 autocast (the one-process trainer): compute in bf16,
+            # which is what autocast does for the matmuls anyway; an fp32 x would pick the
+            # padded/loop backends, whose group sizes cost a host sync (and a graph break) per layer
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         n, h = x.shape
         k = indices.shape[1]
         flat = indices.reshape(-1)  # (S,) with S = N*k, row-major over (token, slot)

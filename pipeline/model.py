@@ -145,6 +145,18 @@ def plan_images(images: list[list[ImageViews]]) -> ImagePlan:
     return ImagePlan(sizes=sizes, pixels=pixels, gather_index=index, row_counts=row_counts)
 
 
+# Dynamo keeps one cache per code object, and one code object serves every block of a kind:
+# SAM's windowed and global blocks (rel-pos tables of two sizes) for each view size in use, with
+# batch size 1 specialised apart. Two view sizes (Small lines + Base paragraphs) already pass the
+# default of 8 graphs, after which the blocks run eagerly (one warning; seen on GPU).
+BLOCK_RECOMPILE_LIMIT = 64
+
+
+def allow_block_recompiles(limit: int = BLOCK_RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-code-object graph limit for regionally compiled blocks (never lowers it)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 @dataclass
 class ModelOutput:
     """loss = lm_loss + aux_loss (scalars); logits (B, L, V) fp32 when requested;
@@ -182,6 +194,7 @@ class DeepSeekOCR(nn.Module):
         """Regional torch.compile of the repeated blocks: decoder layers, SAM blocks, CLIP layers
         (state-dict keys unchanged). One compiled graph per block kind fuses the norms, RoPE, SwiGLU
         and routing elementwise work around the matmuls; "aot_eager" traces without generating kernels."""
+        allow_block_recompiles()
         self.decoder.compile_layers(backend=backend)
         for block in self.encoder.sam_model.blocks:
             block.compile(backend=backend)

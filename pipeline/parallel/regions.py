@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from pipeline.model import allow_block_recompiles
 from pipeline.parallel.stages import ClipEmbedUnit, DecoderLayerUnit, SamUnit
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -56,6 +57,7 @@ def compile_stage_regions(units: Iterable[nn.Module], backend: str = "inductor")
     """`Module.compile(backend=...)` every repeated block of `units` in place; returns the count
     compiled per kind (state-dict keys unchanged, compilation happens at the first forward)."""
     validate_compile_options(True, backend)
+    allow_block_recompiles()
     regions = stage_regions(units)
     for blocks in regions.values():
         for block in blocks:

@@ -80,6 +80,36 @@ def test_backends_agree_in_bf16():
         torch.testing.assert_close(outs[backend], outs[first], rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.unit
+def test_experts_compute_in_autocast_dtype(monkeypatch):
+    """fp32 weights under bf16 autocast (LocalTrainer): the experts pick their backend for bf16
+    (grouped_mm on Hopper, not the host-syncing fp32 fallbacks) and equal the bf16 computation."""
+    import decoder.moe as moe_mod
+
+    torch.manual_seed(2)
+    cfg = decoder_config("debug", moe={"experts_backend": "loop"})
+    experts = GroupedExperts(cfg.hidden_size, cfg.moe, 0.02)
+    x = torch.randn(32, cfg.hidden_size)
+    router = Router(cfg.hidden_size, cfg.moe, 0.02)
+    router.init_weights()
+    _, w, idx = router(x)
+    seen = []
+    select = moe_mod.select_experts_backend
+    monkeypatch.setattr(
+        moe_mod, "select_experts_backend", lambda r, d, dt: seen.append(dt) or select(r, d, dt)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, idx, w)
+    plain = experts(x, idx, w)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert out.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    reference = GroupedExperts(cfg.hidden_size, cfg.moe, 0.02)
+    reference.load_state_dict(experts.state_dict())
+    reference.backend = "loop"
+    expected = reference.to(torch.bfloat16)(x.bfloat16(), idx, w)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def oracle_seq_aux(scores, indices, batch, seq, num_experts, k, alpha):
     """DeepSeek-V2 seq_aux, transcribed: per row count selections, normalise by seq*k/E,
     dot with the mean score of the row; mean over rows; times alpha."""

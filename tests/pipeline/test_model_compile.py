@@ -41,3 +41,23 @@ def test_compiled_regions_match_eager_loss_and_gradients():
     assert grads.keys() == eager_grads.keys()
     for key, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_compiled_sam_blocks_stay_compiled_across_view_sizes_and_batches():
+    """Windowed and global SAM blocks share one code object; with several view sizes and batch
+    size 1 among them they need more graphs than dynamo's default limit of 8 (past it the
+    blocks silently run eagerly): compile_regions raises the limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model("debug", "debug", 100, image_token_id=5)
+    model.compile_regions(backend="eager")  # dynamo capture only: the cache limit is the point
+    for n in (1, 2, 3):
+        for size in (64, 128, 192):
+            model.encoder.sam_features(torch.randn(n, 3, size, size))
+    assert counters["stats"]["unique_graphs"] > 8
+    assert not [k for k in counters["unimplemented"] if "recompile limit" in k], dict(
+        counters["unimplemented"]
+    )
+    torch._dynamo.reset()
