@@ -238,6 +238,33 @@ def test_rotated_page_boxes_follow_the_ink():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("lang", ["en", "fa"])
+def test_two_colour_page_equals_text_drawn_on_an_rgb_page(lang):
+    """Paragraph pages are saved as palette PNGs: their pixels must be exactly those of the text
+    drawn in fg on an RGB page of bg (antialiased edges included)."""
+    from data_tools.synth.fonts import RTL_SCRIPTS, load_font, script_of_lang
+    from data_tools.synth.reading import MONO_FONT, two_colour_page
+
+    script = script_of_lang(lang)
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u06f1\u06f2"  # with ZWNJ and digits
+    text = "Move spell time 1984" if lang == "en" else persian
+    font = load_font(MONO_FONT, 23, 0, script)
+    fg, bg = (12, 60, 33), (240, 219, 251)
+    kwargs = {"anchor": "rm", "direction": "rtl"} if script in RTL_SCRIPTS else {"anchor": "lm"}
+    xy = (310, 41) if script in RTL_SCRIPTS else (7, 41)
+    rgb = Image.new("RGB", (320, 80), bg)
+    ImageDraw.Draw(rgb).text(xy, text, font=font, fill=fg, **kwargs)
+    coverage = Image.new("L", (320, 80), 0)
+    ImageDraw.Draw(coverage).text(xy, text, font=font, fill=255, **kwargs)
+    page = two_colour_page(coverage, fg, bg)
+    buf = io.BytesIO()
+    page.save(buf, format="PNG", compress_level=1)
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert page.mode == "P" and len(np.unique(np.asarray(rgb).reshape(-1, 3), axis=0)) > 2  # antialiased
+    np.testing.assert_array_equal(decoded, np.asarray(rgb))
+
+
+@pytest.mark.unit
 def test_reading_paragraphs_wrap_at_the_pitch_and_persian_lines_are_tagged():
     from data_tools.synth.reading import ReadingLinesConfig, reading_line, reading_sample, wrap_words
 
