@@ -67,9 +67,8 @@ class SynthConfig:
     # (num_val each): short paragraphs on square pages, and Persian (RTL) lines. 0 = none.
     paragraphs: int = 0
     paragraph_lines: int = 10  # at most this many lines per paragraph page (line height image_size / lines)
-    paragraph_chars: int = (
-        30  # characters per paragraph line (the pitch: paragraph page side / paragraph_chars)
-    )
+    # characters per paragraph line (the pitch: paragraph page side / paragraph_chars)
+    paragraph_chars: int = 30
     # The paragraph pages' side and image mode (0 / "" = image_size / mode). At 2 characters per
     # image-token column, the lines' density, 30-character lines need Base mode's 16 columns.
     paragraph_size: int = 0

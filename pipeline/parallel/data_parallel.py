@@ -277,8 +277,8 @@ class DataParallelTrainer(EngineTrainer):
         loss, lm, aux, tokens, rows, images = totals.tolist()
         m = self.model
         frozen_sam = not any(p.requires_grad for p in m.encoder.sam_model.parameters())
-        record = self._step_record(loss / dp, lm / dp, aux / dp, {"tokens": tokens, "rows": rows, "images": images},
-                                   dt, m.encoder.config, m.decoder.config, frozen_sam)  # fmt: skip
+        record = self._step_record(loss / dp, lm / dp, aux / dp, tokens, rows, images, dt,
+                                   m.encoder.config, m.decoder.config, frozen_sam)  # fmt: skip
         merged = sum((Counter(g) for g in gathered or []), Counter())
         if merged:
             record["skipped"] = dict(merged)

@@ -20,7 +20,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.train.checkpoint import rng_state, set_rng_state
-from pipeline.train.loop import SigtermFlag, TrainResult
+from pipeline.train.loop import SigtermFlag, TrainResult, step_record
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
 
@@ -71,30 +71,22 @@ class EngineTrainer:
         self.step, self.bad_in_row, self.bad_total = 0, 0, 0
         self._skipped = False
 
-    def _step_record(self, loss: float, lm: float, aux: float, counts: dict[str, float], dt: float,
-                     encoder_cfg, decoder_cfg, frozen_sam: bool) -> dict[str, Any]:  # fmt: skip
-        """The step's log record: losses, lr, grad norm, throughput of the whole job (`counts`:
-        tokens, rows, images over all ranks) and its MFU against the measured peak."""
+    def _step_record(self, loss: float, lm: float, aux: float, tokens: float, rows: float, images: float,
+                     dt: float, encoder_cfg, decoder_cfg, frozen_sam: bool) -> dict[str, Any]:  # fmt: skip
+        """The step's log record: losses, lr, grad norm, throughput of the whole job (tokens, rows,
+        images over all ranks) and its MFU against the measured peak."""
         from pipeline.parallel.memory import step_flops
 
-        tokens, world = counts["tokens"], self.topology.world_size
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lm_loss": lm,
-            "aux_loss": aux,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "tokens_per_s": tokens / dt,
-            "tokens_per_s_per_gpu": tokens / dt / world,
-            "samples_per_s": counts["rows"] / dt,
-            "step_time": dt,
-            "bad_steps": self.bad_total,
-        }
+        world = self.topology.world_size
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        record = step_record(
+            self.step, loss, lm, aux, self.scheduler.get_last_lr()[0], grad_norm, tokens, rows, dt
+        )
+        record.update(tokens_per_s_per_gpu=tokens / dt / world, step_time=dt, bad_steps=self.bad_total)
         peak = peak_flops()
         if peak and tokens:
             flops = step_flops(encoder_cfg, decoder_cfg, int(tokens), self.run.data.seq_len,
-                               counts["images"] / tokens, frozen_sam)  # fmt: skip
+                               images / tokens, frozen_sam)  # fmt: skip
             record["mfu"] = flops.total / dt / (peak * world)
         return record
 

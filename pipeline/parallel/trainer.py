@@ -303,8 +303,8 @@ class PipelineTrainer(EngineTrainer):
         lm = float(extra["lm_loss"]) if "lm_loss" in extra else loss
         aux = float(extra["aux_loss"]) if "aux_loss" in extra else 0.0
         enc, dec, _ = self.configs
-        record = self._step_record(loss, lm, aux, {"tokens": tokens, "rows": rows, "images": images}, dt,
-                                   enc, dec, self.run.model.freeze_sam)  # fmt: skip
+        record = self._step_record(loss, lm, aux, tokens, rows, images, dt, enc, dec,
+                                   self.run.model.freeze_sam)  # fmt: skip
         record["bubble"] = self.topology.bubble_fraction
         skips = getattr(self.batches.loader, "skip_counts", None) if self.batches is not None else None
         if skips:

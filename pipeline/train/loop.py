@@ -74,6 +74,22 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def step_record(step: int, loss: float, lm: float, aux: float, lr: float, grad_norm: float,
+                tokens: float, rows: float, dt: float) -> dict[str, float]:  # fmt: skip
+    """The fields every trainer logs per optimizer step (losses, lr, grad norm, throughput);
+    `tokens` and `rows` are the step's totals over all ranks, `dt` its wall time."""
+    return {
+        "step": step,
+        "loss": loss,
+        "lm_loss": lm,
+        "aux_loss": aux,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / dt,
+        "samples_per_s": rows / dt,
+    }
+
+
 class LocalTrainer:
     """Trains `model` (whose forward(PackedBatch) returns .loss/.lm_loss/.aux_loss) on one device."""
 
@@ -230,17 +246,10 @@ class LocalTrainer:
         return result
 
     def _log_step(self, loss, lm, aux, grad_norm, tokens, docs, dt) -> None:
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lm_loss": lm,
-            "aux_loss": aux,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / dt,
-            "samples_per_s": docs / dt,
-            "data_wait": self._data_wait / dt,  # fraction of the step spent waiting for batches
-        }
+        record = step_record(
+            self.step, loss, lm, aux, self.scheduler.get_last_lr()[0], grad_norm, tokens, docs, dt
+        )
+        record["data_wait"] = self._data_wait / dt  # fraction of the step spent waiting for batches
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
         skips = getattr(self.data, "skip_counts", None)
