@@ -65,6 +65,7 @@ def bench_run(root: Path, args, world: int):
         ckpt = "ckpt" + args.checkpoint_stages.replace(",", "")
     name = f"{layout}_{args.partition}_{ckpt}_gb{args.global_batch}_chunk{args.loss_chunk}"
     name += (f"_mb{args.micro_batch}" if args.micro_batch != 1 else "") + ("_compile" if args.compile else "")
+    name += "_pgnodev" if args.pg_without_device else ""
     run = RunConfig(name=f"bench-{name}")
     run.model.encoder, run.model.decoder = "full", "full"
     run.model.decoder_overrides = {"vocab_size": 129280}
@@ -105,7 +106,8 @@ def summarize(run, name: str, layout: str, args, world: int, peaks: list[float],
         split, Topology(world, args.pp, args.micro_batch, args.global_batch), enc, dec, workload_of(run, 0.15)
     )
     steps = [r for r in records if "tokens_per_s" in r]
-    timed = steps[args.warmup :] or steps
+    # after warm-up; a step run under the profiler is slower and left out
+    timed = [r for r in steps[args.warmup :] if r["step"] != args.profile_step] or steps
     mean = lambda key: sum(r.get(key, 0.0) for r in timed) / len(timed)  # noqa: E731
     per_gpu = sorted(r["tokens_per_s_per_gpu"] for r in timed)
     accum = args.global_batch // (args.micro_batch * dp)
@@ -140,6 +142,7 @@ def summarize(run, name: str, layout: str, args, world: int, peaks: list[float],
 def train(root: Path, args) -> None:
     import torch
 
+    from bench.pipeline_probe import StepProbe, render
     from pipeline.data.config import from_run_config
     from pipeline.data.loader import StreamingLoader
     from pipeline.parallel.trainer import run_pipeline_training
@@ -153,15 +156,26 @@ def train(root: Path, args) -> None:
         cfg = from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
         return StreamingLoader(cfg, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
-    run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory, final_checkpoint=False)
+    if args.pg_without_device:  # lazy NCCL init: per-pair communicators for the stages' send/recv
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl")
+    probe = StepProbe(warmup=args.warmup, profile_step=args.profile_step, out_dir=Path(run.train.out_dir))
+    run_pipeline_training(
+        run, tokenizer=tokenizer, loader_factory=loader_factory, final_checkpoint=False, on_step=probe
+    )
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
     peaks = [torch.zeros_like(peak) for _ in range(world)]
     torch.distributed.all_gather(peaks, peak)
+    reports = [None] * world
+    torch.distributed.all_gather_object(reports, probe.report())
     if torch.distributed.get_rank() == 0:
+        print(render(reports), flush=True)
         lines = (Path(run.train.out_dir) / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         summary = summarize(run, name, layout, args, world, [float(p) for p in peaks], records)
         summary["device"] = torch.cuda.get_device_name()
+        summary["pg_without_device"] = args.pg_without_device
+        summary["engine_ms_per_step"] = reports
         print(json.dumps(summary, indent=2), flush=True)
         if args.summary is not None:
             with open(args.summary, "a") as f:
@@ -214,6 +228,14 @@ def arg_parser() -> argparse.ArgumentParser:
         default=False,
         help="torch.compile (inductor) the repeated blocks of every stage (parallel.compile_layers)",
     )
+    parser.add_argument(
+        "--profile-step", type=int, default=0,
+        help="run this step (>= 2) under torch.profiler; each rank writes trace_rank<R>.json.gz",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pg-without-device", action="store_true",
+        help="init the process group without device_id (lazy NCCL init: P2P on per-pair communicators)",
+    )  # fmt: skip
     parser.add_argument("--summary", type=Path, default=None, help="append the JSON summary to this file")
     return parser
 

@@ -4,7 +4,7 @@
 #
 # usage (GPU machine, repository root; wheels from ../shared/device/prepare_wheels.sh in .whl/):
 #   bash bench/pipeline_gpu.sh [DATA_DIR] [STEPS] [CONFIG ...]
-# CONFIG = PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO[:COMPILE]]]
+# CONFIG = PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK[:MICRO[:COMPILE[:EXTRA]]]]
 #   PARTITION     paper | balanced | parameters        (parallel.partition_method)
 #   CHECKPOINTING on | off | comma-separated stages    (model.gradient_checkpointing /
 #                                                      parallel.checkpoint_stages, e.g. 1,2)
@@ -13,6 +13,8 @@
 #   MICRO         rows per pipeline micro-batch (parallel.micro_batch; default 1; empty = default)
 #   COMPILE       on | off: torch.compile (inductor) the repeated blocks of every stage
 #                 (parallel.compile_layers; default off)
+#   EXTRA         comma-separated further flags of `pipeline_gpu.py train`, e.g.
+#                 --profile-step=6,--pg-without-device (they also name the log)
 # default: 4:paper:on:16 2:paper:on:16 (PP=4 x DP=1 and PP=2 x DP=2, the paper's split).
 # Example, paper vs balanced and checkpointing on vs off in one call:
 #   bash bench/pipeline_gpu.sh /tmp/ppb 20 4:paper:on:16 4:balanced:on:16 4:balanced:off:16 4:balanced:off:32
@@ -48,7 +50,7 @@ mkdir -p "$root"
 rm -f "$summary"
 python3 bench/pipeline_gpu.py make-data "$root"
 for config in "${configs[@]}"; do
-  IFS=: read -r pp partition ckpt gb chunk micro compile <<< "$config"
+  IFS=: read -r pp partition ckpt gb chunk micro compile extra <<< "$config"
   chunk=${chunk:-2048} micro=${micro:-1} compile=${compile:-off}
   args=(--pp "$pp" --partition "$partition" --global-batch "$gb" --loss-chunk "$chunk" --micro-batch "$micro")
   case "$ckpt" in
@@ -63,6 +65,11 @@ for config in "${configs[@]}"; do
     off) args+=(--no-compile) ;;
     *) echo "=== $config: COMPILE must be on or off, got '$compile'"; continue ;;
   esac
+  if [ -n "${extra:-}" ]; then
+    IFS=, read -r -a flags <<< "$extra"
+    args+=("${flags[@]}")
+    tag+=_$(printf '%s' "$extra" | tr -c 'A-Za-z0-9' '_' | tr -s '_' | sed 's/^_//;s/_$//')
+  fi
   echo "=== $config: ${args[*]} (start $(date +%T))"
   limit=()
   [ "${CONFIG_TIMEOUT:-0}" -gt 0 ] && limit=(timeout --kill-after 10 "$CONFIG_TIMEOUT")

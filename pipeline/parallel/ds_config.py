@@ -83,6 +83,9 @@ def deepspeed_config(run: RunConfig, topology: Topology) -> dict[str, Any]:
         },
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own prints stay quiet
         "wall_clock_breakdown": False,
+        # The engine's throughput timer synchronises the device at every micro-batch's forward
+        # (timers.throughput.synchronized); the trainer measures throughput itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     if p.dtype == "bf16":
         config["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -211,6 +211,17 @@ def _pipeline_module_class():
     return OCRPipelineModule
 
 
+def engine_dynamic_shape(run: RunConfig) -> bool:
+    """Whether the engine must exchange tensor shapes before every activation it sends.
+
+    With dynamic shapes DeepSpeed sends shape metadata before each activation and the receiver
+    reads it back to the host (a device sync per micro-batch and stage). Packed rows (always
+    micro_batch x seq_len: the training stream is endless) keep every boundary's shapes fixed
+    except where the SAM features cross. One flag for all stages: both ends of a boundary must
+    agree."""
+    return run_partition(run).varying_boundary or not run.data.pack
+
+
 def stage_checkpointed(run: RunConfig, stage: int) -> bool:
     """Whether `stage` recomputes its blocks in backward: listed in parallel.checkpoint_stages,
     or, when that is unset, model.gradient_checkpointing."""
@@ -245,7 +256,7 @@ def build_pipeline_module(
         loss_fn=None,  # the head unit returns the loss (labels ride along in the activations)
         activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
         checkpointable_layers=["DecoderLayerUnit"],
-        dynamic_shape=True,
+        dynamic_shape=engine_dynamic_shape(run),
     )
     if stage_checkpointed(run, module.stage_id):
         for unit in module.units():

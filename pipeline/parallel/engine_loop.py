@@ -137,7 +137,9 @@ class EngineTrainer:
         self.logger.log({"event": "resume", "step": self.step, "checkpoint": str(ckpt)})
 
     # ------------------------------------------------------------------ loop
-    def train(self, eval_hook=None, *, final_checkpoint: bool = True) -> EngineResult:
+    def train(self, eval_hook=None, *, final_checkpoint: bool = True, on_step=None) -> EngineResult:
+        """Steps until train.max_steps; `on_step(self)` runs on every rank after each good step
+        (benchmarks use it to profile or time chosen steps)."""
         cfg = self.run.train
         result = EngineResult(steps=self.step, stage=self.stage, dp_rank=self.dp_rank)
         saved_at = None
@@ -166,6 +168,8 @@ class EngineTrainer:
                     self._log_step(payload, dt)
                 if eval_hook is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._run_eval(eval_hook)
+                if on_step is not None:
+                    on_step(self)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     result.last_checkpoint, saved_at = self.save(), self.step
                 if self._agree(int(sigterm.raised)):

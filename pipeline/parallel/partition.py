@@ -105,6 +105,12 @@ class Partition:
     def pp(self) -> int:
         return len(self.stages)
 
+    @property
+    def varying_boundary(self) -> bool:
+        """Whether a stage boundary carries the SAM features, whose shapes follow each micro-batch's
+        views; every other boundary carries the fixed (micro-batch, seq_len) hidden tuple."""
+        return any(stage.units[-1].kind == "sam" for stage in self.stages[:-1])
+
     def stage_of(self, unit_name: str) -> int:
         for stage in self.stages:
             if unit_name in stage.names:

@@ -9,8 +9,9 @@ pipeline split), so it runs the model's own methods (`sam_features`, `clip_featu
 `image_table`, `merge`, `DecoderModel.prepare`, `head`) and its state-dict keys are
 `"model." + DeepSeekOCR key`: consolidation is a union of unit state dicts.
 
-Boundary tuples (every micro-batch; `dynamic_shape=True` lets sizes change). K = len(view_sizes)
-pixel / feature slots, one per view side in ascending order; a side absent from the micro-batch
+Boundary tuples (the SAM features' sizes change per micro-batch: a split with SAM's output on a
+boundary builds the engine with `dynamic_shape=True`, every other split with fixed shapes).
+K = len(view_sizes) pixel / feature slots, one per view side in ascending order; a side absent from the micro-batch
 has an empty (0, ...) slot, so the layout and the dtype at every index never change (DeepSpeed
 reuses its receive buffers by index). Between stages float tensors come first, int64 after:
 

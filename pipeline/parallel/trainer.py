@@ -167,10 +167,12 @@ def run_pipeline_training(
     logger: RunLogger | NullLogger | None = None,
     view_sizes=VIEW_SIZES,
     final_checkpoint: bool = True,
+    on_step: Callable[[EngineTrainer], None] | None = None,
 ) -> EngineResult:
     """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer).
 
-    final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay."""
+    final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay.
+    on_step(trainer) runs on every rank after each step (benchmarks: profiling, engine timings)."""
     env = dist_env()
     topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
     device = init_distributed()
@@ -183,7 +185,7 @@ def run_pipeline_training(
     trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
     trainer.setup(model_dict, resume_from, loader_factory, logger)
     try:
-        return trainer.train(eval_hook, final_checkpoint=final_checkpoint)
+        return trainer.train(eval_hook, final_checkpoint=final_checkpoint, on_step=on_step)
     finally:
         trainer.logger.close()
 

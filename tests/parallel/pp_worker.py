@@ -1,9 +1,10 @@
 """One rank of a CPU pipeline-training test run (launched N times by tests/parallel/harness.py).
 
 Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str, "seq_len": int,
-"result": path prefix, "nan_steps": [engine steps whose loss is made NaN]} and trains with
-`run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw, including
-"dynamo_graphs": the graphs torch.compile captured in this process (parallel.compile_layers).
+"result": path prefix, "nan_steps": [engine steps whose loss is made NaN], "probe": optional
+bench.pipeline_probe.StepProbe kwargs} and trains with `run_pipeline_training`; every rank writes
+`<result>.rank<N>.json` with what it saw, including "dynamo_graphs": the graphs torch.compile
+captured in this process (parallel.compile_layers), and with "probe" the probe's report.
 """
 
 from __future__ import annotations
@@ -60,8 +61,17 @@ def main(spec_path: str) -> None:
         )
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
-    train = lambda: run_pipeline_training(run, tokenizer=tokenizer, loader_factory=loader_factory)  # noqa: E731
+    probe = None
+    if "probe" in spec:  # bench/pipeline_probe.py: engine instruction timings, one profiled step
+        from bench.pipeline_probe import StepProbe
+
+        probe = StepProbe(out_dir=Path(run.train.out_dir), **spec["probe"])
+    train = lambda: run_pipeline_training(  # noqa: E731
+        run, tokenizer=tokenizer, loader_factory=loader_factory, on_step=probe
+    )
     out = rank_outcome(train)
+    if probe is not None:
+        out["probe"] = probe.report()
     out["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     write_rank_result(spec, out)
 

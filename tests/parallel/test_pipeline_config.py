@@ -99,6 +99,24 @@ def test_deepspeed_config_batch_and_precision(tmp_path):
     assert cfg["bf16"]["enabled"] and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["pipeline"]["use_reentrant"] is False
     assert cfg["gradient_clipping"] == run.optim.grad_clip
+    # no device sync per micro-batch for DeepSpeed's throughput timer (the trainer times steps)
+    assert cfg["timers"] == {"throughput": {"enabled": False}}
+
+
+@pytest.mark.parametrize(
+    "pp, method, pack, varying",
+    [(4, "paper", True, True), (4, "balanced", True, False), (2, "paper", True, False), (4, "balanced", False, True)],
+)  # fmt: skip
+def test_shapes_vary_only_where_sam_features_or_unpacked_rows_cross(pp, method, pack, varying):
+    """The full model's paper split sends SAM's features from PP0; its balanced split keeps SAM
+    and CLIP on PP0 (hidden states of fixed shape on every boundary); PP=2 puts SAM and CLIP on
+    the first stage."""
+    from pipeline.config import ParallelConfig, RunConfig
+    from pipeline.parallel.engine import engine_dynamic_shape
+
+    run = RunConfig(parallel=ParallelConfig(pp=pp, partition_method=method))
+    run.model.encoder, run.model.decoder, run.data.pack = "full", "full", pack
+    assert engine_dynamic_shape(run) is varying
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])  # the loader's views; pre-normalised ones
