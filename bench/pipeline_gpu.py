@@ -6,12 +6,19 @@ Two phases (bench/pipeline_gpu.sh runs one or several configurations):
   torchrun --nproc_per_node 4 bench/pipeline_gpu.py train DIR --pp 4 [--steps 20]
       [--partition paper|balanced|parameters] [--checkpointing | --no-checkpointing]
       [--checkpoint-stages 2,3] [--global-batch 16] [--loss-chunk 2048] [--micro-batch 1]
-      [--compile | --no-compile] [--summary FILE]
+      [--compile | --no-compile] [--profile-step K] [--pg-without-device] [--summary FILE]
 --micro-batch rows of 8192 tokens per pipeline micro-batch (parallel.micro_batch; the global
 batch counts rows, so accumulation = global / (micro x DP)); --compile compiles the repeated
 blocks of every stage with inductor (parallel.compile_layers: SAM blocks, CLIP layers, decoder
 layers; pipeline/parallel/regions.py), compiled during the first steps (--warmup leaves them out).
 Every rank trains; the last stage of data-parallel rank 0 writes DIR/<name>/metrics.jsonl.
+Every rank times DeepSpeed's pipeline instructions on the host (bench/pipeline_probe.py); rank 0
+prints them as one table (ms per step, one column per rank) and the summary keeps them
+("engine_ms_per_step"). --profile-step K runs step K under torch.profiler (each rank writes
+DIR/<name>/trace_rank<R>.json.gz; its GPU busy / NCCL / compute kernel time goes into the table;
+the step is left out of the throughput). --pg-without-device initialises the process group
+without binding the device (NCCL's lazy init: the stages' send/recv get per-pair communicators
+instead of serialising on the world communicator; the name gains "_pgnodev").
 Rank 0 prints one JSON summary (and appends it as one line to --summary): tokens/s per GPU
 (mean and median over steps after --warmup), step time, first/last loss, peak GPU memory per stage
 (torch.cuda.max_memory_allocated, max over DP ranks) next to the memory model's estimate

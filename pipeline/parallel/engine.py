@@ -44,7 +44,9 @@ from pipeline.parallel.stages import (
     HeadUnit,
     PrepareCache,
     SamUnit,
+    pack_hidden,
     unit_key_to_model_key,
+    unpack_hidden,
 )
 from pipeline.parallel.topology import Topology
 
@@ -143,6 +145,16 @@ def _pipeline_module_class():
             self.parts = list(parts)
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+            # `hidden` tuples cross boundaries packed (stages.pack_hidden); SAM's output does not
+            after_sam = [spec.typename is SamUnit for spec in self._layer_specs]
+            self.receives_packed = stage > 0 and not after_sam[parts[stage] - 1]
+            self.sends_packed = stage < self.num_stages - 1 and not after_sam[parts[stage + 1] - 1]
+
+        def forward(self, forward_input):
+            if self.receives_packed:
+                forward_input = unpack_hidden(forward_input)
+            out = super().forward(forward_input)
+            return pack_hidden(out) if self.sends_packed else out
 
         def units(self) -> list[nn.Module]:
             return [f for f in self.forward_funcs if isinstance(f, nn.Module)]

@@ -23,7 +23,9 @@ reuses its receive buffers by index). Between stages float tensors come first, i
     vision  (after SAM):        link (1,) fp32, feats_1..feats_K (N_k, C, S_k/64, S_k/64),
                                 input_ids, labels, position_ids, doc_ids, gather_index, row_counts
     hidden  (after CLIP/merge   aux (1,) fp32 running MoE balance loss, hidden (B, L, H),
-             and every layer):  labels, position_ids, doc_ids
+             and every layer):  labels, position_ids, doc_ids; across a stage boundary packed
+                                into one float tensor (`pack_hidden`): carrier (B*L*H + 2,),
+                                labels, position_ids, doc_ids
     output  (HeadUnit):         loss () fp32 = next-token loss + aux
 
 The head computes the loss with `pipeline.loss.chunked_next_token_loss` (loss_chunk_tokens > 0:
@@ -78,6 +80,30 @@ def micro_batch_inputs(
     text = (batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids)
     counts = torch.tensor(plan.row_counts, dtype=torch.long)
     return (*(t.long() for t in text), plan.gather_index.long(), counts, *pixels)
+
+
+def pack_hidden(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The `hidden` tuple as it crosses a stage boundary: (carrier, labels, position_ids, doc_ids).
+
+    DeepSpeed 0.19 back-propagates each float output of a stage with its own `backward` call
+    (retain_graph for all but the last). The running aux loss depends on every router of the
+    stage, so its own backward would walk nearly the whole stage a second time per micro-batch.
+    One float tensor per boundary makes it one walk: carrier = [hidden.flatten(), hi, lo] in
+    hidden's dtype, with aux = hi + lo (hi = aux rounded, lo = the remainder: ~16 mantissa bits
+    in bf16; the gradient reaches aux through lo)."""
+    aux, hidden, *text = out
+    aux = aux.reshape(1)
+    hi = aux.detach().to(hidden.dtype)
+    lo = (aux - hi.float()).to(hidden.dtype)
+    return (torch.cat([hidden.reshape(-1), hi, lo]), *text)
+
+
+def unpack_hidden(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Inverse of `pack_hidden`: (aux (1,) fp32, hidden (B, L, H) as a view, labels, ...)."""
+    carrier, labels, *rest = inputs
+    b, t = labels.shape
+    aux = carrier[-2:].float().sum().reshape(1)
+    return (aux, carrier[:-2].view(b, t, -1), labels, *rest)
 
 
 def _materialize(module: nn.Module | None, device: torch.device | str) -> None:

@@ -43,7 +43,8 @@ def test_probe_times_every_instruction_and_profiles_one_step(tmp_path):
         assert calls["OptimizerStep"] == 1
         assert 0 < sum(r["instructions_ms"].values()) <= r["step_ms"] + 0.5
         assert r["profile"]["step_ms"] > 0 and r["profile"]["gpu_busy_ms"] == 0  # CPU: no kernels
-        trace = json.loads(gzip.open(Path(out) / r["profile"]["trace"], "rt").read())
+        with gzip.open(Path(out) / r["profile"]["trace"], "rt") as f:
+            trace = json.load(f)
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"dsocr_full_step", "pipe.ForwardPass", "pipe.BackwardPass"} <= names
     first, last = (r["calls_per_step"] for r in reports)

@@ -2,9 +2,10 @@
 
 Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str, "seq_len": int,
 "result": path prefix, "nan_steps": [engine steps whose loss is made NaN], "probe": optional
-bench.pipeline_probe.StepProbe kwargs} and trains with `run_pipeline_training`; every rank writes
-`<result>.rank<N>.json` with what it saw, including "dynamo_graphs": the graphs torch.compile
-captured in this process (parallel.compile_layers), and with "probe" the probe's report.
+bench.pipeline_probe.StepProbe kwargs, "count_layer_backward": optional bool} and trains with
+`run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw, including
+"dynamo_graphs": the graphs torch.compile captured in this process (parallel.compile_layers),
+the probe's report and the backward walks per decoder layer in step 2 when asked.
 """
 
 from __future__ import annotations
@@ -42,6 +43,31 @@ def _poison(nan_steps: set[int]) -> None:
     stages.HeadUnit.forward = forward
 
 
+class LayerBackwardCounter:
+    """on_step hook: how often each decoder layer's weights got a gradient in step 2 (hooks on
+    input_layernorm.weight, which every router of the layer and above depends on): the number of
+    backward walks through the layer, one per micro-batch when each stage back-propagates once."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.counting = False
+
+    def __call__(self, trainer) -> None:
+        if trainer.step == 1:
+            for unit in trainer.module.units():
+                if isinstance(unit, stages.DecoderLayerUnit):
+                    self.counts[unit.layer_idx] = 0
+                    unit.layer.input_layernorm.weight.register_hook(self._hook(unit.layer_idx))
+        self.counting = trainer.step == 1  # step 2 only
+
+    def _hook(self, idx: int):
+        def count(grad):
+            if self.counting:
+                self.counts[idx] += 1
+
+        return count
+
+
 def main(spec_path: str) -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (hangs)
     spec = json.loads(Path(spec_path).read_text())
@@ -61,17 +87,22 @@ def main(spec_path: str) -> None:
         )
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
-    probe = None
+    hooks: list = []
     if "probe" in spec:  # bench/pipeline_probe.py: engine instruction timings, one profiled step
         from bench.pipeline_probe import StepProbe
 
-        probe = StepProbe(out_dir=Path(run.train.out_dir), **spec["probe"])
+        hooks.append(StepProbe(out_dir=Path(run.train.out_dir), **spec["probe"]))
+    if spec.get("count_layer_backward"):
+        hooks.append(LayerBackwardCounter())
     train = lambda: run_pipeline_training(  # noqa: E731
-        run, tokenizer=tokenizer, loader_factory=loader_factory, on_step=probe
+        run, tokenizer=tokenizer, loader_factory=loader_factory, on_step=lambda t: [h(t) for h in hooks]
     )
     out = rank_outcome(train)
-    if probe is not None:
-        out["probe"] = probe.report()
+    for hook in hooks:
+        if isinstance(hook, LayerBackwardCounter):
+            out["layer_backward_calls"] = hook.counts
+        else:
+            out["probe"] = hook.report()
     out["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     write_rank_result(spec, out)
 
