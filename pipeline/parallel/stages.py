@@ -40,8 +40,8 @@ up to SAM.
 Labels ride along in the tuple, so the last stage computes the loss from exactly the rows the
 first stage embedded (the engine's `loss_fn` is unused). DeepSpeed marks every received float
 tensor as requiring grad and sends its gradient back, and calls backward on every float output
-of a non-last stage: hence `link` = (frozen_link + frozen_link_matrix) * 0, trainable parameters joined with
-weight zero, so the frozen SAM stage has a graph (and an optimizer parameter) without computing
+of a non-last stage: hence `link` = (sum(frozen_link) + sum(frozen_link_matrix)) * 0, trainable
+parameters joined with weight zero, so the frozen SAM stage has a graph (and an optimizer parameter) without computing
 any SAM gradient, and empty feature slots are touched with weight zero on the next stage.
 """
 
@@ -64,6 +64,11 @@ VIEW_SIZES: tuple[int, ...] = tuple(sorted({s for m in MODES.values() for s in (
 NUM_TEXT = 4  # input_ids, labels, position_ids, doc_ids
 UNIT_PREFIX = "model."  # unit state-dict key = UNIT_PREFIX + DeepSeekOCR key
 LINK_KEYS = ("frozen_link", "frozen_link_matrix")  # the SAM unit's zero-weight parameters; not model weights
+# DeepSpeed's bf16 / ZeRO optimizers pack a stage's trainable parameters back to back into one flat
+# buffer per group and point the parameters into it. A parameter whose size is not a multiple of
+# this many elements moves every later one off 16-byte alignment, and cuBLAS then runs align-1
+# GEMM kernels (seen on H200: 1-element links made them ~40% of PP0's GPU time).
+FLAT_ALIGN = 64
 
 
 def micro_batch_inputs(
@@ -203,15 +208,16 @@ class SamUnit(nn.Module):
         self.channels = enc_cfg.clip.width
         # One zero-weight parameter per optimizer group (1-D: no decay; 2-D: decay): DeepSpeed's ZeRO-1
         # all-reduces the gradient norm once per group across stages, so every stage needs both groups.
-        self.frozen_link = nn.Parameter(torch.zeros(1))
-        self.frozen_link_matrix = nn.Parameter(torch.zeros(1, 1))
+        # FLAT_ALIGN elements each: they come first in the stage's flat parameter buffers.
+        self.frozen_link = nn.Parameter(torch.zeros(FLAT_ALIGN))
+        self.frozen_link_matrix = nn.Parameter(torch.zeros(8, FLAT_ALIGN // 8))
         if freeze:
             self.model.encoder.freeze_sam()
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         text, pixels = inputs[: NUM_TEXT + 2], inputs[NUM_TEXT + 2 :]
         assert len(pixels) == len(self.view_sizes), "pixel slots do not match the view sizes"
-        link = (self.frozen_link + self.frozen_link_matrix.view(1)) * 0  # (1,), in the graph, value 0
+        link = ((self.frozen_link.sum() + self.frozen_link_matrix.sum()) * 0).reshape(1)  # in the graph, 0
         present = [p for p in pixels if p.shape[0] > 0]
         encoded = iter(self.model.sam_features(present))  # no SAM graph when frozen
         feats = []

@@ -165,3 +165,25 @@ def test_expert_load_fields_measure_the_busiest_expert_against_the_mean():
     fields = expert_load_fields(torch.tensor([[3, 1], [2, 2], [0, 0]]))  # skewed, balanced, idle layer
     assert fields["expert_counts"] == [[3, 1], [2, 2], [0, 0]]
     assert fields["expert_load_max_over_mean"] == pytest.approx((1.5 + 1.0 + 0.0) / 3)
+
+
+def test_trainable_parameters_keep_deepspeed_flat_buffers_aligned(tok):
+    """DeepSpeed packs a stage's trainable parameters back to back into flat buffers: each must
+    hold a multiple of FLAT_ALIGN elements, or every later one (and every GEMM on it) is misaligned.
+    Checked for the SAM unit's zero-weight links and every parameter of the full model."""
+    from decoder import DecoderModel, decoder_config
+    from deepencoder import DeepEncoder, encoder_config
+    from pipeline.parallel.stages import FLAT_ALIGN, SamUnit
+
+    dec = decoder_config("debug", vocab_size=tok.vocab_size)
+    enc = encoder_config("debug", n_embed=dec.hidden_size)
+    unit = SamUnit(enc, dec, tok.image_id, freeze=True)
+    links = {n: p.numel() for n, p in unit.named_parameters() if p.requires_grad}
+    assert set(links) == {"frozen_link", "frozen_link_matrix"}
+    assert {p.dim() for p in unit.parameters() if p.requires_grad} == {1, 2}  # both optimizer groups
+    assert all(n % FLAT_ALIGN == 0 for n in links.values()), links
+    with torch.device("meta"):
+        full_dec = decoder_config("full", vocab_size=129280)
+        models = (DeepEncoder(encoder_config("full", n_embed=full_dec.hidden_size)), DecoderModel(full_dec))
+    odd = [(n, p.numel()) for m in models for n, p in m.named_parameters() if p.numel() % FLAT_ALIGN]
+    assert odd == []
