@@ -11,9 +11,9 @@ pipeline split), so it runs the model's own methods (`sam_features`, `clip_featu
 
 Boundary tuples (the SAM features' sizes change per micro-batch: a split with SAM's output on a
 boundary builds the engine with `dynamic_shape=True`, every other split with fixed shapes).
-K = len(view_sizes) pixel / feature slots, one per view side in ascending order; a side absent from the micro-batch
-has an empty (0, ...) slot, so the layout and the dtype at every index never change (DeepSpeed
-reuses its receive buffers by index). Between stages float tensors come first, int64 after:
+K = len(view_sizes) pixel / feature slots, one per view side in ascending order; a side absent
+from the micro-batch has an empty (0, ...) slot, so the layout and the dtype at every index never
+change (DeepSpeed reuses its receive buffers by index). Between stages float tensors come first, int64 after:
 
     inputs  (data -> stage 0):  input_ids, labels, position_ids, doc_ids (B, L) int64,
                                 gather_index (P,) int64, row_counts (B,) int64,
@@ -41,8 +41,9 @@ Labels ride along in the tuple, so the last stage computes the loss from exactly
 first stage embedded (the engine's `loss_fn` is unused). DeepSpeed marks every received float
 tensor as requiring grad and sends its gradient back, and calls backward on every float output
 of a non-last stage: hence `link` = (sum(frozen_link) + sum(frozen_link_matrix)) * 0, trainable
-parameters joined with weight zero, so the frozen SAM stage has a graph (and an optimizer parameter) without computing
-any SAM gradient, and empty feature slots are touched with weight zero on the next stage.
+parameters joined with weight zero, so the frozen SAM stage has a graph (and optimizer
+parameters) without computing any SAM gradient, and empty feature slots are touched with weight
+zero on the next stage.
 """
 
 from __future__ import annotations
