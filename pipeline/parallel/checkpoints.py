@@ -14,7 +14,7 @@ keep-last-N pruning apply unchanged):
         trainer_state/rankNNNNN.pt   per global rank: step, RNG states, data-loader position
                                 (pipeline: first and last stage), skipped-step counters
         tokenizer/              tokenizer files (consolidation exports them)
-        meta.json               step, kind, pp, dp, parts (pipeline), model configs, run config
+        meta.json               step, kind, format + parts (pipeline), pp, dp, model configs, run config
     <out_dir>/checkpoints/latest    name of the newest complete checkpoint
 
 Every rank writes into one shared `.tmp-step_XXXXXXXX/` directory; after a barrier global rank
@@ -47,6 +47,9 @@ META = "meta.json"
 KIND = "pipeline"
 DP_KIND = "data_parallel"
 KINDS = (KIND, DP_KIND)
+# Engine-state layout of pipeline checkpoints; 2: the SAM unit's links hold FLAT_ALIGN elements
+# (format 1, no "format" key: one element each, which DeepSpeed cannot load into format 2).
+PIPELINE_FORMAT = 2
 
 
 def model_configs_dict(configs: tuple[EncoderConfig, DecoderConfig, int]) -> dict:
@@ -116,6 +119,13 @@ def check_resume_compatible(
             f"{ckpt} was written by a {meta.get('kind')!r} trainer, not the {kind!r} trainer of this run "
             "(parallel.pp decides: 1 = data parallel, >= 2 = pipeline): set train.resume=false or another "
             "train.out_dir, or consolidate it (dsocr-convert consolidate) and start from model.init_from"
+        )
+    if kind == KIND and meta.get("format", 1) != PIPELINE_FORMAT:
+        raise ValueError(
+            f"{ckpt} is a pipeline checkpoint of format {meta.get('format', 1)}, this code resumes format "
+            f"{PIPELINE_FORMAT} (the SAM stage's zero-weight links changed size): consolidate it "
+            f"(dsocr-convert consolidate {ckpt} OUT; the model weights are unchanged), set "
+            "model.init_from=OUT and train.resume=false"
         )
     saved_model = meta["model"]
     if saved_model != model:

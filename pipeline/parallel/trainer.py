@@ -220,6 +220,7 @@ class PipelineTrainer(EngineTrainer):
         self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
         install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
         self.meta = {
+            "format": ckpt_io.PIPELINE_FORMAT,
             "pp": self.topology.pp,
             "dp": self.topology.dp,
             "parts": self.split.parts,

@@ -77,9 +77,21 @@ def test_resume_from_another_layout_is_refused(tmp_path, tok):
     topology, split, configs, model_dict, _ = prepare(run, tok, 4)
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     ckpt.mkdir(parents=True)
-    meta = {"kind": "pipeline", "step": 2, "pp": 2, "dp": 2, "parts": [0, 4, 6], "model": model_dict}
+    meta = {
+        "kind": "pipeline",
+        "format": 2,
+        "step": 2,
+        "pp": 2,
+        "dp": 2,
+        "parts": [0, 4, 6],
+        "model": model_dict,
+    }
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="exact resume needs the same layout"):
+        prepare(run, tok, 4)
+    del meta["format"]  # written before the links held FLAT_ALIGN elements
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="pipeline checkpoint of format 1.*dsocr-convert consolidate"):
         prepare(run, tok, 4)
     assert split.parts == [0, 1, 2, 4, 6] and topology.grad_accum == 8
 
