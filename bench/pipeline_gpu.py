@@ -181,7 +181,6 @@ def train(root: Path, args) -> None:
         records = [json.loads(line) for line in lines]
         summary = summarize(run, name, layout, args, world, [float(p) for p in peaks], records)
         summary["device"] = torch.cuda.get_device_name()
-        summary["pg_without_device"] = args.pg_without_device
         summary["engine_ms_per_step"] = reports
         print(json.dumps(summary, indent=2), flush=True)
         if args.summary is not None:

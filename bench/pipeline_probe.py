@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.profiling import STEP_ANNOTATION, summarize_trace
+from bench.profiling import STEP_ANNOTATION, summarize_trace, write_trace_gzip
 
 NCCL_MARK = "nccl"
 
@@ -107,12 +107,9 @@ class StepProbe:
         out = self.out_dir or Path(".")
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"trace_rank{trainer.rank}.json.gz"
-        raw = path.with_suffix("")  # .json
-        self._profiler.export_chrome_trace(str(raw))
-        trace = json.loads(raw.read_text())
-        with gzip.open(path, "wt", compresslevel=6) as f:
-            json.dump(trace, f)
-        raw.unlink()
+        write_trace_gzip(self._profiler, path)
+        with gzip.open(path, "rt") as f:
+            trace = json.load(f)
         summary = summarize_trace(trace, top=8)
         nccl = sum(
             float(e.get("dur", 0.0))

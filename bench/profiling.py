@@ -91,7 +91,7 @@ def _record(step: Callable[[], object], device: torch.device, cpu: bool):
     return prof
 
 
-def _write_gzip(prof, path: Path) -> int:
+def write_trace_gzip(prof, path: Path) -> int:
     """Chrome trace of prof as path (.json.gz); returns the compressed size in bytes."""
     raw = path.with_name(path.name.removesuffix(".gz") + ".tmp")
     prof.export_chrome_trace(str(raw))
@@ -110,7 +110,7 @@ def profile_step(
         raise ValueError(f"profile trace path must end with .json.gz, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     prof = _record(step, device, cpu=True)
-    size, with_cpu = _write_gzip(prof, path), True
+    size, with_cpu = write_trace_gzip(prof, path), True
     # the summary reads the saved trace (CPU runtime calls included) before any re-recording
     with gzip.open(path, "rt") as f:
         summary = summarize_trace(json.load(f))
@@ -118,7 +118,7 @@ def profile_step(
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
     if size > max_bytes and device.type == "cuda":
         prof = _record(step, device, cpu=False)  # kernels only: a fraction of the events
-        size, with_cpu = _write_gzip(prof, path), False
+        size, with_cpu = write_trace_gzip(prof, path), False
     return {**summary, "trace": path.name, "trace_bytes": size, "trace_has_cpu": with_cpu, "table": table}
 
 

@@ -223,7 +223,7 @@ def _pipeline_module_class():
     return OCRPipelineModule
 
 
-def engine_dynamic_shape(run: RunConfig) -> bool:
+def engine_dynamic_shape(split: Partition, pack: bool) -> bool:
     """Whether the engine must exchange tensor shapes before every activation it sends.
 
     With dynamic shapes DeepSpeed sends shape metadata before each activation and the receiver
@@ -231,7 +231,7 @@ def engine_dynamic_shape(run: RunConfig) -> bool:
     micro_batch x seq_len: the training stream is endless) keep every boundary's shapes fixed
     except where the SAM features cross. One flag for all stages: both ends of a boundary must
     agree."""
-    return run_partition(run).varying_boundary or not run.data.pack
+    return split.varying_boundary or not pack
 
 
 def stage_checkpointed(run: RunConfig, stage: int) -> bool:
@@ -268,7 +268,7 @@ def build_pipeline_module(
         loss_fn=None,  # the head unit returns the loss (labels ride along in the activations)
         activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
         checkpointable_layers=["DecoderLayerUnit"],
-        dynamic_shape=engine_dynamic_shape(run),
+        dynamic_shape=engine_dynamic_shape(split, run.data.pack),
     )
     if stage_checkpointed(run, module.stage_id):
         for unit in module.units():

@@ -124,11 +124,11 @@ def test_shapes_vary_only_where_sam_features_or_unpacked_rows_cross(pp, method, 
     and CLIP on PP0 (hidden states of fixed shape on every boundary); PP=2 puts SAM and CLIP on
     the first stage."""
     from pipeline.config import ParallelConfig, RunConfig
-    from pipeline.parallel.engine import engine_dynamic_shape
+    from pipeline.parallel.engine import engine_dynamic_shape, run_partition
 
     run = RunConfig(parallel=ParallelConfig(pp=pp, partition_method=method))
     run.model.encoder, run.model.decoder, run.data.pack = "full", "full", pack
-    assert engine_dynamic_shape(run) is varying
+    assert engine_dynamic_shape(run_partition(run), run.data.pack) is varying
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])  # the loader's views; pre-normalised ones
