@@ -6,11 +6,10 @@ backward, gradient clipping, AdamW, on rows of Base-mode pages + text packed to 
 
 - "LocalTrainer": the project's single-process loop (pipeline/train/loop.py) with the project's
   optimizer (pipeline/train/optim.py) fed with the same PackedBatches: today's training step.
-- "sync-free": the same model and arithmetic without host round trips: counts, placeholder
-  positions and shifted targets precomputed by the data thread, the batch copied one step
-  ahead on a side stream, the embedding merge as an index_copy, a fused AdamW that skips a
-  non-finite step on the device (`found_inf`) instead of branching on a `.item()`.
-  `ocr_loss` equals `DeepSeekOCR.forward(...).loss` (tests/test_bench.py).
+- "sync-free": the same model forward (`DeepSeekOCR.forward`, which reads nothing back from the
+  device: the collate precomputed counts, placeholder and label positions) in a step without
+  host round trips: the batch copied one step ahead on a side stream, a fused AdamW that skips
+  a non-finite step on the device (`found_inf`) instead of branching on a `.item()`.
 - "sync-free + compile": additionally torch.compile'd decoder layers (compile_layers), SAM
   blocks and CLIP blocks (regional compilation).
 - peer: the same harness with transformers' components where transformers has them:
@@ -37,11 +36,11 @@ from torch import nn
 
 from bench.measure import count_host_syncs, full_step_flops, peak_memory_gib, reset_peak_memory, sync
 from bench.profiling import profile_step, render_summary, write_summary
-from bench.step_data import Prefetcher, StagedBatch
+from bench.step_data import Prefetcher, flop_inputs
 from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.model import DeepSeekOCR, ImagePlan
+from pipeline.model import DeepSeekOCR
 from pipeline.processing import normalize_pixels
 from pipeline.train.optim import param_groups
 
@@ -63,15 +62,14 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def label_loss(logits: torch.Tensor, targets: torch.Tensor, num_label_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy over targets != -100; the count comes from the host (no sync)."""
-    total = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / max(num_label_tokens, 1)
+def label_loss(logits: torch.Tensor, b: PackedBatch) -> torch.Tensor:
+    """Mean cross-entropy at the batch's precomputed label positions (no sync)."""
+    picked = logits.flatten(0, 1).index_select(0, b.loss_positions)  # (N, V)
+    total = F.cross_entropy(picked.float(), b.loss_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / max(b.num_label_tokens, 1)
 
 
-def scatter_images(embeds: torch.Tensor, table: torch.Tensor, b: StagedBatch) -> torch.Tensor:
+def scatter_images(embeds: torch.Tensor, table: torch.Tensor, b: PackedBatch) -> torch.Tensor:
     """(B, L, H) embeddings with the placeholders replaced by table[gather_index], in order."""
     if b.image_positions.numel() == 0:
         return embeds
@@ -84,16 +82,6 @@ def scatter_images(embeds: torch.Tensor, table: torch.Tensor, b: StagedBatch) ->
     )
 
 
-def ocr_loss(model: DeepSeekOCR, b: StagedBatch) -> torch.Tensor:
-    """Sync-free equivalent of `model(batch).loss` on a staged batch: lm loss + MoE aux loss."""
-    embeds = model.decoder.embed_tokens(b.input_ids)
-    if b.image_positions.numel():
-        plan = ImagePlan(b.sizes, b.pixels, b.gather_index, [])
-        embeds = scatter_images(embeds, model.image_table(model.encode_images(plan)), b)
-    out = model.decoder(inputs_embeds=embeds, position_ids=b.position_ids, doc_ids=b.doc_ids)
-    return label_loss(out.logits, b.targets, b.num_label_tokens) + out.aux_loss
-
-
 class PeerOCR(nn.Module):
     """transformers SAM (frozen) -> our CLIP + projector -> transformers text model + lm_head."""
 
@@ -101,13 +89,15 @@ class PeerOCR(nn.Module):
         super().__init__()
         self.encoder, self.sam, self.body, self.lm_head = encoder, sam, body, lm_head
 
-    def loss(self, b: StagedBatch) -> torch.Tensor:
+    def loss(self, b: PackedBatch) -> torch.Tensor:
         embeds = self.body.embed_tokens(b.input_ids)
         if b.image_positions.numel():
             dtype = self.lm_head.weight.dtype
             with torch.no_grad():
                 feats = [
-                    self.sam(pixel_values=normalize_pixels(p, dtype)).last_hidden_state for p in b.pixels
+                    self.sam(pixel_values=normalize_pixels(p, dtype)).last_hidden_state
+                    for p in b.pixels
+                    if p.shape[0]
                 ]
             flat = [self.encoder.clip_project(f).flatten(0, 1) for f in feats]  # (N*g*g, H) each
             special = torch.stack([self.encoder.image_newline, self.encoder.view_seperator])  # (2, H)
@@ -115,7 +105,7 @@ class PeerOCR(nn.Module):
         hidden = self.body(
             inputs_embeds=embeds, position_ids=b.position_ids, use_cache=False
         ).last_hidden_state
-        return label_loss(self.lm_head(hidden), b.targets, b.num_label_tokens)
+        return label_loss(self.lm_head(hidden), b)
 
 
 def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
@@ -136,14 +126,14 @@ class SyncFreeStep:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable[[StagedBatch], torch.Tensor], device: torch.device
+        self, model: nn.Module, loss_fn: Callable[[PackedBatch], torch.Tensor], device: torch.device
     ):
         self.model, self.loss_fn, self.device = model, loss_fn, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, WEIGHT_DECAY)
         self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 
-    def __call__(self, b: StagedBatch) -> torch.Tensor:
+    def __call__(self, b: PackedBatch) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(b)
         loss.backward()
@@ -153,7 +143,7 @@ class SyncFreeStep:
         return loss.detach()
 
 
-def run_steps(step: Callable[[StagedBatch], torch.Tensor], data: Prefetcher, steps: int, warmup: int, device):
+def run_steps(step: Callable[[PackedBatch], torch.Tensor], data: Prefetcher, steps: int, warmup: int, device):
     """Mean step seconds over `steps` steps after `warmup` (one sync at each end), tokens, flops."""
     for _ in range(warmup):
         step(next(data))
@@ -189,7 +179,7 @@ def count_sam_calls(model_sam: nn.Module, fn: Callable[[], object]) -> tuple[int
 
 
 def summarize(
-    name: str, step_s: float, batches: list[StagedBatch], flops_fn, peak_tflops: float, device
+    name: str, step_s: float, batches: list[PackedBatch], flops_fn, peak_tflops: float, device
 ) -> dict:
     tokens = sum(b.num_tokens for b in batches) / len(batches)
     flops = sum(flops_fn(b)["total"] for b in batches) / len(batches)
@@ -262,16 +252,6 @@ def measure_local_trainer(
     return result
 
 
-def first_batch_loss_check(model: DeepSeekOCR, batch: PackedBatch, staged: StagedBatch, device) -> float:
-    """|ocr_loss - model(batch).loss| on one batch before training (same weights, no grad)."""
-    from pipeline.train.loop import batch_to
-
-    with torch.no_grad():
-        reference = model(batch_to(batch, device)).loss.float()
-        ours = ocr_loss(model, staged.to(device)).float()
-    return float((reference - ours).abs())
-
-
 @dataclass
 class FullStepSettings:
     """What the full-step benchmark builds and runs. `rows` distinct batches are cycled; steps and
@@ -317,16 +297,14 @@ def build_inputs(s: FullStepSettings) -> tuple[list[PackedBatch], int, int]:
     per_doc = views[0].num_placeholders + s.text_range[1] + 8
     docs = make_documents(views, s.rows * s.micro_batch * (s.seq_len // per_doc + 2) + 16, text_range=s.text_range,
                           vocab_size=vocab, image_token_id=image_token_id)  # fmt: skip
-    batches = make_batches(docs, s.seq_len, s.micro_batch, pad_id=1)
+    batches = make_batches(docs, s.seq_len, s.micro_batch, pad_id=1, image_token_id=image_token_id)
     if len(batches) < s.rows:
         raise ValueError(f"only {len(batches)} packed batches for rows={s.rows}")
     return batches[: s.rows], vocab, image_token_id
 
 
-def _measure_variant(
-    name, step, batches, image_token_id, s, device, peak, flops_fn, sam_module, profile_path
-):
-    data = Prefetcher(batches, device, image_token_id)
+def _measure_variant(name, step, batches, s, device, peak, flops_fn, sam_module, profile_path):
+    data = Prefetcher(batches, device)
     try:
         step_s, staged, loss = run_steps(step, data, s.steps, s.warmup, device)
         out = summarize(name, step_s, staged, flops_fn, peak, device)
@@ -335,7 +313,7 @@ def _measure_variant(
         out["host_syncs"] = count_host_syncs(lambda: step(next(data)), device)
         calls, graph = count_sam_calls(sam_module, lambda: step(next(data)))
         out["sam_calls_per_step"], out["sam_graph"] = calls, graph
-        out["view_groups_per_step"] = len(staged[-1].sizes)
+        out["view_groups_per_step"] = sum(1 for p in staged[-1].pixels if p.shape[0])
         if profile_path is not None:
             out["profile"] = profile_step(lambda: step(next(data)), profile_path, device)
     finally:
@@ -349,7 +327,6 @@ def measure_full_step(
     """Run the variants of the module docstring; returns their figures and the consistency checks."""
     from bench.bench_decoder import oracle_model
     from bench.bench_sam import build_peer as build_peer_sam
-    from bench.step_data import stage_batch
     from pipeline.model import build_model
 
     dtype = torch.bfloat16
@@ -362,15 +339,14 @@ def measure_full_step(
     cast_parameters(model, dtype).train()
     model.encoder.freeze_sam()
     enc_cfg, dec_cfg = model.encoder.config, model.decoder.config
-    flops_fn = lambda b: full_step_flops(enc_cfg, dec_cfg, b.view_sides, b.doc_lengths)  # noqa: E731
+    flops_fn = lambda b: full_step_flops(enc_cfg, dec_cfg, *flop_inputs(b))  # noqa: E731
     prof = (
         (lambda name: profile_dir / f"trace_full_step_{name}.json.gz") if profile_dir else (lambda name: None)
     )
-    staged0 = stage_batch(batches[0], image_token_id)
     result: dict = {
         "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
         "docs_per_row": sum(len(k) for b in batches for k in b.keys) / (len(batches) * s.micro_batch),
-        "packing": sum(stage_batch(b, image_token_id).num_tokens for b in batches) / (len(batches) * batches[0].input_ids.numel()),
+        "packing": sum(b.num_tokens for b in batches) / (len(batches) * batches[0].input_ids.numel()),
         "variants": {},
         "errors": {},
     }  # fmt: skip
@@ -391,9 +367,7 @@ def measure_full_step(
             peer = PeerOCR(model.encoder, sam, body, head).train()
             step = SyncFreeStep(peer, peer.loss, device)
             try:
-                return _measure_variant(
-                    "peer", step, batches, image_token_id, s, device, peak_tflops, flops_fn, sam, None
-                )
+                return _measure_variant("peer", step, batches, s, device, peak_tflops, flops_fn, sam, None)
             finally:
                 del step, peer, body, head, sam
 
@@ -402,9 +376,8 @@ def measure_full_step(
     if s.local_trainer:
 
         def local_variant() -> dict:
-            staged = [stage_batch(b, image_token_id) for b in batches]
             lt = measure_local_trainer(model, batches, s.steps, s.warmup, device, prof("localtrainer"))
-            out = summarize("LocalTrainer", lt["step_s"], staged, flops_fn, peak_tflops, device)
+            out = summarize("LocalTrainer", lt["step_s"], batches, flops_fn, peak_tflops, device)
             out.update(host_syncs=lt["host_syncs"], peak_gib=lt["peak_gib"])
             if "profile" in lt:
                 out["profile"] = lt["profile"]
@@ -412,18 +385,12 @@ def measure_full_step(
 
         attempt("local_trainer", local_variant)
 
-    try:
-        result["loss_check_abs_diff"] = first_batch_loss_check(model, batches[0], staged0, device)
-    except Exception as error:  # reported beside the rows; the variants still run
-        result["errors"]["loss_check"] = f"{type(error).__name__}: {error}"[:300]
-    free(device)
-
     def sync_free(name: str, profile_name: str | None) -> Callable[[], dict]:
         def run() -> dict:
-            step = SyncFreeStep(model, lambda b: ocr_loss(model, b), device)
+            step = SyncFreeStep(model, lambda b: model(b).loss, device)
             try:
                 path = prof(profile_name) if profile_name else None
-                return _measure_variant(name, step, batches, image_token_id, s, device, peak_tflops, flops_fn,
+                return _measure_variant(name, step, batches, s, device, peak_tflops, flops_fn,
                                         model.encoder.sam_model, path)  # fmt: skip
             finally:
                 del step

@@ -101,9 +101,9 @@ def summarize(run, name: str, layout: str, args, world: int, peaks: list[float],
     """The JSON summary of one configuration: throughput over the steps after --warmup, losses,
     measured peaks (GiB, global rank order, max over DP ranks per stage) next to the memory
     model's estimate at 15% vision tokens, and the 1F1B bubble."""
+    from pipeline.model import model_configs
     from pipeline.parallel.engine import run_partition
     from pipeline.parallel.memory import stage_memory, workload_of
-    from pipeline.parallel.partition import model_configs
     from pipeline.parallel.topology import Topology
 
     dp = world // args.pp

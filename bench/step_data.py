@@ -1,17 +1,13 @@
-"""Inputs of the full training-step benchmark: packed Base-mode page rows, staged off the critical path.
+"""Inputs of the full training-step benchmark: packed Base-mode page rows, copied off the critical path.
 
 `make_batches` builds what the loader yields in stage 2 (architecture.md section 3-4): documents
 = BOS + `<image>` placeholders of one page view + a prompt + the page text + EOS (loss on the
-text and EOS), packed best-fit into rows of `seq_len` by the real packer
-(`pipeline.data.packing`). Pages are rendered text pages (bench/bench_data.py) run through the
-real mode transform; text ids are random (the vocabulary of the full model has no tokenizer here).
-
-`stage_batch` does on the CPU, in the data thread, everything the step would otherwise do on
-the host while the GPU waits: `plan_images` (views grouped by size, the placeholder gather
-index), the placeholder positions, the shifted targets and the token counts (plain ints, so
-the step never reads a count back from the device), then pins the memory. `Prefetcher`
-stages batches in a background thread and copies the next batch to the device on a side
-stream while the current step runs.
+text and EOS), packed best-fit into rows of `seq_len` by the real packer and collate
+(`pipeline.data.packing`, which computes the image layout and every count on the host). Pages
+are rendered text pages (bench/bench_data.py) run through the real mode transform; text ids are
+random (the vocabulary of the full model has no tokenizer here). `Prefetcher` pins batches in a
+background thread and copies the next batch to the device on a side stream while the current
+step runs.
 """
 
 from __future__ import annotations
@@ -20,14 +16,12 @@ import queue
 import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 
 import torch
 
 from pipeline.batch import Example, ImageViews, PackedBatch
 from pipeline.data.packing import IGNORE_INDEX, Packer, collate_packed
-from pipeline.model import plan_images
-from pipeline.processing import get_mode, load_image, normalize_pixels, process_image
+from pipeline.processing import get_mode, load_image, process_image
 
 
 def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
@@ -85,7 +79,9 @@ def make_documents(
     return docs
 
 
-def make_batches(docs: list[Example], seq_len: int, micro_batch: int, pad_id: int) -> list[PackedBatch]:
+def make_batches(
+    docs: list[Example], seq_len: int, micro_batch: int, pad_id: int, image_token_id: int
+) -> list[PackedBatch]:
     """Pack the documents best-fit (16-sample look-ahead) into (micro_batch, seq_len) PackedBatches."""
     too_long = [d.key for d in docs if len(d) > seq_len]
     if too_long:
@@ -98,92 +94,25 @@ def make_batches(docs: list[Example], seq_len: int, micro_batch: int, pad_id: in
     usable = len(rows) - len(rows) % micro_batch
     if usable == 0:
         raise ValueError(f"{len(docs)} documents fill {len(rows)} rows, fewer than micro_batch={micro_batch}")
-    return [collate_packed(rows[i : i + micro_batch], seq_len, pad_id) for i in range(0, usable, micro_batch)]
+    return [
+        collate_packed(rows[i : i + micro_batch], seq_len, pad_id, image_token_id)
+        for i in range(0, usable, micro_batch)
+    ]
 
 
-@dataclass
-class StagedBatch:
-    """A PackedBatch with its image plan and every count the step needs precomputed on the host.
-
-    targets (B, L): labels shifted left by one (-100 at the row end), so the loss is a plain
-    cross-entropy over the unshifted logits. image_positions (P,): flat (B*L) indices of the
-    placeholders in order. num_label_tokens / num_tokens / doc_lengths / view_sides: ints.
-    """
-
-    input_ids: torch.Tensor
-    targets: torch.Tensor
-    position_ids: torch.Tensor
-    doc_ids: torch.Tensor
-    pixels: list[torch.Tensor]
-    sizes: list[int]
-    gather_index: torch.Tensor
-    image_positions: torch.Tensor
-    num_label_tokens: int
-    num_tokens: int
-    doc_lengths: list[int]
-    view_sides: list[int]
-
-    _TENSORS = ("input_ids", "targets", "position_ids", "doc_ids", "gather_index", "image_positions")
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> StagedBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self._TENSORS:
-            moved[name] = moved[name].to(device, non_blocking=non_blocking)
-        moved["pixels"] = [p.to(device, non_blocking=non_blocking) for p in self.pixels]
-        return StagedBatch(**moved)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, n) for n in self._TENSORS] + list(self.pixels)
-
-    def pin_memory(self) -> StagedBatch:
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self._TENSORS:
-            pinned[name] = pinned[name].pin_memory()
-        pinned["pixels"] = [p.pin_memory() for p in self.pixels]
-        return StagedBatch(**pinned)
-
-
-def stage_batch(
-    batch: PackedBatch, image_token_id: int, pixel_dtype: torch.dtype | None = None
-) -> StagedBatch:
-    """Host-side preparation of one batch (see the module docstring); raises on placeholder mismatch.
-
-    pixel_dtype None keeps the views uint8 (the model normalises them on its device); a dtype
-    normalises them here, on the host, into that dtype (the data path before uint8 views).
-    """
-    plan = plan_images(batch.images)
-    is_image = batch.input_ids == image_token_id  # (B, L)
-    per_row = is_image.sum(dim=1).tolist()
-    if per_row != plan.row_counts:
-        raise ValueError(f"placeholders per row {per_row} do not match the images' {plan.row_counts}")
-    targets = torch.full_like(batch.labels, IGNORE_INDEX)
-    targets[:, :-1] = batch.labels[:, 1:]  # logits at t predict labels[t+1]
-    doc_lengths = []
+def flop_inputs(batch: PackedBatch) -> tuple[list[int], list[int]]:
+    """(view sides of every view, document lengths) of a batch, for `bench.measure.full_step_flops`."""
+    sides = [p.shape[-1] for p in batch.pixels for _ in range(p.shape[0])]
+    lengths = []
     for row in batch.doc_ids:
-        counts = torch.bincount(row[row >= 0])
-        doc_lengths += [int(c) for c in counts if c > 0]
-    pixels = plan.pixels if pixel_dtype is None else [normalize_pixels(p, pixel_dtype) for p in plan.pixels]
-    sides = [s for s, p in zip(plan.sizes, plan.pixels) for _ in range(p.shape[0])]
-    return StagedBatch(
-        input_ids=batch.input_ids,
-        targets=targets,
-        position_ids=batch.position_ids,
-        doc_ids=batch.doc_ids,
-        pixels=pixels,
-        sizes=plan.sizes,
-        gather_index=plan.gather_index,
-        image_positions=is_image.flatten().nonzero().squeeze(1),
-        num_label_tokens=int((targets != IGNORE_INDEX).sum()),
-        num_tokens=int((batch.doc_ids >= 0).sum()),
-        doc_lengths=doc_lengths,
-        view_sides=sides,
-    )
+        lengths += [int(c) for c in torch.bincount(row[row >= 0]) if c > 0]
+    return sides, lengths
 
 
 class Prefetcher:
-    """Endless iterator of device StagedBatches over `batches` (cycled).
+    """Endless iterator of device PackedBatches over `batches` (cycled).
 
-    A daemon thread stages (and pins) batches into a small queue; on CUDA the copy of batch k+1
+    A daemon thread pins batches into a small queue; on CUDA the copy of batch k+1
     is issued on a side stream right after batch k is handed out, and the compute stream waits
     on its event only when k+1 is taken, so neither staging nor the host-to-device copy sits
     on the step's critical path. `wait_s` accumulates the time the consumer blocked on the queue.
@@ -193,8 +122,6 @@ class Prefetcher:
         self,
         batches: list[PackedBatch],
         device: torch.device,
-        image_token_id: int,
-        pixel_dtype: torch.dtype | None = None,
         depth: int = 2,
     ) -> None:
         if not batches:
@@ -208,7 +135,7 @@ class Prefetcher:
         def work() -> None:
             k = 0
             while not self._stop.is_set():
-                staged = stage_batch(batches[k % len(batches)], image_token_id, pixel_dtype)
+                staged = batches[k % len(batches)]
                 staged = staged.pin_memory() if self.cuda else staged
                 while not self._stop.is_set():
                     try:
@@ -221,9 +148,9 @@ class Prefetcher:
         self._thread = threading.Thread(target=work, name="bench-prefetch", daemon=True)
         self._thread.start()
         self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._pending: tuple[StagedBatch, torch.cuda.Event | None] | None = None
+        self._pending: tuple[PackedBatch, torch.cuda.Event | None] | None = None
 
-    def _take(self) -> StagedBatch:
+    def _take(self) -> PackedBatch:
         import time
 
         start = time.perf_counter()
@@ -231,7 +158,7 @@ class Prefetcher:
         self.wait_s += time.perf_counter() - start
         return staged
 
-    def _issue(self) -> tuple[StagedBatch, torch.cuda.Event | None]:
+    def _issue(self) -> tuple[PackedBatch, torch.cuda.Event | None]:
         staged = self._take()
         if not self.cuda:
             return staged, None
@@ -241,15 +168,15 @@ class Prefetcher:
             event.record(self._stream)
         return moved, event
 
-    def __iter__(self) -> Iterator[StagedBatch]:
+    def __iter__(self) -> Iterator[PackedBatch]:
         return self
 
-    def __next__(self) -> StagedBatch:
+    def __next__(self) -> PackedBatch:
         batch, event = self._pending if self._pending is not None else self._issue()
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            for t in batch.tensors():
+            for t in (*(getattr(batch, n) for n in PackedBatch.TENSORS), *batch.pixels):
                 t.record_stream(current)  # the allocator must not recycle them before the step ends
         self._pending = self._issue()
         return batch

@@ -157,10 +157,9 @@ def build_attention_info(
         raise ValueError(f"doc_ids must be (B, T) = {(batch, seq)}, got {tuple(doc_ids.shape)}")
     if doc_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
-    valid = doc_ids >= 0
-    token_mask = None if bool(valid.all()) else valid
-    if token_mask is None and bool((doc_ids == doc_ids[:, :1]).all()):
-        return AttnInfo("causal")
+    # Packed rows always carry their token mask (exact when every token is real): testing whether
+    # the rows are all one unpadded document would read the device back (a sync per step).
+    token_mask = doc_ids >= 0
     on_cuda = doc_ids.device.type == "cuda"
     if backend == "flash" and (flash_attn_varlen_func is None or not on_cuda):
         raise ValueError("attn_backend='flash' needs flash-attn installed and CUDA tensors")

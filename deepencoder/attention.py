@@ -108,9 +108,10 @@ def augmented_rel_pos_attention(
     rel_h, rel_w = decomposed_rel_terms(q, rel_pos_h, rel_pos_w, hw)
     rows = torch.arange(n, device=q.device) // width  # key row hj
     cols = torch.arange(n, device=q.device) % width  # key column wj
-    key_pos = torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], dim=-1).to(k.dtype) * (
-        1.0 / scale
-    )  # (HW, H+W)
+    # one-hot by comparison: F.one_hot reads the indices' range back to the host (a sync per call)
+    one_hot_h = rows[:, None] == torch.arange(height, device=q.device)  # (HW, H)
+    one_hot_w = cols[:, None] == torch.arange(width, device=q.device)  # (HW, W)
+    key_pos = torch.cat([one_hot_h, one_hot_w], dim=-1).to(k.dtype) * (1.0 / scale)  # (HW, H+W)
     extra = height + width
     pad = (-(c + extra)) % _HEAD_DIM_ALIGN
     q_aug = torch.cat([q, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)  # (B, nh, HW, C+H+W)

@@ -53,27 +53,66 @@ class Example:
 
 @dataclass
 class PackedBatch:
-    """A batch of fixed-length rows, each holding one or more whole documents.
+    """A batch as the model consumes it: tensors only, built once by the loader's collate.
 
-    input_ids, labels, position_ids, doc_ids: (B, L) int64. position_ids restart at 0
-    for each document; doc_ids number the documents of a row 0, 1, 2, ... and are -1
-    on the end-of-row padding (which also has label -100). Attention never crosses a
-    doc_id boundary. images[b] lists the ImageViews of row b in placeholder order.
+        input_ids, labels, position_ids, doc_ids: (B, L) int64. position_ids restart at 0 for each
+        document; doc_ids number the documents of a row 0, 1, 2, ... and are -1 on the end-of-row
+        padding (which also has label -100). Attention never crosses a doc_id boundary. Labels are
+        aligned with input_ids (the loss shifts them).
+        image_positions (P,) int64: flat positions b * L + t of the `<image>` placeholders in order;
+        gather_index (P,), row_counts (B,), pixels (one slot per `processing.view_sizes()` side):
+        the image layout of `pipeline.layout`.
+        loss_positions (N,) int64: flat positions b * L + t whose next label labels[b, t + 1] is not
+        -100; loss_targets (N,): those labels. Counts are host ints, so no step reads one back
+    (num_tokens: non-padding tokens; num_documents: samples; num_images: images).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
-    images: list[list[ImageViews]]
+    image_positions: torch.Tensor
+    gather_index: torch.Tensor
+    row_counts: torch.Tensor
+    pixels: tuple[torch.Tensor, ...]
+    loss_positions: torch.Tensor
+    loss_targets: torch.Tensor
+    num_tokens: int
+    num_documents: int
+    num_images: int
     keys: list[list[str]] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        """Non-padding tokens in the batch."""
-        return int((self.doc_ids >= 0).sum())
+    TENSORS = (
+        "input_ids", "labels", "position_ids", "doc_ids", "image_positions", "gather_index",
+        "row_counts", "loss_positions", "loss_targets",
+    )  # fmt: skip
 
     @property
-    def num_documents(self) -> int:
-        """Samples packed into the batch (doc ids count 0, 1, ... per row)."""
-        return int((self.doc_ids.max(dim=1).values + 1).sum())
+    def num_label_tokens(self) -> int:
+        return int(self.loss_targets.numel())
+
+    def map(self, fn) -> PackedBatch:
+        """A copy with `fn` applied to every tensor (device moves, pinning)."""
+        moved = {name: fn(getattr(self, name)) for name in self.TENSORS}
+        return PackedBatch(
+            **moved,
+            pixels=tuple(fn(p) for p in self.pixels),
+            num_tokens=self.num_tokens,
+            num_documents=self.num_documents,
+            num_images=self.num_images,
+            keys=self.keys,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PackedBatch:
+        """Page-locked host copies, so `to(cuda, non_blocking=True)` overlaps the step."""
+        return self.map(lambda t: t.pin_memory())
+
+    def model_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The first unit's input tuple (`pipeline.units`): the same on every training path."""
+        return (
+            self.input_ids, self.labels, self.position_ids, self.doc_ids,
+            self.image_positions, self.gather_index, *self.pixels,
+        )  # fmt: skip

@@ -125,7 +125,7 @@ class ParallelConfig:
     checkpoint_stages: list[int] | None = None
     loss_chunk_tokens: int = 2048  # last stage: lm_head + loss over this many tokens at a time; 0 = whole row
     # torch.compile the repeated blocks each rank holds (SAM blocks, CLIP layers, decoder layers;
-    # regional Module.compile, state-dict keys unchanged): pipeline.parallel.regions
+    # regional Module.compile, state-dict keys unchanged): pipeline.model.compile_blocks
     compile_layers: bool = False
     compile_backend: str = "inductor"  # "inductor" | "aot_eager" (traces fwd+bwd, no kernels) | "eager"
 

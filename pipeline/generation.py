@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from decoder import KVCache
-from pipeline.batch import ImageViews
+from pipeline.batch import Example, ImageViews
+from pipeline.data.packing import IGNORE_INDEX, collate_unpacked
 from pipeline.model import DeepSeekOCR
 from pipeline.prompts import encode_prompt
 from pipeline.tokenizer import TD_END, TD_START, OCRTokenizer
@@ -85,18 +86,15 @@ def generate(
     for i, ids in enumerate(prompt_ids):
         if len(ids) >= limit:
             raise ValueError(f"prompt {i}: {len(ids)} tokens leave no room in the context of {limit}")
-    batch, longest = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+    examples = [Example(ids, [IGNORE_INDEX] * len(ids), list(imgs)) for ids, imgs in zip(prompt_ids, images)]
+    inputs = collate_unpacked(examples, tokenizer.pad_id, model.image_token_id, pad_side="left")
+    batch, longest = inputs.input_ids.shape
     device = next(model.parameters()).device
-    input_ids = torch.full((batch, longest), tokenizer.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-    for b, ids in enumerate(prompt_ids):  # left padding
-        input_ids[b, longest - len(ids) :] = torch.tensor(ids)
-        attention_mask[b, longest - len(ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    attention_mask = (inputs.doc_ids >= 0).long().to(device)
 
     was_training = model.training
     model.eval()
-    embeds = model.embed_inputs(input_ids, images)
+    embeds = model.embed(inputs.to(device))
     steps = min(max_new_tokens, limit - min(len(ids) for ids in prompt_ids))
     cache = KVCache(model.decoder.config, batch, longest + steps, device=device, dtype=embeds.dtype)
     logits = model.decoder(

@@ -84,22 +84,36 @@ class _FusedLinearNLL(torch.autograd.Function):
 
 
 def chunked_next_token_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    *,
+    positions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """`next_token_loss(hidden @ weight.T, labels)` without materialising the (B, L, V) logits.
 
     hidden (B, L, H): final-normed decoder states; weight (V, H): the lm_head weight (no bias);
     labels (B, L) int64. Only positions whose next label is not -100 are projected, in chunks
-    of `chunk_tokens` rows. Returns (mean loss, number of labelled tokens).
+    of `chunk_tokens` rows. `positions` (N,) / `targets` (N,): that selection precomputed on the
+    host (flat b * L + t and labels[b, t + 1], `PackedBatch.loss_positions`): then nothing is read
+    back from the device; without them the selection is a boolean mask (one host sync).
+    Returns (mean loss, number of labelled tokens).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    shifted = labels[:, 1:]  # (B, L-1)
-    keep = shifted != IGNORE_INDEX  # (B, L-1)
-    count = int(keep.sum())
+    if positions is not None:
+        count = int(positions.numel())  # a shape: known on the host
+        x = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))  # (count, H)
+        y = targets.to(hidden.device)  # (count,)
+    else:
+        shifted = labels[:, 1:]  # (B, L-1)
+        keep = shifted != IGNORE_INDEX  # (B, L-1)
+        count = int(keep.sum())
+        x = hidden[:, :-1][keep] if count else None  # (count, H)
+        y = shifted[keep].to(hidden.device) if count else None  # (count,)
     if count == 0:  # keep hidden and weight in the graph with zero gradient
         return (hidden.sum() + weight.sum()) * 0.0, 0
-    x = hidden[:, :-1][keep]  # (count, H)
-    y = shifted[keep].to(x.device)  # (count,)
     total = _FusedLinearNLL.apply(x, weight, y, chunk_tokens)
     return total / count, count

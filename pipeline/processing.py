@@ -103,6 +103,13 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
+def view_sizes() -> tuple[int, ...]:
+    """Every view side a mode produces (global views and tiles), ascending: the image slots of a
+    batch (`pipeline.layout`). Derived from MODES on each call, so a mode added there reaches the
+    loader, the layout, the model and the token counts."""
+    return tuple(sorted({s for m in MODES.values() for s in (m.base_size, m.image_size)}))
+
+
 def get_mode(mode: str | ModeSpec) -> ModeSpec:
     """Resolve a mode name (or pass a ModeSpec through)."""
     if isinstance(mode, ModeSpec):

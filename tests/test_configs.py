@@ -114,7 +114,7 @@ def test_paper_stage2_numbers():
 
 @pytest.mark.config
 def test_paper_stage1_numbers():
-    from pipeline.parallel.partition import model_configs
+    from pipeline.model import model_configs
 
     run = to_run_config(compose_config(["experiment=paper_stage1"]))
     assert (run.parallel.global_batch, run.data.seq_len) == (1280, 4096)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import RunConfig, register_configs, to_run_config
+from pipeline.model import model_configs
 from pipeline.parallel.engine import run_partition
 from pipeline.parallel.memory import (
     GIB,
@@ -45,7 +46,7 @@ from pipeline.parallel.memory import (
     step_flops,
     workload_of,
 )
-from pipeline.parallel.partition import Partition, model_configs
+from pipeline.parallel.partition import Partition
 from pipeline.parallel.topology import Topology
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

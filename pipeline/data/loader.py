@@ -78,14 +78,14 @@ class ConsumerStream:
                     rows.append([example for example, _ in row])
                 if not rows:
                     return
-                batch = collate_packed(rows, cfg.seq_len, self.tokenizer.pad_id)
+                batch = collate_packed(rows, cfg.seq_len, self.tokenizer.pad_id, self.tokenizer.image_id)
             else:
                 examples = []
                 while len(examples) < cfg.batch_size and (item := self.mixture.next()) is not None:
                     examples.append(item[0])
                 if not examples:
                     return
-                batch = collate_unpacked(examples, self.tokenizer.pad_id, cfg.pad_side)
+                batch = collate_unpacked(examples, self.tokenizer.pad_id, self.tokenizer.image_id, cfg.pad_side)
             self.stats.update(batch)
             yield batch
 

@@ -1,5 +1,9 @@
 """Packing tokenized Examples into fixed-length rows, and the two collates to PackedBatch.
 
+Both collates finish the batch the model consumes (`_finish`): the image layout plan
+(`pipeline.layout`), the placeholder and loss positions and the counts, all computed here, in
+the loader's worker, once.
+
 Training rows (`Packer` + `collate_packed`): greedy best-fit over a small look-ahead
 buffer. A row is opened with the oldest buffered sample (so no sample waits forever),
 then repeatedly takes the longest buffered sample that still fits (the oldest on
@@ -29,7 +33,8 @@ from typing import Generic, TypeVar
 
 import torch
 
-from pipeline.batch import Example, PackedBatch
+from pipeline.batch import Example, ImageViews, PackedBatch
+from pipeline.layout import layout_images
 
 IGNORE_INDEX = -100
 T = TypeVar("T")
@@ -100,7 +105,55 @@ class Packer(Generic[T]):
             take = -max(fits)[1]  # longest that fits, oldest on ties
 
 
-def collate_packed(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -> PackedBatch:
+def _finish(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    images: list[list[ImageViews]],
+    keys: list[list[str]],
+    image_token_id: int,
+) -> PackedBatch:
+    """The tensors the model needs beyond the text: image layout, placeholder and loss positions.
+
+    Runs in the loader's worker, so the step reads no count or position back from the device.
+    A mismatch between a row's placeholders and its images is a bug upstream (`build_example`
+    places exactly the images' placeholders), hence an error, not a skip.
+    """
+    layout = layout_images(images)
+    flat = input_ids.flatten()
+    image_positions = (flat == image_token_id).nonzero().flatten()  # (P,) in (row, position) order
+    per_row = (input_ids == image_token_id).sum(dim=1)
+    if not torch.equal(per_row, layout.row_counts):
+        bad = [(b, int(n), int(e)) for b, (n, e) in enumerate(zip(per_row, layout.row_counts)) if n != e]
+        raise ValueError(
+            "image placeholders in the text do not match the images: "
+            + ", ".join(f"row {b} has {n} placeholders, its images need {e}" for b, n, e in bad)
+        )
+    nxt = torch.full_like(labels, IGNORE_INDEX)
+    nxt[:, :-1] = labels[:, 1:]  # the label each position predicts
+    loss_positions = (nxt.flatten() != IGNORE_INDEX).nonzero().flatten()  # (N,)
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        doc_ids=doc_ids,
+        image_positions=image_positions,
+        gather_index=layout.gather_index,
+        row_counts=layout.row_counts,
+        pixels=layout.pixels,
+        loss_positions=loss_positions,
+        loss_targets=nxt.flatten()[loss_positions],
+        num_tokens=int((doc_ids >= 0).sum()),
+        num_documents=int((doc_ids.max(dim=1).values + 1).sum()),
+        num_images=sum(len(row) for row in images),
+        keys=keys,
+    )
+
+
+def collate_packed(
+    rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int, image_token_id: int
+) -> PackedBatch:
     """B rows of whole documents -> PackedBatch of shape (B, seq_len), padding at row end."""
     if not rows:
         raise ValueError("collate_packed needs at least one row")
@@ -131,10 +184,12 @@ def collate_packed(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int)
             start = end
         images.append(row_images)
         keys.append(row_keys)
-    return PackedBatch(input_ids, labels, position_ids, doc_ids, images, keys)
+    return _finish(input_ids, labels, position_ids, doc_ids, images, keys, image_token_id)
 
 
-def collate_unpacked(examples: Sequence[Example], pad_id: int, pad_side: str = "right") -> PackedBatch:
+def collate_unpacked(
+    examples: Sequence[Example], pad_id: int, image_token_id: int, pad_side: str = "right"
+) -> PackedBatch:
     """One example per row, padded to the longest; pad_side "left" right-aligns the text."""
     if not examples:
         raise ValueError("collate_unpacked needs at least one example")
@@ -155,4 +210,4 @@ def collate_unpacked(examples: Sequence[Example], pad_id: int, pad_side: str = "
         doc_ids[b, span] = 0
     images = [list(e.images) for e in examples]
     keys = [[f"{e.source}/{e.key}"] for e in examples]
-    return PackedBatch(input_ids, labels, position_ids, doc_ids, images, keys)
+    return _finish(input_ids, labels, position_ids, doc_ids, images, keys, image_token_id)

@@ -51,7 +51,7 @@ from pipeline.config import RunConfig
 from pipeline.model import DeepSeekOCR
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
-from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, stage_model_configs
+from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, run_model_configs
 from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
@@ -108,7 +108,7 @@ def prepare_data_parallel(run: RunConfig, tokenizer, world_size: int):
     if run.model.init_from:
         configs = ckpt_io.init_source_configs(run.model.init_from, tokenizer.image_id)
     else:
-        configs = stage_model_configs(run.model, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
+        configs = run_model_configs(run.model, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
                                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
     model_dict = ckpt_io.model_configs_dict(configs)
     resume_from = ckpt_io.newest_checkpoint(run.train.out_dir) if run.train.resume else None

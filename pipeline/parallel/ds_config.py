@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.parallel.regions import validate_compile_options
+from pipeline.model import validate_compile_options
 from pipeline.parallel.topology import Topology
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 

@@ -31,42 +31,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from decoder import DecoderConfig, RotaryEmbedding, decoder_config
-from deepencoder import EncoderConfig, encoder_config
+from decoder import DecoderConfig, RotaryEmbedding
+from deepencoder import EncoderConfig
 from pipeline.config import ModelConfig, RunConfig
+from pipeline.model import checkpoint_blocks, model_configs
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
 from pipeline.parallel.memory import BALANCE_VISION_FRACTION, unit_costs, workload_of
-from pipeline.parallel.partition import Partition, Unit, build_units, model_configs, partition
-from pipeline.parallel.stages import (
-    VIEW_SIZES,
-    ClipEmbedUnit,
-    DecoderLayerUnit,
-    HeadUnit,
-    PrepareCache,
-    SamUnit,
-    pack_hidden,
-    unit_key_to_model_key,
-    unpack_hidden,
-)
+from pipeline.parallel.partition import Partition, build_units, partition
+from pipeline.parallel.stages import StageUnit, pack_hidden, unit_key_to_model_key, unpack_hidden
 from pipeline.parallel.topology import Topology
+from pipeline.units import PrepareCache, Unit
 
 
-def stage_model_configs(
+def run_model_configs(
     model: ModelConfig, *, vocab_size: int, image_token_id: int, bos_token_id: int = 0, eos_token_id: int = 1
 ) -> tuple[EncoderConfig, DecoderConfig, int]:
-    """The encoder / decoder configs the single-process path builds (`pipeline.model.build_model`):
-    presets + overrides, the vocabulary and special ids from the tokenizer, n_embed = hidden.
-    A `vocab_size` in model.decoder_overrides may enlarge the embedding beyond the tokenizer's."""
-    overrides = dict(model.decoder_overrides)
-    wanted = int(overrides.pop("vocab_size", vocab_size))
-    if wanted < vocab_size:
-        raise ValueError(
-            f"model.decoder_overrides.vocab_size={wanted} is smaller than the tokenizer's {vocab_size} ids"
-        )
-    dec = decoder_config(
-        model.decoder, vocab_size=wanted, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **overrides
-    )
-    enc = encoder_config(model.encoder, **{"n_embed": dec.hidden_size, **dict(model.encoder_overrides)})
+    """(encoder, decoder, image id) of a run: `pipeline.model.model_configs`, the one translation the
+    single process uses too, with the tokenizer's vocabulary and ids; the image id checked."""
+    enc, dec = model_configs(model, vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     if not 0 <= image_token_id < dec.vocab_size:
         raise ValueError(f"image_token_id {image_token_id} outside the vocabulary [0, {dec.vocab_size})")
     return enc, dec, image_token_id
@@ -97,33 +79,27 @@ def unit_layer_specs(
     model: ModelConfig,
     *,
     seed: int = 0,
-    view_sizes: Sequence[int] = VIEW_SIZES,
     loss_chunk_tokens: int = 0,
 ):
-    """One `LayerSpec` per unit (built lazily, on its own stage only)."""
+    """One `LayerSpec` of a `StageUnit` per unit (built lazily, on its own stage only)."""
     from deepspeed.pipe import LayerSpec
 
     enc, dec, image_id = configs
     cache = PrepareCache()  # shared by the decoder units that land on the same rank
-    specs = []
-    for index, unit in enumerate(units):
-        common = dict(seed=seed + index)
-        if unit.kind == "sam":
-            spec = LayerSpec(
-                SamUnit, enc, dec, image_id, freeze=model.freeze_sam, view_sizes=view_sizes, **common
-            )
-        elif unit.kind == "clip":
-            spec = LayerSpec(ClipEmbedUnit, enc, dec, image_id, view_sizes=view_sizes, **common)
-        elif unit.kind == "decoder_layer":
-            spec = LayerSpec(
-                DecoderLayerUnit, enc, dec, image_id, layer_idx=unit.layer_idx, cache=cache, **common
-            )
-        elif unit.kind == "head":
-            spec = LayerSpec(HeadUnit, enc, dec, image_id, loss_chunk_tokens=loss_chunk_tokens, **common)
-        else:
-            raise AssertionError(f"unknown unit kind {unit.kind}")
-        specs.append(spec)
-    return specs
+    return [
+        LayerSpec(
+            StageUnit,
+            unit,
+            enc,
+            dec,
+            image_id,
+            freeze=model.freeze_sam,
+            loss_chunk_tokens=loss_chunk_tokens,
+            cache=cache,
+            seed=seed + index,
+        )  # fmt: skip
+        for index, unit in enumerate(units)
+    ]
 
 
 def _pipeline_module_class():
@@ -146,9 +122,13 @@ def _pipeline_module_class():
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=parts[stage], stop=parts[stage + 1])
             # `hidden` tuples cross boundaries packed (stages.pack_hidden); SAM's output does not
-            after_sam = [spec.typename is SamUnit for spec in self._layer_specs]
+            after_sam = [spec.module_args[0].kind == "sam" for spec in self._layer_specs]
             self.receives_packed = stage > 0 and not after_sam[parts[stage] - 1]
             self.sends_packed = stage < self.num_stages - 1 and not after_sam[parts[stage + 1] - 1]
+
+        def _is_checkpointable(self, funcs) -> bool:
+            """Activation checkpointing (activation_checkpoint_interval) wraps decoder layers only."""
+            return all(isinstance(f, StageUnit) and f.unit.kind == "decoder_layer" for f in funcs)
 
         def forward(self, forward_input):
             if self.receives_packed:
@@ -156,11 +136,11 @@ def _pipeline_module_class():
             out = super().forward(forward_input)
             return pack_hidden(out) if self.sends_packed else out
 
-        def units(self) -> list[nn.Module]:
-            return [f for f in self.forward_funcs if isinstance(f, nn.Module)]
+        def units(self) -> list[StageUnit]:
+            return [f for f in self.forward_funcs if isinstance(f, StageUnit)]
 
-        def head(self) -> HeadUnit | None:
-            found = [u for u in self.units() if isinstance(u, HeadUnit)]
+        def head(self) -> StageUnit | None:
+            found = [u for u in self.units() if u.unit.kind == "head"]
             return found[0] if found else None
 
         def get_additional_losses(self):
@@ -175,18 +155,11 @@ def _pipeline_module_class():
 
         def expert_counts(self) -> dict[int, torch.Tensor]:
             """Tokens per expert of this stage's MoE layers since the last reset, by layer index."""
-            return {
-                u.layer_idx: u.expert_counts
-                for u in self.units()
-                if isinstance(u, DecoderLayerUnit) and u.expert_counts is not None
-            }
+            return {layer: c for u in self.units() for layer, c in u.expert_counts.items()}
 
         def reset_step_records(self) -> None:
             for u in self.units():
-                if isinstance(u, DecoderLayerUnit):
-                    u.expert_counts = None
-                if isinstance(u, HeadUnit):
-                    u.seen_labels.clear()
+                u.reset_step_records()
 
         def model_state_dict(self) -> dict[str, torch.Tensor]:
             """This stage's weights under DeepSeekOCR keys (the zero-weight link left out)."""
@@ -242,23 +215,14 @@ def stage_checkpointed(run: RunConfig, stage: int) -> bool:
 
 
 def build_pipeline_module(
-    run: RunConfig,
-    topology: Topology,
-    configs: tuple[EncoderConfig, DecoderConfig, int],
-    *,
-    view_sizes: Sequence[int] = VIEW_SIZES,
+    run: RunConfig, topology: Topology, configs: tuple[EncoderConfig, DecoderConfig, int]
 ):
     """The `OCRPipelineModule` of this rank (needs torch.distributed initialised)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     split = run_partition(run)
     specs = unit_layer_specs(
-        split.units,
-        configs,
-        run.model,
-        seed=run.train.seed,
-        view_sizes=view_sizes,
-        loss_chunk_tokens=run.parallel.loss_chunk_tokens,
+        [u.unit for u in split.units], configs, run.model, seed=run.train.seed, loss_chunk_tokens=run.parallel.loss_chunk_tokens
     )
     cls = _pipeline_module_class()
     module = cls(
@@ -267,14 +231,11 @@ def build_pipeline_module(
         topology=PipeDataParallelTopology(num_pp=topology.pp, num_dp=topology.dp),
         loss_fn=None,  # the head unit returns the loss (labels ride along in the activations)
         activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
-        checkpointable_layers=["DecoderLayerUnit"],
         dynamic_shape=engine_dynamic_shape(split, run.data.pack),
     )
     if stage_checkpointed(run, module.stage_id):
         for unit in module.units():
-            for sub in unit.modules():
-                if sub is not unit and hasattr(sub, "set_gradient_checkpointing"):
-                    sub.set_gradient_checkpointing(True)
+            checkpoint_blocks(unit.model, [unit.unit])
     return module
 
 

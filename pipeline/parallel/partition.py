@@ -1,15 +1,8 @@
-"""The full model as a flat list of pipeline units, and its split into pipeline stages.
-
-Units (the layer list a DeepSpeed `PipelineModule` is built from):
-
-    0        "sam+compressor"              SAM ViT-B + neck + net_2/net_3 (frozen in stage 2)
-    1        "clip+projector+embed+merge"  CLIP-L, projector, image_newline, view_seperator,
-                                           the token embedding and the vision/text merge
-    2..L+1   "decoder.0" .. "decoder.L-1"  decoder layers
-    L+2      "head"                        final RMSNorm + lm_head
+"""The split of the model's units (`pipeline.units.model_units`) into pipeline stages.
 
 Parameter counts come from the real modules built on the meta device (no memory, no init
-cost), so they follow whatever `deepencoder` / `decoder` build for the configured presets.
+cost), counted by each unit's own `parameters`, so they follow whatever `deepencoder` /
+`decoder` build for the configured presets.
 
 Stage splits (DeepSpeed's `parts` convention: pp+1 unit boundaries, parts[0] = 0,
 parts[-1] = number of units; stage s holds units parts[s]..parts[s+1]-1):
@@ -36,25 +29,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from decoder import DecoderConfig, DecoderModel, decoder_config
-from deepencoder import DeepEncoder, EncoderConfig, encoder_config
+from decoder import DecoderModel
+from deepencoder import DeepEncoder
 from pipeline.config import ModelConfig
+from pipeline.model import DeepSeekOCR, model_configs
+from pipeline.units import Unit
 
-UNIT_KINDS = ("sam", "clip", "decoder_layer", "head")
 METHODS = ("paper", "balanced", "parameters")
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One pipeline layer. layer_idx is the decoder layer index for kind "decoder_layer"."""
+class UnitCount:
+    """One unit of `pipeline.units.model_units` with its trainable and frozen parameter counts."""
 
-    name: str
-    kind: str
+    unit: Unit
     trainable: int
     frozen: int
-    layer_idx: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
+
+    @property
+    def kind(self) -> str:
+        return self.unit.kind
+
+    @property
+    def layer_idx(self) -> int | None:
+        return self.unit.layer_idx
 
     @property
     def params(self) -> int:
@@ -64,7 +67,7 @@ class Unit:
 @dataclass
 class Stage:
     index: int
-    units: list[Unit]
+    units: list[UnitCount]
 
     @property
     def trainable(self) -> int:
@@ -99,7 +102,7 @@ class Partition:
     parts: list[int]
     stages: list[Stage]
     method: str
-    units: list[Unit] = field(repr=False)
+    units: list[UnitCount] = field(repr=False)
 
     @property
     def pp(self) -> int:
@@ -118,68 +121,28 @@ class Partition:
         raise ValueError(f"unknown unit {unit_name!r}; units: {[u.name for u in self.units]}")
 
 
-def _count(params: Sequence[nn.Parameter]) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
-    return trainable, frozen
-
-
-def model_configs(model: ModelConfig) -> tuple[EncoderConfig, DecoderConfig]:
-    """The encoder and decoder configs a `ModelConfig` names (presets + overrides), checked to fit;
-    the encoder's n_embed follows the decoder width unless overridden (as `build_model`)."""
-    dec_cfg = decoder_config(model.decoder, **dict(model.decoder_overrides))
-    enc_cfg = encoder_config(
-        model.encoder, **{"n_embed": dec_cfg.hidden_size, **dict(model.encoder_overrides)}
-    )
-    if enc_cfg.n_embed != dec_cfg.hidden_size:
-        raise ValueError(
-            f"the encoder projects to n_embed={enc_cfg.n_embed} but decoder {model.decoder!r} has "
-            f"hidden_size={dec_cfg.hidden_size}: set model.encoder_overrides.n_embed={dec_cfg.hidden_size}"
-        )
-    return enc_cfg, dec_cfg
-
-
-def build_units(model: ModelConfig) -> list[Unit]:
-    """The pipeline units of the configured model with trainable/frozen parameter counts.
-
-    Builds `DeepEncoder` and `DecoderModel` on the meta device, applies `freeze_sam`, and
-    asserts that every parameter lands in exactly one unit.
-    """
+def build_units(model: ModelConfig) -> list[UnitCount]:
+    """The units of the configured model (`pipeline.units.model_units`) with trainable/frozen
+    parameter counts, from the real modules built on the meta device (`freeze_sam` applied);
+    asserts that every parameter lands in exactly one unit."""
     enc_cfg, dec_cfg = model_configs(model)
     with torch.device("meta"):
-        encoder = DeepEncoder(enc_cfg)
-        decoder = DecoderModel(dec_cfg)
+        ocr = DeepSeekOCR(DeepEncoder(enc_cfg), DecoderModel(dec_cfg), image_token_id=0)
     if model.freeze_sam:
-        encoder.freeze_sam()
-
-    groups: list[tuple[str, str, list[nn.Parameter], int | None]] = [
-        ("sam+compressor", "sam", list(encoder.sam_model.parameters()), None),
-        (
-            "clip+projector+embed+merge",
-            "clip",
-            [
-                *encoder.vision_model.parameters(),
-                *encoder.projector.parameters(),
-                encoder.image_newline,
-                encoder.view_seperator,
-                *decoder.embed_tokens.parameters(),
-            ],
-            None,
-        ),
-    ]
-    for i, layer in enumerate(decoder.layers):
-        groups.append((f"decoder.{i}", "decoder_layer", list(layer.parameters()), i))
-    groups.append(("head", "head", [*decoder.norm.parameters(), *decoder.lm_head.parameters()], None))
-
-    seen = [id(p) for _, _, params, _ in groups for p in params]
-    everything = {id(p) for p in (*encoder.parameters(), *decoder.parameters())}
-    assert len(seen) == len(set(seen)) and set(seen) == everything, (
+        ocr.encoder.freeze_sam()
+    counted, seen = [], []
+    for unit in ocr.units:
+        params = unit.parameters(ocr)
+        seen += [id(p) for p in params]
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        counted.append(UnitCount(unit, trainable, sum(p.numel() for p in params) - trainable))
+    assert len(seen) == len(set(seen)) and set(seen) == {id(p) for p in ocr.parameters()}, (
         "pipeline units must cover each parameter once"
     )
-    return [Unit(name, kind, *_count(params), layer_idx=idx) for name, kind, params, idx in groups]
+    return counted
 
 
-def _paper_parts(units: Sequence[Unit], pp: int) -> list[int] | None:
+def _paper_parts(units: Sequence[UnitCount], pp: int) -> list[int] | None:
     """The paper layout for this PP, or None when it has none (PP=3, too few layers)."""
     n = len(units)
     layers = sum(u.kind == "decoder_layer" for u in units)
@@ -228,7 +191,7 @@ def balanced_parts(weights: Sequence[float], pp: int) -> list[int]:
     return parts[::-1]
 
 
-def check_parts(parts: Sequence[int], pp: int, units: Sequence[Unit]) -> list[int]:
+def check_parts(parts: Sequence[int], pp: int, units: Sequence[UnitCount]) -> list[int]:
     """Validate explicit boundaries (DeepSpeed `parts`: pp+1 increasing ints from 0 to n)."""
     parts, n_units = [int(p) for p in parts], len(units)
     example = _paper_parts(units, pp)
@@ -244,7 +207,7 @@ def check_parts(parts: Sequence[int], pp: int, units: Sequence[Unit]) -> list[in
 
 
 def partition(
-    units: Sequence[Unit],
+    units: Sequence[UnitCount],
     pp: int,
     parts: Sequence[int] | None = None,
     method: str = "paper",

@@ -7,7 +7,7 @@ partition, DeepSpeed settings, `model.init_from` size, resume layout) -> init th
 group -> build this rank's stage -> load weights (`model.init_from`, then the stage-1 encoder
 sources `model.encoder_init` / `sam_init` / `clip_init`, each stage copying only its own tensors
 after a strict check against the whole encoder) -> with parallel.compile_layers, regional
-torch.compile of the stage's repeated blocks (`pipeline.parallel.regions`; state-dict keys
+torch.compile of the stage's repeated blocks (`pipeline.model.compile_blocks`; state-dict keys
 unchanged) -> deepspeed.initialize -> resume -> loop.
 `model.freeze` is refused (only SAM + compressor freeze, `model.freeze_sam`); parallel.pp = 1
 runs in `pipeline.parallel.data_parallel`.
@@ -39,22 +39,23 @@ import torch
 
 from pipeline.batch import PackedBatch
 from pipeline.config import RunConfig
+from pipeline.model import compile_blocks
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import validate_training_config
 from pipeline.parallel.engine import (
     build_engine,
     build_pipeline_module,
     install_step_guard,
+    run_model_configs,
     run_partition,
-    stage_model_configs,
 )
 from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
-from pipeline.parallel.regions import compile_stage_regions
-from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs, unit_key_to_model_key
+from pipeline.parallel.stages import unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.stage1.options import encoder_sources, validate_model_options
 from pipeline.stage1.parts import encoder_part_of
 from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.units import UNIT_KINDS
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
 ENCODER_PREFIX = "encoder."
@@ -63,8 +64,8 @@ ENCODER_PREFIX = "encoder."
 class _StageBatches:
     """The engine's data iterator on the first / last stage: yields (stage-0 inputs | None, labels)."""
 
-    def __init__(self, loader, *, first: bool, image_id: int, view_sizes) -> None:
-        self.loader, self.first, self.image_id, self.view_sizes = loader, first, image_id, view_sizes
+    def __init__(self, loader, *, first: bool) -> None:
+        self.loader, self.first = loader, first
         self.iterator = iter(loader)
         self.records: list[tuple[int, int, int, torch.Tensor]] = []  # tokens, rows, image tokens, labels
 
@@ -73,8 +74,8 @@ class _StageBatches:
 
     def __next__(self):
         batch = next(self.iterator)
-        inputs = micro_batch_inputs(batch, self.view_sizes) if self.first else None
-        images = int((batch.input_ids == self.image_id).sum())
+        inputs = batch.model_inputs() if self.first else None
+        images = int(batch.image_positions.numel())
         self.records.append((batch.num_tokens, batch.input_ids.shape[0], images, batch.labels.long()))
         return inputs, batch.labels
 
@@ -102,7 +103,7 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
     validate_model_options(run.model)  # encoder_init / sam_init / clip_init: files exist, one source
     validate_training_config(run)
     split = run_partition(run)
-    configs = stage_model_configs(
+    configs = run_model_configs(
         run.model,
         vocab_size=tokenizer.vocab_size,
         image_token_id=tokenizer.image_id,
@@ -165,7 +166,6 @@ def run_pipeline_training(
     loader_factory: LoaderFactory,
     eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
     logger: RunLogger | NullLogger | None = None,
-    view_sizes=VIEW_SIZES,
     final_checkpoint: bool = True,
     on_step: Callable[[EngineTrainer], None] | None = None,
 ) -> EngineResult:
@@ -182,7 +182,7 @@ def run_pipeline_training(
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
-    trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, view_sizes)
+    trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device)
     trainer.setup(model_dict, resume_from, loader_factory, logger)
     try:
         return trainer.train(eval_hook, final_checkpoint=final_checkpoint, on_step=on_step)
@@ -194,11 +194,11 @@ class PipelineTrainer(EngineTrainer):
     """The per-rank state of a pipeline run: engine, data iterator, counters, checkpoints
     (the loop itself: `engine_loop.EngineTrainer.train`)."""
 
-    def __init__(self, run, topology, split, configs, tokenizer, device, view_sizes) -> None:
+    def __init__(self, run, topology, split, configs, tokenizer, device) -> None:
         super().__init__(run, device)
         self.topology, self.split, self.configs = topology, split, configs
-        self.tokenizer, self.view_sizes = tokenizer, tuple(view_sizes)
-        self.module = build_pipeline_module(run, topology, configs, view_sizes=view_sizes)
+        self.tokenizer = tokenizer
+        self.module = build_pipeline_module(run, topology, configs)
         self.rank = torch.distributed.get_rank()
         self.stage, self.dp_rank = topology.stage(self.rank), topology.dp_rank(self.rank)
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
@@ -216,7 +216,10 @@ class PipelineTrainer(EngineTrainer):
         if resume_from is None:
             self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, self.configs[0])
         if run.parallel.compile_layers:  # on the stage's device, before DeepSpeed wraps it
-            self.compiled_regions = compile_stage_regions(self.module.units(), run.parallel.compile_backend)
+            self.compiled_regions = dict.fromkeys(UNIT_KINDS, 0)
+            for unit in self.module.units():
+                for kind, n in compile_blocks(unit.model, [unit.unit], run.parallel.compile_backend).items():
+                    self.compiled_regions[kind] = self.compiled_regions.get(kind, 0) + n
         self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
         install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
         self.meta = {
@@ -240,9 +243,7 @@ class PipelineTrainer(EngineTrainer):
         if resume_from is not None:
             self._resume(resume_from, loader)
         if loader is not None:
-            self.batches = _StageBatches(
-                loader, first=self.first, image_id=self.configs[2], view_sizes=self.view_sizes
-            )
+            self.batches = _StageBatches(loader, first=self.first)
             self.engine.set_dataiterator(self.batches)
 
     # ------------------------------------------------------------------ step guard

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from decoder import DecoderModel
+from deepencoder import DeepEncoder
 from pipeline.checkpoint_io import export_release, load_any
 from pipeline.config import RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
@@ -25,7 +27,7 @@ from pipeline.eval.data import EvalSample, read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport
 from pipeline.eval.runner import EvalRunConfig, evaluate, training_eval_hook
-from pipeline.model import DeepSeekOCR, build_model
+from pipeline.model import DeepSeekOCR, model_configs
 from pipeline.parallel.topology import dist_env
 from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
@@ -189,14 +191,13 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
                 f"data.tokenizer gives {tokenizer.vocab_size}: use the checkpoint's tokenizer directory"
             )
     else:
-        model = build_model(m.encoder, m.decoder, tokenizer.vocab_size, image_token_id=tokenizer.image_id,
-                            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                            encoder_overrides=dict(m.encoder_overrides), **dict(m.decoder_overrides))  # fmt: skip
+        enc, dec = model_configs(m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens)
+    model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
     applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
     print(f"[job] {applied.summary()}", flush=True)
     if m.gradient_checkpointing:
-        model.encoder.set_gradient_checkpointing(True)
-        model.decoder.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(True)
     return model
 
 

@@ -95,7 +95,6 @@ def test_full_step_variants_and_profile_artifacts_on_cpu(tmp_path):
     for key in ("peer", "sync_free", "sync_free_compiled"):
         v = res["variants"][key]
         assert v["sam_calls_per_step"] == v["view_groups_per_step"] and v["sam_graph"] is False, key
-    assert res["loss_check_abs_diff"] < 1e-3
     # profiled: today's loop and the fastest variant, each a gzip'd Chrome trace, one summary file
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["profile_summary.txt", "trace_full_step_localtrainer.json.gz",

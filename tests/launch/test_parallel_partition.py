@@ -170,7 +170,7 @@ def test_balanced_partition_of_the_full_model(checkpointing, parts):
     the largest stage cost (training FLOPs per micro-batch) drops by ~45% against the paper's."""
     from pipeline.parallel.engine import run_partition
     from pipeline.parallel.memory import BALANCE_VISION_FRACTION, stage_train_flops, workload_of
-    from pipeline.parallel.partition import model_configs
+    from pipeline.model import model_configs
 
     run = _full_run("balanced", checkpointing)
     split = run_partition(run)

@@ -57,12 +57,11 @@ def main(spec_path: str) -> None:
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     if spec["mode"] == "pipeline_init":
-        from pipeline.parallel.stages import VIEW_SIZES
         from pipeline.parallel.trainer import PipelineTrainer, init_distributed, prepare
 
         topology, split, configs, model_dict, _ = prepare(run, tokenizer, int(spec["world_size"]))
         device = init_distributed()
-        trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device, VIEW_SIZES)
+        trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device)
         trainer.setup(model_dict, None, loader_factory, None)
         torch.save(
             trainer.module.model_state_dict(), f"{spec['result']}.rank{torch.distributed.get_rank()}.pt"

@@ -31,16 +31,18 @@ from pipeline.tokenizer import build_char_tokenizer
 
 def _poison(nan_steps: set[int]) -> None:
     """Make the head return NaN on the given (0-based) optimizer-step attempts."""
-    original = stages.HeadUnit.forward
+    original = stages.StageUnit.forward
     calls = {"n": 0}
 
     def forward(self, inputs):
-        loss = original(self, inputs)
+        out = original(self, inputs)
+        if self.unit.kind != "head":
+            return out
         attempt = calls["n"] // self.micro_batches
         calls["n"] += 1
-        return loss * math.nan if attempt in nan_steps else loss
+        return out * math.nan if attempt in nan_steps else out
 
-    stages.HeadUnit.forward = forward
+    stages.StageUnit.forward = forward
 
 
 class LayerBackwardCounter:
@@ -54,10 +56,12 @@ class LayerBackwardCounter:
 
     def __call__(self, trainer) -> None:
         if trainer.step == 1:
-            for unit in trainer.module.units():
-                if isinstance(unit, stages.DecoderLayerUnit):
+            for stage_unit in trainer.module.units():
+                unit = stage_unit.unit
+                if unit.kind == "decoder_layer":
                     self.counts[unit.layer_idx] = 0
-                    unit.layer.input_layernorm.weight.register_hook(self._hook(unit.layer_idx))
+                    layer = unit.layer(stage_unit.model)
+                    layer.input_layernorm.weight.register_hook(self._hook(unit.layer_idx))
         self.counting = trainer.step == 1  # step 2 only
 
     def _hook(self, idx: int):
@@ -74,7 +78,7 @@ def main(spec_path: str) -> None:
     run: RunConfig = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), spec["run"]))
     tokenizer = build_char_tokenizer(spec["alphabet"])
     if spec.get("nan_steps"):
-        stages.HeadUnit.micro_batches = (
+        stages.StageUnit.micro_batches = (
             run.parallel.global_batch
             // run.parallel.micro_batch
             // (int(spec["world_size"]) // run.parallel.pp)

@@ -3,7 +3,7 @@ aot_eager: dynamo + AOTAutograd trace forward and backward, no kernels generated
 step gives the loss and the updated weights of the uncompiled PP=2 run on the same batch, the
 compiled blocks really ran (dynamo captured graphs on every stage), and the checkpoint's
 per-unit state dicts carry exactly the uncompiled keys (Module.compile adds no `_orig_mod.`).
-Also: the stage walk of pipeline.parallel.regions and the validation of the two options."""
+Also: the stage units' block walk (`Unit.blocks`) and the validation of the two options."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from decoder import DECODER_PRESETS
 from deepencoder import ENCODER_PRESETS
 from pipeline.checkpoint_io import load_any, save_checkpoint
 from pipeline.config import RunConfig
+from pipeline.model import compile_blocks
 from pipeline.parallel.consolidate import consolidate
 from pipeline.parallel.ds_config import validate_training_config
-from pipeline.parallel.regions import compile_stage_regions, stage_regions
-from pipeline.parallel.stages import ClipEmbedUnit, DecoderLayerUnit, HeadUnit, SamUnit
+from pipeline.parallel.stages import StageUnit
+from pipeline.units import model_units
 from tests.parallel.harness import debug_model_and_shards
 from tests.parallel.test_pipeline_parity import pipeline_step
 
@@ -54,7 +55,7 @@ def test_pp2_compiled_step_matches_uncompiled_and_keeps_checkpoint_keys(tmp_path
     records = [json.loads(line) for line in (compiled_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r.get("event") == "compile"]  # the last stage: decoder layers + head
     assert logged == [{**logged[0], "stage": 1, "backend": "aot_eager",
-                       "regions": {"sam_block": 0, "clip_layer": 0, "decoder_layer": N_LAST_STAGE_LAYERS}}]  # fmt: skip
+                       "regions": {"sam": 0, "clip": 0, "decoder_layer": N_LAST_STAGE_LAYERS, "head": 0}}]  # fmt: skip
 
     assert _layer_keys(compiled_dir) == _layer_keys(eager_dir)
     keys = [k for ks in _layer_keys(compiled_dir).values() for k in ks]
@@ -71,26 +72,24 @@ def test_pp2_compiled_step_matches_uncompiled_and_keeps_checkpoint_keys(tmp_path
 
 
 @pytest.mark.unit
-def test_stage_regions_walk_the_units_blocks_and_keep_their_keys():
+def test_stage_units_compile_their_own_blocks_and_keep_their_keys():
     enc, dec = ENCODER_PRESETS["debug"], DECODER_PRESETS["debug"]
-    units = [
-        SamUnit(enc, dec, 3, freeze=True),
-        ClipEmbedUnit(enc, dec, 3),
-        DecoderLayerUnit(enc, dec, 3, layer_idx=1),
-        HeadUnit(enc, dec, 3),
-    ]
+    sam, clip, layer1, head = [model_units(dec.num_layers)[i] for i in (0, 1, 3, -1)]
+    units = [StageUnit(u, enc, dec, 3, freeze=u.kind == "sam") for u in (sam, clip, layer1, head)]
     before = [sorted(u.state_dict()) for u in units]
-    regions = stage_regions(units)
-    assert [id(b) for b in regions["sam_block"]] == [id(b) for b in units[0].model.encoder.sam_model.blocks]
+    blocks = [u.unit.blocks(u.model) for u in units]
+    assert [id(b) for b in blocks[0]] == [id(b) for b in units[0].model.encoder.sam_model.blocks]
     clip_layers = units[1].model.encoder.vision_model.transformer.layers
-    assert [id(b) for b in regions["clip_layer"]] == [id(b) for b in clip_layers]
-    assert regions["decoder_layer"] == [units[2].model.decoder.layers["1"]]
-    counts = compile_stage_regions(units, backend="eager")
-    assert counts == {"sam_block": enc.sam.depth, "clip_layer": enc.clip.layers, "decoder_layer": 1}
-    assert all(b._compiled_call_impl is not None for blocks in regions.values() for b in blocks)
-    assert units[3]._compiled_call_impl is None  # the head has no repeated block
+    assert [id(b) for b in blocks[1]] == [id(b) for b in clip_layers]
+    assert blocks[2] == [units[2].model.decoder.layers["1"]]
+    assert blocks[3] == []  # the head has no repeated block
+    counts = {}
+    for u in units:
+        counts.update(compile_blocks(u.model, [u.unit], backend="eager"))
+    assert counts == {"sam": enc.sam.depth, "clip": enc.clip.layers, "decoder_layer": 1, "head": 0}
+    assert all(b._compiled_call_impl is not None for bs in blocks for b in bs)
+    assert units[3]._compiled_call_impl is None
     assert [sorted(u.state_dict()) for u in units] == before
-    assert stage_regions([units[3]]) == {"sam_block": [], "clip_layer": [], "decoder_layer": []}
 
 
 @pytest.mark.unit
@@ -111,4 +110,4 @@ def test_bad_compile_options_are_refused(field, value, message):
 @pytest.mark.unit
 def test_compiling_with_an_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="parallel.compile_backend must be one of"):
-        compile_stage_regions([], backend="cudagraphs")
+        compile_blocks(torch.nn.Module(), [], backend="cudagraphs")

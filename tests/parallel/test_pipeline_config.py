@@ -12,9 +12,9 @@ from pipeline.checkpoint_io import save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.model import build_model
 from pipeline.parallel.ds_config import deepspeed_config
-from pipeline.parallel.stages import VIEW_SIZES, micro_batch_inputs
 from pipeline.parallel.topology import Topology
 from pipeline.parallel.trainer import prepare
+from pipeline.processing import view_sizes
 from pipeline.tokenizer import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -131,29 +131,28 @@ def test_shapes_vary_only_where_sam_features_or_unpacked_rows_cross(pp, method, 
     assert engine_dynamic_shape(run_partition(run), run.data.pack) is varying
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])  # the loader's views; pre-normalised ones
-def test_micro_batch_inputs_fixed_slots(tok, dtype):
-    from pipeline.batch import ImageViews, PackedBatch
+def test_model_inputs_have_fixed_slots(tok):
+    from pipeline.batch import Example, ImageViews
+    from pipeline.data.packing import collate_packed
 
-    ids = torch.tensor([[tok.bos_id] + [tok.image_id] * 7 + [5, 6]])
-    view = torch.arange(3 * 128 * 128).view(3, 128, 128).remainder(256).to(dtype)
-    batch = PackedBatch(
-        input_ids=ids,
-        labels=ids.clone(),
-        position_ids=torch.arange(10)[None],
-        doc_ids=torch.zeros(1, 10, dtype=torch.long),
-        images=[[ImageViews(global_view=view, num_placeholders=7)]],
-    )
-    inputs = micro_batch_inputs(batch)
+    ids = [tok.bos_id] + [tok.image_id] * 7 + [5, 6]
+    view = torch.arange(3 * 128 * 128).view(3, 128, 128).remainder(256).to(torch.uint8)
+    ex = Example(ids, [-100] * 8 + [5, 6], [ImageViews(global_view=view, num_placeholders=7)])
+    inputs = collate_packed([[ex]], 12, tok.pad_id, tok.image_id).model_inputs()
+    sizes = view_sizes()
     pixels = inputs[6:]
-    assert len(pixels) == len(VIEW_SIZES)
-    assert [p.shape[0] for p in pixels] == [1 if s == 128 else 0 for s in VIEW_SIZES]
-    assert all(p.dtype == dtype for p in pixels)  # kept as given (no host-side cast), empty slots alike
-    assert torch.equal(pixels[VIEW_SIZES.index(128)][0], view)
-    assert inputs[4].tolist() == [0, 1, 4, 2, 3, 4, 5] and inputs[5].tolist() == [7]  # gather index, counts
+    assert len(pixels) == len(sizes)
+    assert [p.shape[0] for p in pixels] == [1 if s == 128 else 0 for s in sizes]
+    assert all(p.dtype == torch.uint8 for p in pixels)  # raw views, empty slots alike
+    assert torch.equal(pixels[sizes.index(128)][0], view)
+    assert inputs[4].tolist() == list(range(1, 8))  # placeholder positions
+    assert inputs[5].tolist() == [0, 1, 4, 2, 3, 4, 5]  # gather index
     assert all(t.dtype == torch.long for t in inputs[:6])
-    text_only = PackedBatch(ids, ids.clone(), batch.position_ids, batch.doc_ids, images=[[]])
-    assert all(p.dtype == torch.uint8 and p.shape[0] == 0 for p in micro_batch_inputs(text_only)[6:])
+    text = Example([tok.bos_id, 5, 6], [-100, 5, 6])
+    assert all(
+        p.dtype == torch.uint8 and p.shape[0] == 0
+        for p in collate_packed([[text]], 4, tok.pad_id, tok.image_id).model_inputs()[6:]
+    )
 
 
 def test_stage1_freeze_is_refused_not_ignored(tmp_path, tok):
@@ -185,11 +184,12 @@ def test_trainable_parameters_keep_deepspeed_flat_buffers_aligned(tok):
     Checked for the SAM unit's zero-weight links and every parameter of the full model."""
     from decoder import DecoderModel, decoder_config
     from deepencoder import DeepEncoder, encoder_config
-    from pipeline.parallel.stages import FLAT_ALIGN, SamUnit
+    from pipeline.parallel.stages import FLAT_ALIGN, StageUnit
+    from pipeline.units import model_units
 
     dec = decoder_config("debug", vocab_size=tok.vocab_size)
     enc = encoder_config("debug", n_embed=dec.hidden_size)
-    unit = SamUnit(enc, dec, tok.image_id, freeze=True)
+    unit = StageUnit(model_units(dec.num_layers)[0], enc, dec, tok.image_id, freeze=True)
     links = {n: p.numel() for n, p in unit.named_parameters() if p.requires_grad}
     assert set(links) == {"frozen_link", "frozen_link_matrix"}
     assert {p.dim() for p in unit.parameters() if p.requires_grad} == {1, 2}  # both optimizer groups

@@ -19,6 +19,7 @@ from pipeline.checkpoint_io import (
     release_state_dict,
     save_checkpoint,
 )
+from pipeline.data.packing import collate_unpacked
 from pipeline.model import build_model
 from pipeline.processing import process_image
 from pipeline.prompts import build_example
@@ -175,12 +176,9 @@ def model(tok):
 def logits_of(model, tok):
     images = [[process_image(Image.new("RGB", (130, 70), (9, 99, 199)), "debug-gundam")], []]
     exs = [build_example(tok, "<image>\nFree OCR.", "ab", images[0]), build_example(tok, "", "text", [])]
-    n = max(len(e) for e in exs)
-    ids = torch.full((2, n), tok.pad_id)
-    for b, e in enumerate(exs):
-        ids[b, : len(e)] = torch.tensor(e.input_ids)
+    batch = collate_unpacked(exs, tok.pad_id, tok.image_id)
     with torch.no_grad():
-        return model.decoder(inputs_embeds=model.embed_inputs(ids, images)).logits
+        return model.decoder(inputs_embeds=model.embed(batch)).logits
 
 
 def test_export_import_round_trip(model, tok, tmp_path):

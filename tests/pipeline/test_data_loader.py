@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.batch import PackedBatch
 from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader
 from pipeline.data.samples import SampleDecoder
 from pipeline.data.shards import SkipCounter
 from pipeline.data.stream import SampleRef
 from pipeline.data.testing import png_bytes, sample_members, write_ocr_shards, write_tar
-from pipeline.processing import num_placeholders
+from pipeline.processing import candidate_grids, num_placeholders, view_sizes
 from pipeline.tokenizer import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -122,10 +123,9 @@ def test_every_valid_sample_once_and_every_bad_one_counted(tmp_path, tokenizer):
     assert loader.skip_counts == dict(sorted(expected.items()))
     for batch in batches:
         assert batch.input_ids.shape[1] == SEQ
-        # every image placeholder run is matched by one image, in order
-        image_id = tokenizer.image_id
-        for b, row_images in enumerate(batch.images):
-            assert int((batch.input_ids[b] == image_id).sum()) == sum(v.num_placeholders for v in row_images)
+        # every row's placeholders are matched by its images' layout
+        per_row = (batch.input_ids == tokenizer.image_id).sum(dim=1)
+        assert torch.equal(per_row, batch.row_counts) and int(per_row.sum()) == batch.gather_index.numel()
         assert loader.packing_efficiency < 1.0
     stats = loader.packing_stats
     assert stats.docs == len(keys) and stats.tokens == sum(b.num_tokens for b in batches)
@@ -147,16 +147,16 @@ def test_modes_fixed_sampled_and_hinted(tmp_path, tokenizer):
         dp_rank=0,
         dp_world=1,
     )
-    rows = [
-        (key.split("/")[-1], row) for batch in fixed for key, row in zip(sum(batch.keys, []), batch.images)
-    ]
-    assert dict(rows)["convo"] == []  # a text-only sample's row has no image
-    views = {key: row[0] for key, row in rows if key != "convo"}
-    hinted = views.pop("hinted")
-    assert hinted.grid != (1, 1) and hinted.tiles is not None  # 160x96 in debug-gundam gets tiles
-    assert hinted.num_placeholders == num_placeholders("debug-gundam", hinted.grid)
-    assert all(v.global_view.shape == (3, 128, 128) and v.tiles is None for v in views.values())
-    assert {v.num_placeholders for v in views.values()} == {num_placeholders("debug-pad")}
+    counts = {
+        key.split("/")[-1]: int(count)
+        for batch in fixed
+        for (key,), count in zip(batch.keys, batch.row_counts)  # unpacked: one sample per row
+    }
+    assert counts.pop("convo") == 0  # a text-only sample's row has no image
+    hinted = counts.pop("hinted")  # 160x96 in debug-gundam gets tiles
+    tiled = {num_placeholders("debug-gundam", g) for g in candidate_grids(2, 9)}
+    assert hinted in tiled and hinted > num_placeholders("debug-gundam")
+    assert set(counts.values()) == {num_placeholders("debug-pad")}
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # in process, and through a DataLoader worker's shared memory
@@ -168,15 +168,16 @@ def test_batches_carry_uint8_views_with_the_decoded_pixels(tmp_path, tokenizer, 
         shard, infinite=False, num_workers=workers, sources=[SourceSpec("ocr", shard, modes="debug")]
     )
     seen = {}
+    slot = view_sizes().index(128)
     for batch in StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=1):
-        for keys, row in zip(batch.keys, batch.images):
-            for key, views in zip(keys, row):
-                seen[key.split("/")[-1]] = views
+        assert all(p.shape[0] == 0 for k, p in enumerate(batch.pixels) if k != slot)  # no tiles
+        for key, view in zip(sum(batch.keys, []), batch.pixels[slot]):  # one image per sample, in order
+            seen[key.split("/")[-1]] = view
     assert sorted(seen) == sorted(pngs)
-    for key, views in seen.items():
-        assert views.global_view.dtype == torch.uint8 and views.tiles is None
+    for key, view in seen.items():
+        assert view.dtype == torch.uint8
         decoded = np.array(Image.open(io.BytesIO(pngs[key])).convert("RGB"))  # 128 px: "debug" keeps it
-        assert torch.equal(views.global_view, torch.from_numpy(decoded).permute(2, 0, 1)), key
+        assert torch.equal(view, torch.from_numpy(decoded).permute(2, 0, 1)), key
 
 
 def test_unpacked_batches_pad_to_the_longest(tmp_path, tokenizer):
@@ -206,10 +207,9 @@ def assert_same_batches(xs, ys):
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):
         assert x.keys == y.keys
-        for name in ("input_ids", "labels", "position_ids", "doc_ids"):
+        for name in PackedBatch.TENSORS:
             assert torch.equal(getattr(x, name), getattr(y, name)), name
-        for rx, ry in zip(x.images, y.images):
-            assert all(torch.equal(a.global_view, b.global_view) for a, b in zip(rx, ry))
+        assert all(torch.equal(a, b) for a, b in zip(x.pixels, y.pixels))
 
 
 def take(loader, n):

@@ -45,7 +45,7 @@ def image_batch(tokenizer, answers=("hello", "abc 12")):
         image = Image.new("RGB", (96 + 32 * i, 64), (200 + 20 * i, 180, 160))
         views = process_image(image, "debug")
         examples.append(build_example(tokenizer, "<image>\nFree OCR.", answer, [views]))
-    return collate_unpacked(examples, tokenizer.pad_id)
+    return collate_unpacked(examples, tokenizer.pad_id, tokenizer.image_id)
 
 
 def randomise_adapters(model, std: float = 0.05) -> None:

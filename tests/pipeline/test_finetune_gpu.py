@@ -36,7 +36,7 @@ def test_full_size_lora_step_and_merge(experts):
 
     image = Image.new("RGB", (640, 480), (230, 230, 230))
     examples = [build_example(tok, "<image>\nFree OCR.", "hello world", [process_image(image, "tiny")])]
-    batch = batch_to(collate_unpacked(examples, tok.pad_id), device)
+    batch = batch_to(collate_unpacked(examples, tok.pad_id, tok.image_id), device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     torch.cuda.reset_peak_memory_stats()
     model.train()

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.batch import Example
+from pipeline.data.packing import collate_unpacked
 from pipeline.generation import banned_ngram_tokens, default_whitelist, generate
 from pipeline.model import build_model
 from pipeline.processing import process_image
@@ -68,9 +70,10 @@ def model(tok):
 
 def reference_generate(model, tok, views, prompt, steps, n=None, window=90, whitelist=()):
     """One sample, no cache, no padding: recompute the full forward for every new token."""
-    ids = torch.tensor([encode_prompt(tok, prompt, views)])
+    ids = encode_prompt(tok, prompt, views)
+    batch = collate_unpacked([Example(ids, [-100] * len(ids), list(views))], tok.pad_id, tok.image_id)
     with torch.no_grad():
-        prompt_embeds = model.embed_inputs(ids, [views])
+        prompt_embeds = model.embed(batch)
     out = []
     for _ in range(steps):
         with torch.no_grad():  # generated ids are plain token embeddings (even a generated <image>)

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.batch import ImageViews, PackedBatch
-from pipeline.model import ImagePlan, build_model, next_token_loss, plan_images
-from pipeline.processing import normalize_pixels, process_image
+from pipeline.batch import ImageViews
+from pipeline.data.packing import collate_unpacked
+from pipeline.layout import layout_images
+from pipeline.model import build_model, next_token_loss
+from pipeline.processing import normalize_pixels, process_image, view_sizes
 from pipeline.prompts import PROMPTS, build_example
 from pipeline.tokenizer import build_char_tokenizer
 
@@ -65,82 +67,45 @@ def mixed_batch(tok):
     prompts = ["<image>x<image>\nFree OCR.", "", "<image> and <image>"]
     answers = ["ab", "plain text row", "c d"]
     examples = [build_example(tok, p, a, imgs) for p, a, imgs in zip(prompts, answers, rows)]
-    length = max(len(e) for e in examples)
-    ids = torch.full((3, length), tok.pad_id)
-    labels = torch.full((3, length), -100)
-    doc_ids = torch.full((3, length), -1)
-    pos = torch.zeros((3, length), dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e)
-        ids[b, :n] = torch.tensor(e.input_ids)
-        labels[b, :n] = torch.tensor(e.labels)
-        doc_ids[b, :n] = 0
-        pos[b, :n] = torch.arange(n)
-    return PackedBatch(ids, labels, pos, doc_ids, rows), examples
+    return collate_unpacked(examples, tok.pad_id, tok.image_id), rows
 
 
-def test_plan_groups_by_size_and_counts(tok):
+def test_layout_groups_by_size_and_counts(tok):
+    batch, rows = mixed_batch(tok)
+    sizes = view_sizes()
+    shapes = {s: p.shape for s, p in zip(sizes, batch.pixels)}
+    # tiles of 64: 2 (2x1) + 3 (3x1); globals of 128: 4 views; every other slot empty
+    assert shapes[64] == (5, 3, 64, 64) and shapes[128] == (4, 3, 128, 128)
+    assert all(shapes[s][0] == 0 for s in sizes if s not in (64, 128))
+    num_features = 5 * 1 + 4 * 4
+    assert batch.row_counts.tolist() == [sum(v.num_placeholders for v in row) for row in rows]
+    assert batch.gather_index.numel() == batch.image_positions.numel() == int(batch.row_counts.sum())
+    assert int(batch.gather_index.max()) == num_features + 1
+    flat = batch.input_ids.flatten()
+    assert torch.equal(batch.image_positions, (flat == tok.image_id).nonzero().flatten())
+    assert all(p.dtype == torch.uint8 for p in batch.pixels)
+    assert batch.num_images == 4 and batch.num_documents == 3
+
+
+def test_layout_rejects_float_views():
+    with pytest.raises(TypeError, match="uint8"):
+        layout_images([[ImageViews(torch.zeros(3, 64, 64))]])
+
+
+def test_sam_features_of_uint8_views_equal_cpu_normalised_views(tok, model):
     batch, _ = mixed_batch(tok)
-    plan = plan_images(batch.images)
-    assert plan.sizes == [64, 128]
-    # tiles of 64: 2 (2x1) + 3 (3x1); globals of 128: 4 views
-    assert [p.shape for p in plan.pixels] == [(5, 3, 64, 64), (4, 3, 128, 128)]
-    assert isinstance(plan, ImagePlan) and plan.num_features == 5 * 1 + 4 * 4
-    assert plan.row_counts == [sum(v.num_placeholders for v in row) for row in batch.images]
-    assert plan.gather_index.numel() == sum(plan.row_counts)
-    assert int(plan.gather_index.max()) == plan.num_features + 1
-    back = ImagePlan.from_tensors(plan.to_tensors())
-    assert back.sizes == plan.sizes and back.row_counts == plan.row_counts
-    assert torch.equal(back.gather_index, plan.gather_index)
-    assert all(torch.equal(a, b) for a, b in zip(back.pixels, plan.pixels))
-    assert [t.dtype for t in plan.to_tensors()] == [
-        torch.long,
-        torch.uint8,
-        torch.uint8,
-        torch.long,
-        torch.long,
-    ]
-
-
-def test_plan_rejects_mixed_view_dtypes():
-    views = [ImageViews(torch.zeros(3, 64, 64, dtype=torch.uint8)), ImageViews(torch.zeros(3, 64, 64))]
-    with pytest.raises(ValueError, match="mix dtypes"):
-        plan_images([views])
-
-
-def float_views(views: ImageViews) -> ImageViews:
-    """The same image with its views normalised to float32 on the CPU (the former data path)."""
-    tiles = None if views.tiles is None else normalize_pixels(views.tiles)
-    return ImageViews(normalize_pixels(views.global_view), tiles, views.grid, views.num_placeholders)
-
-
-def test_forward_on_uint8_views_equals_cpu_normalised_views(tok, model):
-    batch, _ = mixed_batch(tok)
-    assert all(v.global_view.dtype == torch.uint8 for row in batch.images for v in row)
-    floats = PackedBatch(
-        batch.input_ids,
-        batch.labels,
-        batch.position_ids,
-        batch.doc_ids,
-        [[float_views(v) for v in row] for row in batch.images],
-    )
-    assert all(v.global_view.dtype == torch.float32 for row in floats.images for v in row)
-    with torch.no_grad():
-        a = model(batch, return_logits=True)
-        b = model(floats, return_logits=True)
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
-    plan = plan_images(batch.images)
-    feats_u8 = model.sam_features(plan.pixels)
-    feats_f32 = model.sam_features(plan_images(floats.images).pixels)
+    present = [p for p in batch.pixels if p.shape[0]]
+    feats_u8 = model.sam_features(present)
+    feats_f32 = model.sam_features([normalize_pixels(p) for p in present])
     assert all(torch.equal(x, y) for x, y in zip(feats_u8, feats_f32))
 
 
 def test_merge_matches_per_image_reference(tok, model):
-    batch, _ = mixed_batch(tok)
+    batch, rows = mixed_batch(tok)
     with torch.no_grad():
-        merged = model.embed_inputs(batch.input_ids, batch.images)
+        merged = model.embed(batch)
         expected = model.decoder.embed_tokens(batch.input_ids).clone()
-        for b, row in enumerate(batch.images):
+        for b, row in enumerate(rows):
             if row:
                 feats = torch.cat([reference_image_embeddings(model, v) for v in row])
                 mask = batch.input_ids[b] == tok.image_id
@@ -181,20 +146,32 @@ def test_forward_loss_is_masked_next_token_ce(tok, model):
 
 def test_text_only_batch_skips_encoder(tok, model):
     ex = build_example(tok, PROMPTS["text_only"], "hello", [])
-    ids = torch.tensor([ex.input_ids])
-    embeds = model.embed_inputs(ids, [[]])
-    torch.testing.assert_close(embeds, model.decoder.embed_tokens(ids))
+    batch = collate_unpacked([ex], tok.pad_id, tok.image_id)
+    calls = []
+    model.encoder.sam_model.register_forward_hook(lambda *a: calls.append(1))
+    embeds = model.embed(batch)
+    torch.testing.assert_close(embeds, model.decoder.embed_tokens(batch.input_ids))
+    assert calls == []
     assert next_token_loss(torch.zeros(1, 3, 5, requires_grad=True), torch.full((1, 3), -100))[1] == 0
 
 
-def test_placeholder_mismatch_is_a_clear_error(tok, model):
+def test_chunked_loss_head_equals_full_logits_loss(tok, model):
+    """The forward's chunked head (precomputed label positions) equals the loss on full logits."""
+    batch, _ = mixed_batch(tok)
+    model.train()
+    chunked = model(batch)
+    model.loss_chunk_tokens = 0
+    full = model(batch)
+    torch.testing.assert_close(chunked.lm_loss, full.lm_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_placeholder_mismatch_is_a_clear_error(tok):
     views = process_image(noise_image(50, 50, 0), "debug")
     ex = build_example(tok, PROMPTS["free_ocr"], "a", [views])
-    ids = torch.tensor([ex.input_ids[:5] + ex.input_ids[6:]])  # one placeholder lost
+    ex.input_ids = ex.input_ids[:5] + ex.input_ids[6:]  # one placeholder lost
+    ex.labels = ex.labels[:5] + ex.labels[6:]
     with pytest.raises(ValueError, match="row 0 has 6 placeholders, its images need 7"):
-        model.embed_inputs(ids, [[views]])
-    with pytest.raises(ValueError, match="rows"):
-        model.embed_inputs(ids, [[views], []])
+        collate_unpacked([ex], tok.pad_id, tok.image_id)
 
 
 def test_build_model_checks_widths(tok):
@@ -205,3 +182,43 @@ def test_build_model_checks_widths(tok):
     with torch.device("meta"):
         full = build_model("full", "full", 129280, image_token_id=128815)
     assert sum(p.numel() for p in full.parameters()) == 3_336_106_240
+
+
+class HostSyncOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ATen ops that read a device value back to the host (a sync on CUDA): scalar
+    reads, nonzero / masked_select / unique, boolean-mask indexing, repeat_interleave without an
+    output size. The CPU has no syncs to count, but the same ops on CUDA block the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        aten = torch.ops.aten
+        self.always = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                       aten._unique2.default, aten.unique_consecutive.default}  # fmt: skip
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        syncs = func in self.always
+        if func is aten.index.Tensor:
+            syncs = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if func is aten.repeat_interleave.Tensor:
+            syncs = kwargs.get("output_size") is None
+        if syncs:
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_training_step_reads_nothing_back_from_the_device(tok):
+    """Forward + backward of the full model on a collated batch (mixed modes, tiles, text-only
+    row) runs no op that syncs the host: the layout, positions and counts come from the collate."""
+    torch.manual_seed(0)
+    model = build_model("debug", "debug", tok.vocab_size, image_token_id=tok.image_id).to(torch.bfloat16)
+    model.encoder.freeze_sam()
+    model.train()
+    batch, _ = mixed_batch(tok)
+    with HostSyncOps() as probe:
+        out = model(batch)
+        out.loss.backward()
+    assert probe.found == []
+    assert out.num_label_tokens == batch.num_label_tokens > 0
