@@ -68,7 +68,7 @@ def test_augmented_gradients_equal_bias_gradients():
             torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), leaves)
         )
     for g_plain, g_aug in zip(*grads):
-        torch.testing.assert_close(g_aug, g_plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_aug, g_plain, rtol=1e-5, atol=5e-6)  # fp32 sums in another order (torch 2.14: 1.4e-6)
 
 
 def test_augmented_calls_sdpa_without_mask(monkeypatch):

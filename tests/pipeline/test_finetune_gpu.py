@@ -1,6 +1,6 @@
 """LoRA on the full-size model on one GPU (bf16): the default adapters (plus routed experts) are the
 only parameters that receive gradients, an optimizer step runs, and the merged
-model reproduces the adapter model's logits within bf16 tolerance. Also prints the trainable count
+model reproduces the adapter model's logits (checked in fp32). Also prints the trainable count
 and the peak memory of a training step (the numbers to quote for a single-GPU fine-tune)."""
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ def test_full_size_lora_step_and_merge(experts):
     opt.step()
     print(f"peak memory of the step: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
-    model.eval()
+    # The merge is checked in fp32: merged into bf16 weights, W + BA is rounded once more in every
+    # layer, which moves the logits of a 12-layer random model by several percent of their range
+    # without any error in the merge (seen on H200: 6.5% at max); in fp32 it must be exact.
+    model.float().eval()
     with torch.no_grad():
         adapted = model(batch, return_logits=True).logits
         merged = peft_model.merge_and_unload()
         merged_logits = merged(batch, return_logits=True).logits
     scale = adapted.abs().max()
-    assert (merged_logits - adapted).abs().max() <= 0.05 * scale  # bf16 weights: W + BA rounds once more
+    assert (merged_logits - adapted).abs().max() <= 1e-3 * scale

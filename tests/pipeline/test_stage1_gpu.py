@@ -1,6 +1,7 @@
 """The one-GPU stage-1 preset end to end: `dsocr-train experiment=stage1_small` (full DeepEncoder +
-dense-125m, from scratch, rendered lines in Tiny mode) trains with a falling loss, reads held-out
-lines (CER well below 1), and its encoder export initialises the full stage-2 encoder exactly.
+dense-125m, from scratch, rendered lines in Tiny mode) trains with a falling loss within the preset's
+time box, reads held-out lines (CER well below 1), and its encoder export initialises the full
+stage-2 encoder exactly.
 
     DSOCR_STAGE1_STEPS=1500 .venv/bin/python -m pytest tests/pipeline/test_stage1_gpu.py -s
 """
@@ -43,7 +44,8 @@ def test_stage1_small_learns_to_read_and_hands_over(tmp_path):
         f"\nstage1_small: {job.steps} steps, loss {job.first_loss:.3f} -> {job.last_loss:.3f}, "
         f"held-out CER {job.cer_before:.3f} -> {job.cer_after:.3f}"
     )
-    assert job.steps == steps
+    # the preset's time box (train.max_minutes) may end the run before max_steps on a slower GPU
+    assert steps // 2 <= job.steps <= steps
     assert job.last_loss < job.first_loss - 2.0  # ln(~100) = 4.6 at init; the unigram plateau is ~3
     assert job.cer_after < min(0.8, job.cer_before - 0.2), (job.cer_before, job.cer_after)
 
