@@ -39,9 +39,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_tools.images import load_rgb  # noqa: E402
 from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader  # noqa: E402
 from pipeline.data.testing import sample_members, write_tar  # noqa: E402
-from pipeline.processing import load_image, normalize_pixels, process_image, to_pixels  # noqa: E402
+from pipeline.processing import normalize_pixels, process_image, to_pixels  # noqa: E402
 from pipeline.prompts import PROMPTS, build_example  # noqa: E402
 from pipeline.tokenizer import build_tokenizer  # noqa: E402
 
@@ -117,8 +118,8 @@ def main() -> None:
             members += sample_members(f"page{i:04d}", text, png)
         shard = str(write_tar(Path(tmp) / "bench-000000.tar", members))
 
-        images = [load_image(png) for png, _ in pages]
-        decode_ms = per_call_ms(load_image, [png for png, _ in pages])
+        images = [load_rgb(png) for png, _ in pages]
+        decode_ms = per_call_ms(load_rgb, [png for png, _ in pages])
         png_kb = sum(len(png) for png, _ in pages) / len(pages) / 1024
         print(
             f"{args.pages} pages {args.size}x{args.size} PNG, {png_kb:.0f} KiB each, noise={args.noise}; "

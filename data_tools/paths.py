@@ -19,19 +19,20 @@ class OutsideRootError(ValueError):
 
 
 def resolve_inside(root: str | Path, value: str | Path, allow_root: str | Path | None = None) -> Path:
-    """`value` (relative to `root`, or absolute) as a real path under `allow_root` or else `root`.
+    """`value` (relative to `root`, or absolute) as a real path under `root` or `allow_root`.
 
     Symlinks are followed before the check, so a link inside the dataset pointing out of it is
-    refused too. Raises OutsideRootError naming the value, where it leads and the allowed root.
+    refused too. Raises OutsideRootError naming the value, where it leads and the allowed roots.
     """
     text = os.fspath(value)
     if "\x00" in text:
         raise OutsideRootError(f"path {text!r} contains a NUL character")
-    allowed = Path(allow_root if allow_root is not None else root).resolve()
+    allowed = [Path(root).resolve()] + ([] if allow_root is None else [Path(allow_root).resolve()])
     real = (Path(root) / text).resolve()  # an absolute `text` replaces `root`
-    if real != allowed and allowed not in real.parents:
+    if not any(real == folder or folder in real.parents for folder in allowed):
         raise OutsideRootError(
-            f"path {text!r} resolves to {real}, outside the dataset root {allowed} "
+            f"path {text!r} resolves to {real}, outside the dataset root "
+            f"{' and '.join(str(f) for f in allowed)} "
             "(pass --allow-root with a folder that contains it to read it anyway)"
         )
     return real
