@@ -52,6 +52,27 @@ def png16(values: np.ndarray) -> bytes:
     )
 
 
+def tiff16_rgb(values: np.ndarray) -> bytes:
+    """An uncompressed 16-bit RGB TIFF written by hand (Pillow cannot write one): header, one IFD,
+    the BitsPerSample triple, then the (H, W, 3) little-endian samples as a single strip."""
+    height, width, _ = values.shape
+    data = values.astype("<u2").tobytes()
+    tags = {256: width, 257: height, 258: None, 259: 1, 262: 2, 273: None, 277: 3, 278: height,
+            279: len(data), 284: 1}  # fmt: skip
+    ifd_end = 8 + 2 + 12 * len(tags) + 4
+    bits_at, data_at = ifd_end, ifd_end + 6
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag, value in tags.items():
+        if tag == 258:  # three SHORTs do not fit in the entry: stored at bits_at
+            out += struct.pack("<HHII", tag, 3, 3, bits_at)
+        elif tag in (273, 279):
+            out += struct.pack("<HHII", tag, 4, 1, data_at if tag == 273 else value)
+        else:
+            out += struct.pack("<HHIHH", tag, 3, 1, value, 0)
+    out += struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data
+    return bytes(out)
+
+
 def assert_stroke_on_paper(rgb: Image.Image, ink_max: int = 60, paper_min: int = 195) -> None:
     assert rgb.mode == "RGB" and rgb.size == (W, H)
     pixels = np.asarray(rgb).astype(int)  # (H, W, 3)
@@ -77,6 +98,7 @@ def assert_stroke_on_paper(rgb: Image.Image, ink_max: int = 60, paper_min: int =
         ("F other range tiff", lambda: encoded(Image.fromarray(page(3.5, -2.0, np.float32)), "TIFF")),
         ("16-bit grey png", lambda: png16(page(64000, 500, np.uint16))),
         ("16-bit RGB png", lambda: png16(np.stack([page(64000, 500, np.uint16)] * 3, axis=-1))),
+        ("16-bit RGB tiff", lambda: tiff16_rgb(np.stack([page(64000, 500, np.uint16)] * 3, axis=-1))),
         ("CMYK jpeg", lambda: encoded(cmyk_page(), "JPEG", quality=95)),
         ("CMYK tiff", lambda: encoded(cmyk_page(), "TIFF")),
         ("LAB tiff", lambda: encoded(Image.fromarray(page(250, 5)).convert("RGB").convert("LAB"), "TIFF")),
@@ -100,6 +122,13 @@ def cmyk_page() -> Image.Image:
     cmyk = np.zeros((H, W, 4), dtype=np.uint8)  # no ink: white paper
     cmyk[STROKE] = (0, 0, 0, 255)  # full black ink
     return Image.fromarray(cmyk, mode="CMYK")
+
+
+def test_16_bit_colour_keeps_each_channel():
+    values = np.full((H, W, 3), 65535, dtype=np.uint16)
+    values[0, 0] = (1000, 30000, 65535)
+    for data in (png16(values), tiff16_rgb(values)):
+        assert load_rgb(data).getpixel((0, 0)) == (3, 117, 255)  # the high byte of each sample
 
 
 def test_16_bit_grey_scales_linearly_not_clipped():
