@@ -394,11 +394,11 @@ def read_folder(root: Path, label_suffix: str = ".txt", allow_root: Path | None 
             )
             continue
         try:
-            label = resolve_inside(root, label_path, allow_root).read_bytes()
+            label = resolve_inside(root, label_path.relative_to(root), allow_root).read_bytes()
         except OutsideRootError as e:
             records.append(Record(len(records), origin, None, reject=Reject("outside_root", str(e))))
             continue
-        records.append(image_record(len(records), origin, label, root, p, allow_root))
+        records.append(image_record(len(records), origin, label, root, p.relative_to(root), allow_root))
     for p in files:  # labels whose image is missing
         if p.suffix == label_suffix and p.with_suffix("") not in image_stems:
             records.append(

@@ -112,6 +112,17 @@ def test_jsonl_and_folder_paths_outside_the_dataset_are_counted_skips(escaping_d
     assert folder["skipped"] == {"outside_root": 2} and folder["total_samples"] == 1
 
 
+def test_relative_dataset_roots(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("scans/sub").mkdir(parents=True)
+    Path("scans/sub/a.png").write_bytes(png_bytes())
+    Path("scans/sub/a.txt").write_text("folder label")
+    Path("scans/d.csv").write_text("image_file,text_label\nsub/a.png,csv label\n")
+    folder = convert(read_folder(Path("scans")), tmp_path / "f")
+    rows = convert(read_csv(Path("scans/d.csv")), tmp_path / "c")
+    assert folder["total_samples"] == rows["total_samples"] == 1 and folder["skipped_total"] == 0
+
+
 def test_control_characters_in_labels_are_skips_and_line_ends_normalised():
     cfg = ValidationConfig()
     for bad in ("nul\x00here", "esc\x1b[31m", "del\x7f", "c1\x85", "bell\x07"):
