@@ -4,12 +4,12 @@
 import pytest
 import torch
 
+from data_tools.images import load_rgb
 from pipeline.data.testing import png_bytes
 from pipeline.eval.data import EvalSample
 from pipeline.eval.runner import EvalRunConfig, evaluate, training_eval_hook
 from pipeline.generation import generate
 from pipeline.model import build_model
-from data_tools.images import load_rgb
 from pipeline.processing import process_image
 from pipeline.tokenizer import build_char_tokenizer
 

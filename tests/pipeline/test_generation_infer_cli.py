@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools.images import load_rgb
 from pipeline.checkpoint_io import export_release
 from pipeline.cli.infer import main
 from pipeline.generation import generate
 from pipeline.model import build_model
-from data_tools.images import load_rgb
 from pipeline.processing import process_image
 from pipeline.prompts import PROMPTS
 from pipeline.tokenizer import build_char_tokenizer
