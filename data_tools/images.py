@@ -9,8 +9,9 @@ Pillow's own `convert("RGB")` loses content for several modes a scanner or a pip
 - EXIF orientation is applied first (a phone photo taken sideways is stored sideways);
 - 16-bit greyscale (`I;16`, `I;16B`, `I;16L`, `I;16N`) is scaled from 0..65535 to 0..255 (Pillow
   clips every value above 255 to white, so a 16-bit scan becomes a blank page);
-- 32-bit integer `I` (how some decoders hand over 16-bit data) is scaled the same way when its
-  values lie in 0..65535 and stretched from its own minimum..maximum otherwise;
+- 32-bit integer `I` (how some decoders hand over 16-bit data): values in 0..255 are kept (8-bit
+  data in a wide type), values in 0..65535 are scaled as 16-bit, any other range is stretched
+  from its own minimum..maximum;
 - float `F`: 0..1 is scaled by 255, 0..255 is kept, any other range is stretched from min..max;
 - palette, `1`, `L`, `CMYK`, `YCbCr`, `LAB`, `HSV` go through Pillow's conversion (CMYK without a
   colour profile: the naive formula, which keeps dark ink dark);
@@ -59,7 +60,7 @@ def _grey_to_l(image: Image.Image) -> Image.Image:
         return Image.fromarray(_to_uint8(values, 65535.0), mode="L")
     low, high = float(values.min()), float(values.max())
     if image.mode == "I":
-        scale = 65535.0 if low >= 0 and high <= 65535 else None
+        scale = None if low < 0 or high > 65535 else (255.0 if high <= 255 else 65535.0)
     elif low >= 0 and high <= 1:
         scale = 1.0
     elif low >= 0 and high <= 255:

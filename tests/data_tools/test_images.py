@@ -92,6 +92,7 @@ def assert_stroke_on_paper(rgb: Image.Image, ink_max: int = 60, paper_min: int =
         ("I;16 tiff", lambda: encoded(Image.fromarray(page(60000, 1000, np.uint16)), "TIFF")),
         ("I;16B tiff", lambda: encoded(big_endian_16(page(60000, 1000, np.uint16)), "TIFF")),
         ("I 16-bit values tiff", lambda: encoded(Image.fromarray(page(60000, 1000, np.int32)), "TIFF")),
+        ("I 8-bit values tiff", lambda: encoded(Image.fromarray(page(250, 5, np.int32)), "TIFF")),
         ("I wide range tiff", lambda: encoded(Image.fromarray(page(900_000, -5_000, np.int32)), "TIFF")),
         ("F 0..1 tiff", lambda: encoded(Image.fromarray(page(0.95, 0.05, np.float32)), "TIFF")),
         ("F 0..255 tiff", lambda: encoded(Image.fromarray(page(240.0, 10.0, np.float32)), "TIFF")),
