@@ -19,9 +19,10 @@ from collections.abc import Iterator
 
 import torch
 
+from data_tools.images import load_rgb
 from pipeline.batch import Example, ImageViews, PackedBatch
 from pipeline.data.packing import IGNORE_INDEX, Packer, collate_packed
-from pipeline.processing import get_mode, load_image, process_image
+from pipeline.processing import get_mode, process_image
 
 
 def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
@@ -30,7 +31,7 @@ def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
 
     rng = random.Random(seed)
     size = max(get_mode(mode).base_size, 256)
-    return [process_image(load_image(render_page(rng, size, 0)[0]), mode) for _ in range(count)]
+    return [process_image(load_rgb(render_page(rng, size, 0)[0]), mode) for _ in range(count)]
 
 
 def make_documents(

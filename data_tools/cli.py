@@ -7,8 +7,9 @@
     dsocr-data convert-text corpus/ --out data/text --split paragraph
     dsocr-data inspect data/ft --sheet sheet.png
 
-Every converter prints a report (written, skipped by reason, shards) and writes manifest.json
-next to the shards. See data_tools/README.md for the shard format.
+Every converter prints a report (written; skipped per reason with the first rows; duplicates)
+and writes it into manifest.json next to the shards; it exits with 1 when more than
+--max-bad-share of the rows were bad. See data_tools/README.md for the shard format.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from data_tools.convert import (
     read_jsonl,
     read_text_files,
 )
-from data_tools.shards import ShardWriterConfig, expand_shard_paths
+from data_tools.shards import MANIFEST_NAME, ShardWriterConfig, expand_shard_paths
 from data_tools.synth.fonts import MissingFontError
 from data_tools.validate import ValidationConfig
 
@@ -54,6 +55,27 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="largest accepted image w*h (default 40M)"
+    )
+    p.add_argument("--min-side", type=int, default=8, help="smallest accepted image side (default 8 px)")
+    p.add_argument(
+        "--min-view-side",
+        type=int,
+        default=8,
+        help="smallest side an image may keep once fitted into its mode's view (default 8 px)",
+    )
+    p.add_argument(
+        "--allow-root",
+        type=Path,
+        help="folder that image paths in the data file may lead into besides the dataset's own folder",
+    )
+    p.add_argument(
+        "--drop-duplicates", action="store_true", help="skip samples with the same image, prompt and label"
+    )
+    p.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=0.1,
+        help="exit with 1 when more than this share of the rows is bad (default 0.1)",
     )
 
 
@@ -125,9 +147,40 @@ def _parse_kinds(spec: str) -> dict:
     return out
 
 
+ROWS_SHOWN = 5  # rows printed per skip reason
+
+
 def _print_manifest(m: dict) -> None:
     print(f"wrote {m['total_samples']} samples in {len(m['shards'])} shard(s), {m['total_bytes']} bytes")
     print(f"skipped {m['skipped_total']}" + "".join(f", {k}={v}" for k, v in m["skipped"].items()))
+    for reason, count in m["skipped"].items():
+        examples = m["skipped_examples"].get(reason, [])[:ROWS_SHOWN]
+        more = ", ..." if count > len(examples) else ""
+        print(f"  {reason} ({count}): " + ", ".join(e["source"] for e in examples) + more)
+        if examples and examples[0]["detail"]:
+            print(f"    e.g. {examples[0]['detail']}")
+
+
+def _print_report(m: dict) -> int:
+    """The converter's summary; 1 when the share of bad rows is over the limit."""
+    _print_manifest(m)
+    dup = m["duplicates"]
+    if dup["count"]:
+        verb = "dropped" if dup["dropped"] else "kept (--drop-duplicates drops them)"
+        pairs = ", ".join(f"{e['source']} = {e['same_as']}" for e in dup["examples"])
+        print(
+            f"duplicates {dup['count']}, {verb}: {pairs}"
+            + (", ..." if dup["count"] > len(dup["examples"]) else "")
+        )
+    print(f"report: {m['report_path']}")
+    if m["bad_share_exceeded"]:
+        print(
+            f"dsocr-data: error: {m['bad_rows']} of {m['rows']} rows ({m['bad_share']:.1%}) are bad, "
+            f"over --max-bad-share={m['max_bad_share']}; the shards are written, check the rows above",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _convert(args, records, default_source: str, total: int | None = None) -> dict:
@@ -135,11 +188,19 @@ def _convert(args, records, default_source: str, total: int | None = None) -> di
         source=args.source or default_source,
         lang=args.lang,
         mode=args.mode,
-        validation=ValidationConfig(max_label_chars=args.max_label_chars, max_pixels=args.max_pixels),
+        validation=ValidationConfig(
+            max_label_chars=args.max_label_chars,
+            max_pixels=args.max_pixels,
+            min_side=args.min_side,
+            min_view_side=args.min_view_side,
+        ),
         workers=args.workers,
         progress=not args.no_progress,
+        drop_duplicates=args.drop_duplicates,
+        max_bad_share=args.max_bad_share,
     )
-    return convert_records(records, _writer_cfg(args), cfg, total=total)
+    manifest = convert_records(records, _writer_cfg(args), cfg, total=total)
+    return {**manifest, "report_path": str(Path(args.out) / MANIFEST_NAME)}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -165,26 +226,26 @@ def run(argv: list[str] | None = None) -> int:
             cfg.line_degrade = DegradeConfig.off()
         _print_manifest(generate(cfg, _writer_cfg(args)))
     elif args.command == "convert-csv":
-        records = read_csv(Path(args.csv), args.image_column, args.text_column)
+        records = read_csv(Path(args.csv), args.image_column, args.text_column, args.allow_root)
         for r in records:
             r.prompt = args.prompt
-        _print_manifest(_convert(args, records, Path(args.csv).stem, len(records)))
+        return _print_report(_convert(args, records, Path(args.csv).stem, len(records)))
     elif args.command == "convert-jsonl":
         records = []
         for path in args.jsonl:
-            for r in read_jsonl(Path(path)):
+            for r in read_jsonl(Path(path), args.allow_root):
                 r.index = len(records)
                 records.append(r)
-        _print_manifest(_convert(args, records, Path(args.jsonl[0]).stem, len(records)))
+        return _print_report(_convert(args, records, Path(args.jsonl[0]).stem, len(records)))
     elif args.command == "convert-folder":
-        records = read_folder(Path(args.folder), args.label_suffix)
+        records = read_folder(Path(args.folder), args.label_suffix, args.allow_root)
         for r in records:
             r.prompt = args.prompt
-        _print_manifest(_convert(args, records, Path(args.folder).resolve().name, len(records)))
+        return _print_report(_convert(args, records, Path(args.folder).resolve().name, len(records)))
     elif args.command == "convert-text":
         files = expand_text_inputs(args.inputs, args.pattern)
         records = read_text_files(files, args.split, args.max_label_chars)
-        _print_manifest(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
+        return _print_report(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
     elif args.command == "inspect":
         from data_tools.inspect import contact_sheet, format_report, inspect_shards
 

@@ -6,15 +6,22 @@ Inputs:
 - a folder of images with sidecar `.txt` labels (`page1.png` + `page1.txt`);
 - plain text files for the text-only share (whole files, paragraphs or lines).
 
+Image paths named by a data file resolve inside the dataset root (the CSV's or JSONL's folder,
+the image folder); a path leading outside it (`..`, absolute, a symlink out) is an `outside_root`
+skip unless the reader is given `allow_root`, a folder the user names (`--allow-root`).
+
 Each reader yields `Record`s (or a reject found while reading, e.g. a JSONL line that is not
 UTF-8); `encode_record` validates and encodes one record (in worker processes when
-`workers > 0`); `convert_records` writes the survivors with a `ShardWriter` and counts every
-reject by reason in the report and the manifest.
+`workers > 0`); `convert_records` writes the survivors with a `ShardWriter`, counts every
+reject by reason, counts duplicates (same image bytes, prompt and label; dropped with
+`drop_duplicates`) and writes the report into manifest.json: per reason the count and the first
+rows, the share of bad rows, and whether it exceeds `max_bad_share`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -24,12 +31,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_tools.paths import OutsideRootError, resolve_inside
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map, safe_text
 from data_tools.validate import (
     Reject,
     ValidationConfig,
     check_image_file,
     check_label,
+    check_text,
     decode_text,
     has_surrogates,
 )
@@ -49,6 +58,10 @@ class ConvertConfig:
     lang: language code stored in `lang` ("und" when unknown).
     mode: optional mode hint for the loader (one of MODES).
     workers: processes that decode/validate images (0 = in this process).
+    drop_duplicates: skip a sample whose image bytes, prompt and label equal an earlier one's
+        (reason `duplicate`); by default duplicates are kept and only counted in the report.
+    max_bad_share: the report flags `bad_share_exceeded` (and `dsocr-data` exits with 1) when
+        more than this share of the rows is skipped for a bad-data reason.
     """
 
     source: str
@@ -57,6 +70,8 @@ class ConvertConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     workers: int = 0
     progress: bool = True
+    drop_duplicates: bool = False
+    max_bad_share: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -65,6 +80,8 @@ class ConvertConfig:
             raise ValueError(f"mode {self.mode!r} not in {MODES}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not 0 <= self.max_bad_share <= 1:
+            raise ValueError(f"max_bad_share must be in [0, 1], got {self.max_bad_share}")
 
     @property
     def key_prefix(self) -> str:
@@ -88,8 +105,9 @@ def normalise_prompt(prompt: str | None, has_image: bool) -> str | None | Reject
     """Image samples carry exactly one `<image>` tag (prepended with a newline when absent)."""
     if prompt is None:
         return None
-    if has_surrogates(prompt):
-        return Reject("invalid_utf8", "prompt is not valid UTF-8")
+    prompt = check_text(prompt, "prompt")
+    if isinstance(prompt, Reject):
+        return prompt
     n = prompt.count(IMAGE_TAG)
     if not has_image:
         return Reject("bad_prompt", "prompt has <image> but the sample has no image") if n else prompt
@@ -123,11 +141,42 @@ def encode_record(args: tuple[Record, ConvertConfig]) -> Sample | tuple[Record, 
         meta["mode"] = cfg.mode
     if rec.image_path is None:
         return Sample(key, meta)
-    img = check_image_file(rec.image_path, cfg.validation)
+    img = check_image_file(rec.image_path, cfg.validation, cfg.mode)
     if isinstance(img, Reject):
         return rec, img
     meta["width"], meta["height"] = img.width, img.height
     return Sample(key, meta, img.data, img.ext)
+
+
+REPORT_EXAMPLES = 5  # rows listed per duplicate in the report
+
+
+def content_digest(sample: Sample) -> str:
+    """What makes two samples the same: image bytes, prompt and label (or text)."""
+    meta = sample.meta
+    h = hashlib.sha256(sample.image or b"")
+    for part in (meta.get("prompt"), meta.get("answer"), meta.get("text")):
+        h.update(b"\x00" + json.dumps(part, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class DuplicateCounter:
+    """Samples whose content equals an earlier one's: how many, and the first few pairs."""
+
+    first_origin: dict[str, str] = field(default_factory=dict)
+    count: int = 0
+    examples: list[dict] = field(default_factory=list)
+
+    def check(self, digest: str, origin: str) -> str | None:
+        """The origin of the earlier equal sample, or None (and `origin` remembered)."""
+        first = self.first_origin.setdefault(digest, origin)
+        if first == origin:
+            return None
+        self.count += 1
+        if len(self.examples) < REPORT_EXAMPLES:
+            self.examples.append({"source": safe_text(origin), "same_as": safe_text(first)})
+        return first
 
 
 def convert_records(
@@ -136,12 +185,18 @@ def convert_records(
     """Validate, encode and write `records`; returns the manifest (written as manifest.json)."""
     writer = ShardWriter(writer_cfg, extra_manifest={"converter": {"source": cfg.source, "lang": cfg.lang}})
     jobs = ((rec, cfg) for rec in records)
+    duplicates = DuplicateCounter()
     try:
         results = ordered_map(encode_record, jobs, cfg.workers)
         bar = tqdm(results, total=total, unit="sample", disable=not cfg.progress, desc=cfg.source)
         for result in bar:
             if isinstance(result, Sample):
-                writer.write(result)
+                origin = result.meta["origin"]
+                first = duplicates.check(content_digest(result), origin)
+                if first is not None and cfg.drop_duplicates:
+                    writer.skip("duplicate", origin, result.key, f"same image, prompt and label as {first}")
+                else:
+                    writer.write(result)
             else:
                 rec, rej = result
                 writer.skip(rej.reason, rec.origin, f"{cfg.key_prefix}-{rec.index:09d}", rej.detail)
@@ -149,14 +204,43 @@ def convert_records(
     except BaseException:
         writer.abort()  # never leave a half-written shard that looks complete
         raise
+    bad = sum(n for reason, n in writer.skipped.items() if reason != "duplicate")
+    rows = writer.total_samples + sum(writer.skipped.values())
+    writer.extra_manifest.update(
+        rows=rows,
+        bad_rows=bad,
+        bad_share=round(bad / rows, 6) if rows else 0.0,
+        max_bad_share=cfg.max_bad_share,
+        bad_share_exceeded=rows > 0 and bad / rows > cfg.max_bad_share,
+        duplicates={
+            "count": duplicates.count,
+            "dropped": cfg.drop_duplicates,
+            "examples": duplicates.examples,
+        },
+    )
     return writer.close()
 
 
 # ---------------------------------------------------------------------------------------- readers
 
 
-def read_csv(path: Path, image_column: str = "image_file", text_column: str = "text_label") -> list[Record]:
-    """Rows of a CSV with a header naming `image_column` and `text_column`; paths relative to the CSV."""
+def image_record(index: int, origin: str, answer, root: Path, value: str, allow_root: Path | None) -> Record:
+    """A record for the image `value` named by a data file, or an `outside_root` reject."""
+    try:
+        return Record(index, origin, answer, image_path=resolve_inside(root, value, allow_root))
+    except OutsideRootError as e:
+        return Record(index, origin, None, reject=Reject("outside_root", str(e)))
+
+
+def read_csv(
+    path: Path,
+    image_column: str = "image_file",
+    text_column: str = "text_label",
+    allow_root: Path | None = None,
+) -> list[Record]:
+    """Rows of a CSV with a header naming `image_column` and `text_column`; paths relative to the
+    CSV's folder and inside it (or `allow_root`). A record's origin is `file:line` of the row's
+    first line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"CSV file {path} does not exist")
@@ -170,8 +254,9 @@ def read_csv(path: Path, image_column: str = "image_file", text_column: str = "t
                 f"{path}: header {reader.fieldnames} lacks column(s) {missing}; "
                 "pass --image-column/--text-column to name them"
             )
+        row_start = reader.line_num + 1  # after the header
         for i, row in enumerate(reader):
-            origin = f"{path}:{reader.line_num}"
+            origin, row_start = f"{path}:{row_start}", reader.line_num + 1
             image = (row.get(image_column) or "").strip()
             if not image:
                 records.append(Record(i, origin, None, reject=Reject("missing_file", "empty image path")))
@@ -179,7 +264,7 @@ def read_csv(path: Path, image_column: str = "image_file", text_column: str = "t
             if has_surrogates(image):
                 records.append(Record(i, origin, None, reject=Reject("invalid_utf8", "image path")))
                 continue
-            records.append(Record(i, origin, row.get(text_column), image_path=path.parent / image))
+            records.append(image_record(i, origin, row.get(text_column), path.parent, image, allow_root))
     return records
 
 
@@ -213,8 +298,10 @@ def _image_ref(ref) -> str | None:
     return None
 
 
-def parse_jsonl_object(obj, base_dir: Path) -> tuple[str | None, object, list[Path]] | Reject:
-    """(prompt, answer, image paths) from one ms-swift style object."""
+def parse_jsonl_object(
+    obj, base_dir: Path, allow_root: Path | None = None
+) -> tuple[str | None, object, list[Path]] | Reject:
+    """(prompt, answer, image paths inside `base_dir` or `allow_root`) from one ms-swift style object."""
     if not isinstance(obj, dict):
         return Reject("bad_record", "line is not a JSON object")
     if "messages" in obj:
@@ -248,13 +335,17 @@ def parse_jsonl_object(obj, base_dir: Path) -> tuple[str | None, object, list[Pa
             return Reject("bad_record", f"cannot read image reference {ref!r}")
         if re.match(r"^(https?|s3|gs|data):", s):
             return Reject("unsupported_image_ref", f"remote/inline image {s[:80]!r}; download it first")
-        paths.append(base_dir / s)
+        try:
+            paths.append(resolve_inside(base_dir, s, allow_root))
+        except OutsideRootError as e:
+            return Reject("outside_root", str(e))
     if len(paths) > 1:
         return Reject("bad_record", f"{len(paths)} images; one image per sample is supported")
     return prompt, answer, paths
 
 
-def read_jsonl(path: Path) -> list[Record]:
+def read_jsonl(path: Path, allow_root: Path | None = None) -> list[Record]:
+    """ms-swift JSONL lines; image paths relative to the file's folder and inside it (or `allow_root`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"JSONL file {path} does not exist")
@@ -273,7 +364,7 @@ def read_jsonl(path: Path) -> list[Record]:
             except json.JSONDecodeError as e:
                 records.append(Record(i, origin, None, reject=Reject("bad_record", f"invalid JSON: {e}")))
                 continue
-            parsed = parse_jsonl_object(obj, path.parent)
+            parsed = parse_jsonl_object(obj, path.parent, allow_root)
             if isinstance(parsed, Reject):
                 records.append(Record(i, origin, None, reject=parsed))
                 continue
@@ -284,8 +375,9 @@ def read_jsonl(path: Path) -> list[Record]:
     return records
 
 
-def read_folder(root: Path, label_suffix: str = ".txt") -> list[Record]:
-    """Every image under `root` (recursive, sorted) with its sidecar `<stem><label_suffix>`."""
+def read_folder(root: Path, label_suffix: str = ".txt", allow_root: Path | None = None) -> list[Record]:
+    """Every image under `root` (recursive, sorted) with its sidecar `<stem><label_suffix>`; an
+    image or label that is a symlink leading outside `root` (and `allow_root`) is skipped."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"folder {root} does not exist")
@@ -301,7 +393,12 @@ def read_folder(root: Path, label_suffix: str = ".txt") -> list[Record]:
                 Record(len(records), origin, None, reject=Reject("missing_file", f"no {label_path.name}"))
             )
             continue
-        records.append(Record(len(records), origin, label_path.read_bytes(), image_path=p))
+        try:
+            label = resolve_inside(root, label_path.relative_to(root), allow_root).read_bytes()
+        except OutsideRootError as e:
+            records.append(Record(len(records), origin, None, reject=Reject("outside_root", str(e))))
+            continue
+        records.append(image_record(len(records), origin, label, root, p.relative_to(root), allow_root))
     for p in files:  # labels whose image is missing
         if p.suffix == label_suffix and p.with_suffix("") not in image_stems:
             records.append(

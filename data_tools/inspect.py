@@ -8,8 +8,8 @@ of randomly chosen samples (reservoir sampling, seeded), each with its prompt an
 
 from __future__ import annotations
 
-import io
 import json
+import math
 import random
 import textwrap
 from collections import Counter
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from data_tools.images import load_rgb
 from data_tools.shards import MANIFEST_NAME, file_sha256, iter_shard, sample_image_ext
 
 _BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -195,10 +196,10 @@ def contact_sheet(
         ext = sample_image_ext(sample)
         if ext:
             try:
-                img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+                img = load_rgb(sample[ext], max_aspect=math.inf, source=sample["__key__"])
                 img.thumbnail((cell - 8, cell - 8))
                 sheet.paste(img, (x0 + (cell - img.width) // 2, y0 + (cell - img.height) // 2))
-            except OSError as e:
+            except ValueError as e:
                 draw.text(
                     (x0 + 8, y0 + cell // 2), f"undecodable: {e}"[:40], fill="red", font=_cell_font("en", fs)
                 )

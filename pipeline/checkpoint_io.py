@@ -8,6 +8,13 @@ directory into `DeepSeekOCR` (strict key tables: `deepencoder.adapters`, `decode
 `export_release` writes one back. Sizes not expressed by the release's fields (debug models)
 travel in one extra config.json entry, `dsocr_train`, which the release loader ignores.
 
+The release's config.json leaves several DeepseekV2Config fields at their defaults
+(configuration_deepseekv2.py). Reading one, the fields the decoder implements (`_APPLIED_FIELDS`:
+layer rule, RoPE base, norm epsilon, router options) are applied; a field the decoder implements
+only at one value (`_FIXED_FIELDS`: sigmoid scoring, group-limited routing, biases, RoPE scaling,
+tied embeddings...) refuses any other value with a ValueError naming it. Exporting writes them all,
+so a reader never has to rely on defaults.
+
 Our layout (`save_checkpoint` / `load_checkpoint`): model.safetensors with
 `DeepSeekOCR.state_dict()` keys, dsocr_config.json, tokenizer files.
 """
@@ -24,7 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from decoder import DecoderConfig, DecoderModel, decoder_state_from_release, decoder_state_to_release
+from decoder import (
+    DecoderConfig,
+    DecoderModel,
+    MoEConfig,
+    decoder_state_from_release,
+    decoder_state_to_release,
+)
 from deepencoder import DeepEncoder, EncoderConfig, encoder_config
 from deepencoder.adapters import encoder_state_from_release, encoder_state_to_release
 from pipeline.model import DeepSeekOCR
@@ -61,6 +74,28 @@ _DECODER_FIELDS = (
     "v_head_dim",
     "vocab_size",
 )
+# DeepseekV2Config field -> its default (what a config.json without the field means)
+_APPLIED_FIELDS = {
+    "moe_layer_freq": 1,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+}
+# DeepseekV2Config field -> the values the decoder implements (the first one is written on export);
+# "gready" is DeepseekV2Config's own spelling of its default, the same greedy top-k
+_FIXED_FIELDS = {
+    "topk_method": ("greedy", "gready"),
+    "scoring_func": ("softmax",),
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "rope_scaling": (None,),
+    "tie_word_embeddings": (False,),
+    "lm_head": (True,),
+    "rm_head": (False,),
+}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -126,6 +161,25 @@ def _decoder_release_fields(cfg: DecoderConfig) -> dict:
     }
 
 
+def _decoder_default_fields(cfg: DecoderConfig) -> dict:
+    """The fields the release's config.json leaves at DeepseekV2Config's defaults, with our values."""
+    moe = cfg.moe if cfg.moe is not None else MoEConfig()  # router fields of a dense decoder: unused
+    applied = {
+        "moe_layer_freq": cfg.moe_layer_freq,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "routed_scaling_factor": moe.routed_scaling_factor,
+        "aux_loss_alpha": moe.aux_loss_alpha,
+        "seq_aux": moe.seq_aux,
+    }
+    assert set(applied) == set(_APPLIED_FIELDS)
+    fixed = {
+        name: values[0] for name, values in _FIXED_FIELDS.items() if name not in _decoder_release_fields(cfg)
+    }
+    return {**applied, **fixed}
+
+
 def release_config(model: DeepSeekOCR, dtype: torch.dtype) -> dict:
     """config.json in the release's layout, sizes from our configs (+ our full configs under `dsocr_train`)."""
     enc, dec = model.encoder.config, model.decoder.config
@@ -139,6 +193,7 @@ def release_config(model: DeepSeekOCR, dtype: torch.dtype) -> dict:
         },
         **_decoder_release_fields(dec),
         "torch_dtype": dtype_name,
+        **_decoder_default_fields(dec),
     }
     return {
         "_name_or_path": "deepseek-ai/DeepSeek-OCR",
@@ -183,6 +238,7 @@ def release_config(model: DeepSeekOCR, dtype: torch.dtype) -> dict:
             },
         },
         **_decoder_release_fields(dec),
+        **_decoder_default_fields(dec),
         EXTRA_KEY: configs_to_dict(model),
     }
 
@@ -200,6 +256,13 @@ def configs_from_release(config: dict, image_token_id: int) -> tuple[EncoderConf
         raise ValueError(
             "grouped-query attention is not supported: num_key_value_heads != num_attention_heads"
         )
+    for name, supported in _FIXED_FIELDS.items():
+        if name in lang and lang[name] not in supported:
+            raise ValueError(
+                f"config.json {name}={lang[name]!r} is not supported: the decoder implements "
+                f"{name}={supported[0]!r} only"
+            )
+    applied = {name: lang.get(name, default) for name, default in _APPLIED_FIELDS.items()}
     moe = None
     if lang.get("n_routed_experts"):
         moe = {
@@ -207,6 +270,10 @@ def configs_from_release(config: dict, image_token_id: int) -> tuple[EncoderConf
             "num_experts_per_tok": lang["num_experts_per_tok"],
             "moe_intermediate_size": lang["moe_intermediate_size"],
             "n_shared_experts": lang.get("n_shared_experts") or 0,
+            **{
+                k: applied[k]
+                for k in ("norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha", "seq_aux")
+            },
         }
     decoder = DecoderConfig(
         vocab_size=lang["vocab_size"],
@@ -215,7 +282,10 @@ def configs_from_release(config: dict, image_token_id: int) -> tuple[EncoderConf
         num_heads=lang["num_attention_heads"],
         intermediate_size=lang["intermediate_size"],
         first_k_dense_replace=lang.get("first_k_dense_replace", 0),
+        moe_layer_freq=applied["moe_layer_freq"],
         moe=moe,
+        rope_theta=applied["rope_theta"],
+        rms_norm_eps=applied["rms_norm_eps"],
         max_position_embeddings=lang.get("max_position_embeddings", 8192),
         bos_token_id=lang.get("bos_token_id", 0),
         eos_token_id=lang.get("eos_token_id", 1),

@@ -23,18 +23,16 @@ in the host -> device copy); the model normalises them on its device with `norma
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from data_tools.images import to_rgb
 from pipeline.batch import ImageViews
 
 VIEW_DOWNSAMPLE = 64  # pixels per feature-grid cell: patch 16 x 4 (two stride-2 convs)
@@ -44,8 +42,6 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 assert len(set(IMAGE_MEAN)) == len(set(IMAGE_STD)) == 1, (
     "normalize_pixels uses one mean / std for all channels"
 )
-DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb limit of `load_image`
-DEFAULT_MAX_ASPECT = 100.0  # longest side / shortest side allowed by `load_image`
 
 
 @dataclass(frozen=True)
@@ -220,7 +216,7 @@ def process_image(
     spec = get_mode(mode)
     _check_size(image, source)
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = to_rgb(image)
     width, height = image.size
 
     tiles = None
@@ -248,51 +244,6 @@ def process_image(
         grid=grid,
         num_placeholders=num_placeholders(spec, grid),
     )
-
-
-def load_image(
-    data: bytes | str | Path,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_aspect: float = DEFAULT_MAX_ASPECT,
-    source: str | None = None,
-) -> Image.Image:
-    """Decode an image file (path or bytes): EXIF transpose, RGB, fully loaded.
-
-    Raises ValueError naming the source for unreadable or truncated files, zero-pixel
-    images, images above `max_pixels` (checked from the header, before decoding) and
-    aspect ratios above `max_aspect`.
-    """
-    if source is None:
-        source = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} bytes>"
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise ValueError(f"{source}: image has zero pixels (size {width}x{height})")
-            if width * height > max_pixels:
-                raise ValueError(
-                    f"{source}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
-                    "(decompression-bomb limit; raise max_pixels if the image is genuine)"
-                )
-            if max(width, height) / min(width, height) > max_aspect:
-                raise ValueError(f"{source}: aspect ratio {width}x{height} exceeds max_aspect={max_aspect}")
-            if ImageFile.LOAD_TRUNCATED_IMAGES:
-                warnings.warn(
-                    "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files are not detected",
-                    stacklevel=2,
-                )
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"{source}: rejected as a decompression bomb by PIL ({err})") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:
-        raise ValueError(f"{source}: unreadable or truncated image ({type(err).__name__}: {err})") from err
-    return rgb
 
 
 class _Random(Protocol):

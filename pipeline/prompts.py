@@ -7,6 +7,11 @@ strings. For training the answer and EOS follow; the loss is taken on the answer
 only (labels -100 on BOS, placeholders and prompt). The training template is unpublished
 (*unverified*), so the prompt per dataset is configurable (`PROMPTS` or any string).
 
+The prompt is stripped of surrounding whitespace first, as the release's `format_messages` does
+(`message["content"].strip()`, then the whole formatted prompt `.strip()`): its example prompt
+`"<image>\n<|grounding|>Convert the document to markdown. "` ends in a space that the release
+never encodes. The answer is not stripped here (the converters strip labels).
+
 Labels are aligned with input_ids (labels[i] == input_ids[i] or -100); the model shifts
 them by one when it computes the next-token loss.
 """
@@ -53,8 +58,8 @@ def encode_prompt(
     source: str = "",
     key: str = "",
 ) -> list[int]:
-    """BOS + prompt with each `<image>` replaced by that image's placeholder run."""
-    pieces = prompt.split(IMAGE_TOKEN)
+    """BOS + the stripped prompt with each `<image>` replaced by that image's placeholder run."""
+    pieces = prompt.strip().split(IMAGE_TOKEN)
     if len(pieces) - 1 != len(images):
         raise ValueError(
             f"{_sample_name(source, key)}: prompt has {len(pieces) - 1} {IMAGE_TOKEN} tag(s) "

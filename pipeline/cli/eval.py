@@ -72,6 +72,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".jsonl, .csv, .tar, shard pattern or folder of shards")
     p.add_argument("--reference-field", default=None, help="JSON/CSV field of the reference text")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N pages only")
+    p.add_argument(
+        "--allow-root",
+        default=None,
+        help="folder that image paths of a JSONL/CSV set may lead into besides the set's own folder",
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = False) -> None:
@@ -225,7 +230,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     normalizer = _normalizer(args)
     config = _run_config(args, args.mode, normalizer)  # validates mode/prompt before loading anything
-    samples = read_eval_set(args.data, reference_field=args.reference_field, limit=args.limit)
+    samples = read_eval_set(
+        args.data, reference_field=args.reference_field, limit=args.limit, allow_root=args.allow_root
+    )
     model, tokenizer = load_model(args.checkpoint, args.device, args.dtype)
     meta = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     report = evaluate(model, tokenizer, samples, config, name="ours", meta=meta, progress=_progress("eval"))
@@ -257,7 +264,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_tesseract(args: argparse.Namespace) -> None:
-    samples = read_eval_set(args.data, reference_field=args.reference_field, limit=args.limit)
+    samples = read_eval_set(
+        args.data, reference_field=args.reference_field, limit=args.limit, allow_root=args.allow_root
+    )
     report = _tesseract(args, samples, _normalizer(args))
     report.write(args.out, stem="tesseract")
     print(report.to_table())
@@ -291,7 +300,9 @@ def _page_vision_tokens(samples: Sequence[EvalSample], mode: str) -> dict[str, i
 def cmd_compression(args: argparse.Namespace) -> None:
     from pipeline.tokenizer import load_tokenizer
 
-    samples = read_eval_set(args.data, reference_field=args.reference_field, limit=args.limit)
+    samples = read_eval_set(
+        args.data, reference_field=args.reference_field, limit=args.limit, allow_root=args.allow_root
+    )
     references = references_of(samples)
     records_by_mode = {}
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

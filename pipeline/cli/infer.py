@@ -15,7 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.processing import DEFAULT_MAX_PIXELS, MODES
+from data_tools.images import DEFAULT_MAX_PIXELS
+from pipeline.processing import MODES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -59,10 +60,11 @@ def _resolve(device: str, dtype: str):
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Load the model, process every image and decode; returns one record per image."""
+    from data_tools.images import load_rgb
     from pipeline.checkpoint_io import load_any
     from pipeline.generation import generate
     from pipeline.grounding import parse_grounding
-    from pipeline.processing import load_image, process_image
+    from pipeline.processing import process_image
     from pipeline.prompts import get_prompt
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     records = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start : start + args.batch_size]
-        pictures = [load_image(p, max_pixels=args.max_pixels) for p in paths]
+        pictures = [load_rgb(p, max_pixels=args.max_pixels) for p in paths]
         views = [
             [process_image(img, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles, source=p)]
             for img, p in zip(pictures, paths)

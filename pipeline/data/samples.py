@@ -6,7 +6,7 @@ are JSON only, with `text` (a plain document: no prompt, loss on all of it) or
 `prompt` + `answer` without `<image>`. A sample needs an image exactly when its prompt
 (its own, else the source's default) has the `<image>` tag. Steps: JSON bytes
 (random access) -> UTF-8 + JSON -> label/prompt -> image bytes -> decode
-(`pipeline.processing.load_image`, pixel limit) -> mode (the sample's hint, the
+(`data_tools.images.load_rgb`, pixel limit) -> mode (the sample's hint, the
 source's fixed mode, or `select_mode` with a per-sample seeded RNG) -> views
 (`process_image`) -> tokens (`pipeline.prompts.build_example`).
 
@@ -25,11 +25,12 @@ import json
 import os
 import random
 
+from data_tools.images import load_rgb
 from pipeline.batch import Example
 from pipeline.data.config import LoaderConfig
 from pipeline.data.shards import ShardReadError, SkipCounter, read_files
 from pipeline.data.stream import SampleRef, stable_seed
-from pipeline.processing import MODES, load_image, process_image, select_mode
+from pipeline.processing import MODES, process_image, select_mode
 from pipeline.prompts import build_example
 from pipeline.tokenizer import IMAGE_TOKEN, OCRTokenizer
 
@@ -100,7 +101,7 @@ class SampleDecoder:
                 raise BadSample("missing_image", f"prompt {prompt!r} but members {sorted(ref.files)}")
             name = f"{ref.shard}:{ref.key}.{image_ext}"
             try:
-                image = load_image(self._read(ref, image_ext), max_pixels=self.config.max_pixels, source=name)
+                image = load_rgb(self._read(ref, image_ext), max_pixels=self.config.max_pixels, source=name)
             except ValueError as err:
                 reason = "too_many_pixels" if "max_pixels" in str(err) else "bad_image"
                 raise BadSample(reason, str(err)) from None

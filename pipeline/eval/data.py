@@ -1,7 +1,10 @@
 """Evaluation sets: pages with a reference text, read from JSONL, CSV or webdataset shards.
 
 - JSONL: one object per line, `{"key", "image", "answer"}`; `image` is a path (relative paths
-  resolve against the file's folder).
+  resolve against the file's folder, the dataset root). A path that leads outside the root
+  (`..`, absolute, a symlink out) is refused unless `allow_root` names a folder that holds it
+  (`data_tools.paths.resolve_inside`): the sample is kept, and fails at evaluation time with
+  the reason, so the report counts it.
 - CSV: a header with the same column names.
 - webdataset: uncompressed `.tar` shards in the layout of data_tools/README.md
   (`<key>.json` with `answer`, plus `<key>.png|jpg|jpeg|webp`), given as a file, a folder of
@@ -19,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,9 @@ from typing import Any
 
 from PIL import Image
 
+from data_tools.images import DEFAULT_MAX_PIXELS, load_rgb, to_rgb
+from data_tools.paths import OutsideRootError, resolve_inside
 from pipeline.data.shards import SkipCounter, expand_shards, index_shard, read_files
-from pipeline.processing import DEFAULT_MAX_PIXELS, load_image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 REFERENCE_FIELDS = ("answer", "text", "reference")
@@ -50,16 +53,20 @@ class TarMember:
 @dataclass(frozen=True)
 class EvalSample:
     """One page to evaluate. image: a file path, encoded bytes, a tar member, an in-memory PIL
-    image (e.g. a training run's synthetic validation lines), or None (missing)."""
+    image (e.g. a training run's synthetic validation lines), or None (missing).
+    refused: why the image named by the data file is not read (a path outside the dataset root)."""
 
     key: str
     reference: str
     image: Path | bytes | TarMember | Image.Image | None
     source: str = ""
+    refused: str | None = None
 
     def load_image(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Decode the image (EXIF transposed, RGB); ValueError with the source on any failure."""
         where = f"{self.source}:{self.key}" if self.source else self.key
+        if self.refused is not None:
+            raise ValueError(f"{where}: {self.refused}")
         if self.image is None:
             raise ValueError(f"{where}: the sample has no image")
         if isinstance(self.image, Image.Image):
@@ -68,12 +75,14 @@ class EvalSample:
                 raise ValueError(
                     f"{where}: in-memory image of {width}x{height} pixels is empty or over max_pixels"
                 )
-            return self.image.convert("RGB")
+            return to_rgb(self.image)
         data = self.image.read() if isinstance(self.image, TarMember) else self.image
-        return load_image(data, max_pixels=max_pixels, source=where)
+        return load_rgb(data, max_pixels=max_pixels, source=where)
 
     def image_bytes(self) -> bytes:
         """The encoded image file (for external tools such as tesseract); PIL images as PNG."""
+        if self.refused is not None:
+            raise ValueError(f"{self.source}:{self.key}: {self.refused}")
         if self.image is None:
             raise ValueError(f"{self.source}:{self.key}: the sample has no image")
         if isinstance(self.image, TarMember):
@@ -97,18 +106,25 @@ def _reference(row: dict[str, Any], field: str | None, where: str) -> str:
     return value
 
 
-def _row_sample(row: dict[str, Any], base: Path, field: str | None, where: str) -> EvalSample:
+def _row_sample(
+    row: dict[str, Any], base: Path, field: str | None, where: str, allow_root: Path | None
+) -> EvalSample:
     key = row.get("key")
     if not isinstance(key, str) or not key:
         raise ValueError(f"{where}: a sample needs a non-empty string 'key', got {key!r}")
     image = row.get("image")
     if image is not None and not isinstance(image, str):
         raise ValueError(f"{where}: 'image' must be a path string, got {image!r}")
-    path = None if not image else (Path(image) if os.path.isabs(image) else base / image)
-    return EvalSample(key, _reference(row, field, f"{where} key={key}"), path, where)
+    reference = _reference(row, field, f"{where} key={key}")
+    if not image:
+        return EvalSample(key, reference, None, where)
+    try:
+        return EvalSample(key, reference, resolve_inside(base, image, allow_root), where)
+    except OutsideRootError as exc:
+        return EvalSample(key, reference, None, where, refused=str(exc))
 
 
-def _read_jsonl(path: Path, field: str | None) -> list[EvalSample]:
+def _read_jsonl(path: Path, field: str | None, allow_root: Path | None) -> list[EvalSample]:
     samples = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -121,14 +137,17 @@ def _read_jsonl(path: Path, field: str | None) -> list[EvalSample]:
                 raise ValueError(f"{where}: not valid JSON ({exc})") from exc
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object")
-            samples.append(_row_sample(row, path.parent, field, where))
+            samples.append(_row_sample(row, path.parent, field, where, allow_root))
     return samples
 
 
-def _read_csv(path: Path, field: str | None) -> list[EvalSample]:
+def _read_csv(path: Path, field: str | None, allow_root: Path | None) -> list[EvalSample]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        return [_row_sample(row, path.parent, field, f"{path}:{i + 2}") for i, row in enumerate(reader)]
+        return [
+            _row_sample(row, path.parent, field, f"{path}:{i + 2}", allow_root)
+            for i, row in enumerate(reader)
+        ]
 
 
 def _read_shards(pattern: str, field: str | None) -> list[EvalSample]:
@@ -157,18 +176,24 @@ def _read_shards(pattern: str, field: str | None) -> list[EvalSample]:
 
 
 def read_eval_set(
-    spec: str | Path, *, reference_field: str | None = None, limit: int | None = None
+    spec: str | Path,
+    *,
+    reference_field: str | None = None,
+    limit: int | None = None,
+    allow_root: str | Path | None = None,
 ) -> list[EvalSample]:
     """Read an eval set (see module docstring): `.jsonl`, `.csv`, `.tar`, a folder of `.tar`
-    shards, or a brace/glob shard pattern. `limit` keeps the first N samples."""
+    shards, or a brace/glob shard pattern. `limit` keeps the first N samples. `allow_root`: a
+    folder that image paths of a JSONL/CSV set may lead into besides the set's own folder."""
+    allow = None if allow_root is None else Path(allow_root)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
     text = str(spec)
     path = Path(text)
     if text.endswith(".jsonl"):
-        samples = _read_jsonl(path, reference_field)
+        samples = _read_jsonl(path, reference_field, allow)
     elif text.endswith(".csv"):
-        samples = _read_csv(path, reference_field)
+        samples = _read_csv(path, reference_field, allow)
     elif path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))
         if not shards:

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_tools.images import DEFAULT_MAX_PIXELS
 from pipeline.batch import ImageViews
 from pipeline.eval.data import EvalSample
 from pipeline.eval.metrics import Normalizer
 from pipeline.eval.report import EvalReport, SampleRecord, build_report
-from pipeline.processing import DEFAULT_MAX_PIXELS, get_mode, process_image
+from pipeline.processing import get_mode, process_image
 from pipeline.prompts import get_prompt
 from pipeline.tokenizer import IMAGE_TOKEN, OCRTokenizer
 

@@ -250,12 +250,14 @@ def test_the_bench_package_and_its_script_are_in_the_distribution():
 @pytest.mark.unit
 def test_data_prep_runs_make_data_in_the_background(tmp_path, monkeypatch):
     driver = tmp_path / "driver.py"
-    driver.write_text("import sys, pathlib, time\ntime.sleep(0.5)\n"
+    # the driver finishes only once the test creates `go`: DataPrep must return before that
+    go = tmp_path / "go"
+    driver.write_text(f"import sys, pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
                       "pathlib.Path(sys.argv[2], 'args').write_text(' '.join(sys.argv[1:]))\nprint('made')\n")  # fmt: skip
     monkeypatch.setattr(pr, "DRIVER", driver)
-    start = time.perf_counter()
     prep = pr.DataPrep(tmp_path / "data")
-    assert time.perf_counter() - start < 0.4  # returned before the driver finished
+    assert prep.proc.poll() is None and not (tmp_path / "data" / "args").exists()  # running in the background
+    go.touch()
     assert prep.wait().startswith("make-data exited 0 after")
     assert (tmp_path / "data" / "args").read_text() == f"make-data {tmp_path / 'data'}"
     assert prep.log.read_text().strip() == "made" and prep.wait() == prep.result  # idempotent

@@ -91,7 +91,7 @@ def test_cli_convert_csv_then_inspect_with_sheet(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "t.csv").write_text("image_file,text_label\na.png,hello\nmissing.png,x\n,y\n")
     code, out, _ = _run(["convert-csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o"), "--no-progress",
-                         "--prompt", "Free OCR.", "--lang", "en"], capsys)  # fmt: skip
+                         "--prompt", "Free OCR.", "--lang", "en", "--max-bad-share", "1"], capsys)  # fmt: skip
     assert code == 0 and "wrote 1 samples" in out and "missing_file=2" in out
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["skipped"] == {"missing_file": 2} and manifest["total_samples"] == 1

@@ -1,7 +1,6 @@
 """`dsocr-dryrun`: the paper preset fits A100-40G; layouts that do not divide or fit are refused."""
 
 import re
-import time
 
 import pytest
 
@@ -18,7 +17,6 @@ def run_cli(capsys, *argv):
 
 @pytest.mark.unit
 def test_paper_stage2_fits_a100_40g(capsys):
-    start = time.perf_counter()
     rc, out, err = run_cli(
         capsys,
         "experiment=paper_stage2",
@@ -26,7 +24,6 @@ def test_paper_stage2_fits_a100_40g(capsys):
         "cluster.gpus_per_node=8",
         "cluster.gpu_mem_gb=40",
     )
-    assert time.perf_counter() - start < 20
     assert rc == 0, err
     assert "20 node(s) x 8 GPU(s) = 160, 40 GiB" in out
     assert "PP 4 x DP 40; micro-batch 1, grad accumulation 16, global batch 640" in out

@@ -168,9 +168,9 @@ def _full_run(method: str, checkpointing: bool = True, **parallel):
 def test_balanced_partition_of_the_full_model(checkpointing, parts):
     """PP=4 'balanced': SAM + CLIP + the first decoder layers on PP0, the head with 1-2 layers;
     the largest stage cost (training FLOPs per micro-batch) drops by ~45% against the paper's."""
+    from pipeline.model import model_configs
     from pipeline.parallel.engine import run_partition
     from pipeline.parallel.memory import BALANCE_VISION_FRACTION, stage_train_flops, workload_of
-    from pipeline.model import model_configs
 
     run = _full_run("balanced", checkpointing)
     split = run_partition(run)

@@ -21,7 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: dict, world_size: int, work: Path, *, timeout: float = 240) -> list[dict]:
+# A guard against hung ranks, not a speed check: the first launch on a fresh machine also builds
+# DeepSpeed's CPU extensions, and a loaded CI machine is slow. DSOCR_LAUNCH_TIMEOUT_S overrides it.
+LAUNCH_TIMEOUT_S = float(os.environ.get("DSOCR_LAUNCH_TIMEOUT_S", 1200))
+
+
+def launch(spec: dict, world_size: int, work: Path, *, timeout: float = LAUNCH_TIMEOUT_S) -> list[dict]:
     """Run `world_size` ranks on `spec`; returns each rank's result dict (rank order)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "world_size": world_size, "result": str(work / "result")}

@@ -9,6 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint_io import (
+    _APPLIED_FIELDS,
+    _FIXED_FIELDS,
     EXTRA_KEY,
     configs_from_release,
     export_release,
@@ -150,6 +152,12 @@ def test_full_preset_exports_the_release_key_table(full_meta):
 def test_full_preset_config_json_is_the_releases(full_meta):
     config = release_config(full_meta, torch.bfloat16)
     assert config.pop(EXTRA_KEY)["image_token_id"] == 128815
+    # the published fields and order, then the DeepseekV2Config defaults the published file omits
+    written_defaults = {**_APPLIED_FIELDS, **{k: v[0] for k, v in _FIXED_FIELDS.items()}}
+    added = {k: v for k, v in written_defaults.items() if k not in RELEASE_CONFIG}
+    assert set(added) == set(written_defaults) - {"lm_head", "rm_head", "topk_method"}
+    assert {k: config.pop(k) for k in added} == added
+    assert {k: config["language_config"].pop(k) for k in added} == added
     assert config == RELEASE_CONFIG
     assert list(config) == list(RELEASE_CONFIG)  # same field order as the published file
     # reading the release's own config.json (no dsocr_train entry) gives back the full presets
@@ -193,7 +201,7 @@ def test_export_import_round_trip(model, tok, tmp_path):
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in stored and "lm_head.weight" in stored
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == config["language_config"]["vocab_size"] == tok.vocab_size + 5
-    assert set(config) == set(RELEASE_CONFIG) | {EXTRA_KEY}
+    assert set(config) == set(RELEASE_CONFIG) | {EXTRA_KEY} | set(_APPLIED_FIELDS) | set(_FIXED_FIELDS)
 
     loaded, loaded_tok = import_release(out)
     ours, theirs = model.state_dict(), loaded.state_dict()
@@ -236,3 +244,50 @@ def test_our_checkpoint_round_trip(model, tok, tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     again, _ = load_any(tmp_path / "ours")
     assert torch.equal(logits_of(model, tok), logits_of(again, tok))
+
+
+def test_release_defaults_are_applied_from_config_json():
+    edited = json.loads(json.dumps(RELEASE_CONFIG))
+    edited["language_config"].update(
+        moe_layer_freq=2, rope_theta=50000.0, rms_norm_eps=1e-5, norm_topk_prob=True,
+        routed_scaling_factor=2.5, aux_loss_alpha=0.0, seq_aux=False,
+        topk_method="gready", scoring_func="softmax", hidden_act="silu", rope_scaling=None,
+    )  # fmt: skip
+    _, decoder, _ = configs_from_release(edited, 128815)
+    assert (decoder.moe_layer_freq, decoder.rope_theta, decoder.rms_norm_eps) == (2, 50000.0, 1e-5)
+    moe = decoder.moe
+    assert (moe.norm_topk_prob, moe.routed_scaling_factor, moe.aux_loss_alpha, moe.seq_aux) == (
+        True,
+        2.5,
+        0.0,
+        False,
+    )
+    assert [decoder.is_moe_layer(i) for i in range(4)] == [False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("scoring_func", "sigmoid"), ("topk_method", "group_limited_greedy"), ("hidden_act", "gelu"),
+     ("attention_bias", True), ("rope_scaling", {"type": "yarn", "factor": 40}), ("tie_word_embeddings", True),
+     ("lm_head", False)],
+)  # fmt: skip
+def test_unsupported_release_fields_are_refused_by_name(field, value):
+    edited = json.loads(json.dumps(RELEASE_CONFIG))
+    edited["language_config"][field] = value
+    with pytest.raises(ValueError, match=f"{field}="):
+        configs_from_release(edited, 128815)
+
+
+def test_exported_defaults_round_trip_without_the_extra_entry():
+    from decoder import MoEConfig
+
+    moe = MoEConfig(norm_topk_prob=True, routed_scaling_factor=1.5, aux_loss_alpha=0.01, seq_aux=False)
+    with torch.device("meta"):
+        model = build_model("full", "full", 129280, image_token_id=128815, rope_theta=20000.0,
+                            rms_norm_eps=1e-5, moe_layer_freq=2, moe=moe)  # fmt: skip
+    config = release_config(model, torch.bfloat16)
+    del config[EXTRA_KEY]  # read the release fields alone, as from a release directory
+    assert config["language_config"]["rope_theta"] == config["rope_theta"] == 20000.0
+    assert config["scoring_func"] == "softmax" and config["hidden_act"] == "silu"
+    _, decoder, _ = configs_from_release(config, 128815)
+    assert decoder == model.decoder.config

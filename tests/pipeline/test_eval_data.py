@@ -83,3 +83,41 @@ def test_in_memory_image():
         assert png.format == "PNG" and png.size == (20, 10)
     with pytest.raises(ValueError, match="max_pixels"):
         sample.load_image(max_pixels=100)
+
+
+def test_image_paths_outside_the_set_folder_are_refused_unless_allowed(tmp_path):
+    root, outside = tmp_path / "set", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (root / "in.png").write_bytes(png_bytes(32, 24, seed=1))
+    (outside / "secret.png").write_bytes(png_bytes(20, 10, seed=2))
+    (root / "link.png").symlink_to(outside / "secret.png")
+    rows = [
+        {"key": "inside", "image": "in.png", "answer": "a"},
+        {"key": "dotdot", "image": "../elsewhere/secret.png", "answer": "b"},
+        {"key": "absolute", "image": str(outside / "secret.png"), "answer": "c"},
+        {"key": "symlink", "image": "link.png", "answer": "d"},
+    ]
+    (root / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = {s.key: s for s in read_eval_set(root / "set.jsonl")}
+    assert len(samples) == 4  # refused pages stay in the set: they fail, and the report counts them
+    assert samples["inside"].load_image().size == (32, 24)
+    for key in ("dotdot", "absolute", "symlink"):
+        with pytest.raises(ValueError, match="outside the dataset root"):
+            samples[key].load_image()
+        with pytest.raises(ValueError, match="outside the dataset root"):
+            samples[key].image_bytes()
+    allowed = {s.key: s for s in read_eval_set(root / "set.jsonl", allow_root=outside)}
+    assert all(allowed[k].load_image().size == (20, 10) for k in ("dotdot", "absolute", "symlink"))
+    (root / "set.csv").write_text("key,image,answer\nx,../elsewhere/secret.png,b\n")
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        read_eval_set(root / "set.csv")[0].load_image()
+
+
+def test_in_memory_sixteen_bit_image_keeps_its_content():
+    import numpy as np
+
+    values = np.full((8, 12), 60000, dtype=np.uint16)
+    values[2:4] = 500
+    page = EvalSample("k", "ref", Image.fromarray(values)).load_image()
+    assert page.getpixel((0, 0)) == (233, 233, 233) and page.getpixel((0, 2)) == (2, 2, 2)

@@ -4,12 +4,13 @@
 import pytest
 import torch
 
+from data_tools.images import load_rgb
 from pipeline.data.testing import png_bytes
 from pipeline.eval.data import EvalSample
 from pipeline.eval.runner import EvalRunConfig, evaluate, training_eval_hook
 from pipeline.generation import generate
 from pipeline.model import build_model
-from pipeline.processing import load_image, process_image
+from pipeline.processing import process_image
 from pipeline.tokenizer import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -51,7 +52,7 @@ def test_records_match_direct_generation(tok, model, samples):
         if sample.key == "broken":
             assert rec.error.startswith("image failed:") and "broken" in rec.error
             continue
-        views = process_image(load_image(sample.image), "debug")
+        views = process_image(load_rgb(sample.image), "debug")
         direct = generate(
             model, tok, [[views]], [PROMPT], max_new_tokens=6, no_repeat_ngram_size=2, no_repeat_window=6
         )[0]
@@ -67,7 +68,7 @@ def test_records_match_direct_generation(tok, model, samples):
 
 
 def test_generation_errors_are_isolated(tok, model, samples):
-    poison = process_image(load_image(samples[3].image), "debug").global_view  # page p2
+    poison = process_image(load_rgb(samples[3].image), "debug").global_view  # page p2
     calls = []
 
     def flaky_generate(model, tokenizer, images, prompts, **kw):

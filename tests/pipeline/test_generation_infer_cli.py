@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools.images import load_rgb
 from pipeline.checkpoint_io import export_release
 from pipeline.cli.infer import main
 from pipeline.generation import generate
 from pipeline.model import build_model
-from pipeline.processing import load_image, process_image
+from pipeline.processing import process_image
 from pipeline.prompts import PROMPTS
 from pipeline.tokenizer import build_char_tokenizer
 
@@ -37,7 +38,7 @@ def test_infer_cli_matches_generate(setup, capsys):
     argv = ["--checkpoint", str(root / "ckpt"), "--mode", "debug-gundam", "--max-new-tokens", "8", "--json"]
     assert main([*argv, "--batch-size", "2", *paths]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    views = [[process_image(load_image(p), "debug-gundam")] for p in paths]
+    views = [[process_image(load_rgb(p), "debug-gundam")] for p in paths]
     expected = generate(model, tok, views, [PROMPTS["free_ocr"]] * 2, max_new_tokens=8)
     assert [r["image"] for r in records] == paths
     assert [r["text"] for r in records] == [e.text for e in expected]

@@ -14,7 +14,6 @@ from pipeline.processing import (
     candidate_grids,
     choose_grid,
     get_mode,
-    load_image,
     normalize_pixels,
     num_placeholders,
     process_image,
@@ -218,34 +217,7 @@ def test_valid_tokens_for_padded_modes():
     assert valid_image_tokens("tiny", 1000, 500) == 64
 
 
-def test_load_image_exif_transpose_and_rgb():
-    image = Image.new("L", (40, 20), 77)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees
-    loaded = load_image(png_bytes(image, format="JPEG", exif=exif.tobytes()))
-    assert loaded.size == (20, 40) and loaded.mode == "RGB"
-
-
-def test_load_image_from_path(tmp_path):
-    path = tmp_path / "page.png"
-    solid(30, 20).save(path)
-    assert load_image(path).size == (30, 20)
-    assert load_image(str(path)).getpixel((0, 0)) == (200, 10, 60)
-
-
-def test_load_image_rejects_bad_inputs(tmp_path):
-    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
-    with pytest.raises(ValueError, match="truncated"):
-        load_image(data[: len(data) // 2], source="shard-0/key-7")
-    with pytest.raises(ValueError, match="key-8"):
-        load_image(b"not an image at all", source="shard-0/key-8")
-    with pytest.raises(ValueError, match="max_pixels"):
-        load_image(png_bytes(solid(100, 100)), max_pixels=5_000)
-    with pytest.raises(ValueError, match="aspect"):
-        load_image(png_bytes(solid(1, 10000)))
-    path = tmp_path / "missing.png"
-    with pytest.raises(ValueError, match="missing.png"):
-        load_image(path)
+def test_process_image_rejects_zero_pixels():
     with pytest.raises(ValueError, match="zero pixels"):
         process_image(Image.new("RGB", (0, 10)), "base")
 

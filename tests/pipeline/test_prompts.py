@@ -86,3 +86,16 @@ def test_errors_name_the_sample(tok):
         )
     with pytest.raises(ValueError, match="answer contains"):
         build_example(tok, "", "x <image>", [])
+
+
+def test_prompt_is_stripped_like_the_release(tok):
+    # the release's format_messages strips the message and the formatted prompt: its example
+    # "<image>\n<|grounding|>Convert the document to markdown. " encodes without the final space
+    image = views()
+    clean = build_example(tok, PROMPTS["free_ocr"], None, [image]).input_ids
+    for padded in (PROMPTS["free_ocr"] + " ", " \n" + PROMPTS["free_ocr"] + " \n\t"):
+        assert build_example(tok, padded, None, [image]).input_ids == clean
+    inner = build_example(tok, "<image>\nFree  OCR.", None, [image]).input_ids
+    assert len(inner) == len(clean) + 1  # whitespace inside the prompt is kept
+    trained = build_example(tok, PROMPTS["free_ocr"] + " ", "Hi", [image])
+    assert trained.input_ids == clean + tok.encode("Hi") + [tok.eos_id]
