@@ -43,11 +43,10 @@ from data_tools.images import load_rgb  # noqa: E402
 from data_tools.synth.render import LineSampler  # noqa: E402
 from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader  # noqa: E402
 from pipeline.data.testing import sample_members, write_tar  # noqa: E402
-from pipeline.processing import normalize_pixels, process_image, to_pixels  # noqa: E402
+from pipeline.processing import PAPER_MODES, normalize_pixels, process_image, to_pixels  # noqa: E402
 from pipeline.prompts import PROMPTS, build_example  # noqa: E402
 from pipeline.tokenizer import build_tokenizer  # noqa: E402
 
-MODES = ("tiny", "small", "base", "large", "gundam")
 _TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
     "they you were her she there been one all we their has would when if so no what up out can more about "
@@ -98,7 +97,7 @@ def end_to_end(shard: str, tokenizer, mode: str, samples: int, seq_len: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(PAPER_MODES))
     parser.add_argument("--samples", type=int, default=48, help="samples per mode (end to end)")
     parser.add_argument("--pages", type=int, default=16, help="distinct synthetic pages")
     parser.add_argument("--size", type=int, default=1024)

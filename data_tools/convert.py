@@ -34,6 +34,7 @@ from tqdm import tqdm
 from data_tools.paths import OutsideRootError, resolve_inside
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map, safe_text
 from data_tools.validate import (
+    VIEW_LONG_SIDE,
     Reject,
     ValidationConfig,
     check_image_file,
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TAG = "<image>"
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-MODES = ("tiny", "small", "base", "large", "gundam")
+MODES = tuple(VIEW_LONG_SIDE)  # the mode hints a sample may carry (data_tools/validate.py)
 
 
 @dataclass

@@ -97,6 +97,8 @@ MODES: dict[str, ModeSpec] = {
     "debug-gundam": ModeSpec("debug-gundam", 128, 64, crop=True, pad=True),
     "debug-256": ModeSpec("debug-256", 256, 256, crop=False, pad=False),  # the embedded CPU default
 }
+# The modes the paper trains jointly (stage 2's mixture); the others are CPU-sized test modes.
+PAPER_MODES = ("tiny", "small", "base", "large", "gundam")
 
 
 def view_sizes() -> tuple[int, ...]:

@@ -39,6 +39,7 @@ from pipeline.eval.metrics import Normalizer
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport, build_report, format_comparison, read_records_jsonl
 from pipeline.eval.tesseract import TesseractConfig, TesseractNotFoundError, run_tesseract
+from pipeline.processing import MODES
 
 log = logging.getLogger("dsocr-eval")
 
@@ -82,7 +83,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = False) -> None:
     p.add_argument("--checkpoint", required=not modes, help="checkpoint directory (release layout or ours)")
     if not modes:
-        p.add_argument("--mode", default="gundam", help="image mode: tiny, small, base, large, gundam")
+        p.add_argument("--mode", default="gundam", choices=sorted(MODES), help="image mode (default gundam)")
     p.add_argument("--prompt", default="free_ocr", help="PROMPTS name or literal prompt with <image>")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8192)

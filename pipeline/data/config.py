@@ -18,14 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.processing import MODES, mode_weights
+from pipeline.processing import MODES, PAPER_MODES, mode_weights
 from pipeline.prompts import get_prompt
 from pipeline.tokenizer import IMAGE_TOKEN
 
 KINDS = ("ocr", "text")
 SPLITS = ("auto", "shard", "sample")
 PAD_SIDES = ("right", "left")
-PAPER_MODES = ("tiny", "small", "base", "large", "gundam")
 
 
 @dataclass

@@ -255,3 +255,29 @@ def test_resume_continues_with_exactly_the_next_batch(tmp_path, tokenizer, worke
     assert resumed.skip_counts == loader.skip_counts
     with pytest.raises(ValueError, match="data-parallel layout"):
         StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=2).load_state_dict(state)
+
+
+def test_a_mode_added_to_processing_modes_reaches_loader_layout_tokens_and_model(
+    tmp_path, tokenizer, monkeypatch
+):
+    """An image mode is defined once (`processing.MODES`): a new one is accepted by the loader's
+    config, processed, given its own view-size slot by the layout, counted in placeholders, and
+    encoded by the model, with no other change."""
+    from pipeline.model import build_model
+    from pipeline.processing import MODES, ModeSpec
+
+    monkeypatch.setitem(MODES, "test-192", ModeSpec("test-192", 192, 192, pad=True))
+    assert 192 in view_sizes()
+    paths = write_ocr_shards(tmp_path, num_shards=1, per_shard=3)
+    cfg = config(paths, infinite=False, packing=False, sources=[SourceSpec("ocr", paths, modes="test-192")])
+    batches = list(StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=1))
+    slot = view_sizes().index(192)
+    assert sum(b.pixels[slot].shape[0] for b in batches) == 3
+    assert all(p.shape[0] == 0 for b in batches for k, p in enumerate(b.pixels) if k != slot)
+    q = 192 // 64
+    assert num_placeholders("test-192") == q * (q + 1) + 1  # a 3 x 3 grid, newlines, separator
+    assert {int(c) for b in batches for c in b.row_counts} == {num_placeholders("test-192")}
+    torch.manual_seed(0)
+    model = build_model("debug", "debug", tokenizer.vocab_size, image_token_id=tokenizer.image_id)
+    out = model(batches[0])
+    assert torch.isfinite(out.loss) and out.num_label_tokens > 0

@@ -233,3 +233,15 @@ def test_select_mode_frequencies():
         select_mode(rng, {"tiny": 0.0})
     with pytest.raises(ValueError, match="unknown image mode"):
         select_mode(rng, {"nope": 1.0})
+
+
+def test_data_tools_mode_table_follows_processing_modes():
+    """data_tools stands alone (no pipeline import), so it keeps its own table of the paper modes'
+    longest view side: it must agree with MODES (the place a mode is defined)."""
+    from data_tools.validate import VIEW_LONG_SIDE
+    from pipeline.processing import PAPER_MODES
+
+    assert tuple(VIEW_LONG_SIDE) == PAPER_MODES
+    for name, side in VIEW_LONG_SIDE.items():
+        spec = MODES[name]
+        assert side == (spec.image_size * 9 if spec.crop else spec.base_size), name  # Gundam: 9 tiles wide
