@@ -10,7 +10,7 @@ Two phases (bench/pipeline_gpu.sh runs one or several configurations):
 --micro-batch rows of 8192 tokens per pipeline micro-batch (parallel.micro_batch; the global
 batch counts rows, so accumulation = global / (micro x DP)); --compile compiles the repeated
 blocks of every stage with inductor (parallel.compile_layers: SAM blocks, CLIP layers, decoder
-layers; pipeline/parallel/regions.py), compiled during the first steps (--warmup leaves them out).
+layers: each unit's `blocks`, pipeline/units.py), compiled during the first steps (--warmup leaves them out).
 Every rank trains; the last stage of data-parallel rank 0 writes DIR/<name>/metrics.jsonl.
 Every rank times DeepSpeed's pipeline instructions on the host (bench/pipeline_probe.py); rank 0
 prints them as one table (ms per step, one column per rank) and the summary keeps them

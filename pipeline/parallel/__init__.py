@@ -1,6 +1,6 @@
 """Pipeline x data parallel layout: topology, stage partition and memory/FLOP estimates."""
 
-from pipeline.parallel.partition import Partition, Stage, Unit, build_units, model_partition, partition
+from pipeline.parallel.partition import Partition, Stage, UnitCount, build_units, model_partition, partition
 from pipeline.parallel.topology import DistEnv, Topology, dist_env, strip_local_rank_arg
 
 __all__ = [
@@ -8,7 +8,7 @@ __all__ = [
     "Partition",
     "Stage",
     "Topology",
-    "Unit",
+    "UnitCount",
     "build_units",
     "dist_env",
     "model_partition",

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from decoder import DecoderConfig
 from deepencoder import EncoderConfig
 from pipeline.config import RunConfig
-from pipeline.parallel.partition import Partition, Stage, Unit
+from pipeline.parallel.partition import Partition, Stage, UnitCount
 from pipeline.parallel.topology import Topology
 
 GIB = 1024**3
@@ -206,7 +206,7 @@ def head_activations(dec: DecoderConfig, w: Workload) -> tuple[float, float]:
 
 
 def _unit_activations(
-    unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
+    unit: UnitCount, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
 ) -> tuple[float, float]:
     """(kept bytes per micro-batch in flight, transient peak bytes of one recomputed block)."""
     b, n, v = w.bytes, w.tokens, w.vision_tokens
@@ -240,7 +240,7 @@ def _unit_activations(
     return block * depth, 0.0
 
 
-def _unit_output_elements(unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> float:
+def _unit_output_elements(unit: UnitCount, enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> float:
     if unit.kind == "sam":
         return enc.sam.out_channels * w.vision_tokens  # compressed grid, (N_img, C, g, g)
     if unit.kind == "head":
@@ -320,7 +320,7 @@ def decoder_layer_flops(dec: DecoderConfig, layer_idx: int, seq_len: int) -> flo
 
 
 def unit_train_flops(
-    unit: Unit, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
+    unit: UnitCount, enc: EncoderConfig, dec: DecoderConfig, w: Workload, checkpointing: bool
 ) -> float:
     """Training FLOPs of one micro-batch through `unit` (forward, backward, recomputation)."""
     n, v = w.tokens, w.vision_tokens
@@ -337,7 +337,7 @@ def unit_train_flops(
     return passes * sam_flops_per_vision_token(enc) * v
 
 
-def unit_costs(units: Sequence[Unit], enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> list[float]:
+def unit_costs(units: Sequence[UnitCount], enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> list[float]:
     """`unit_train_flops` of every unit, checkpointed as `w.checkpointing` says (the stage of
     a unit is not known before the split)."""
     return [unit_train_flops(u, enc, dec, w, w.checkpointing) for u in units]

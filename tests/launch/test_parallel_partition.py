@@ -5,7 +5,8 @@ import itertools
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.parallel.partition import Unit, balanced_parts, build_units, partition
+from pipeline.parallel.partition import UnitCount, balanced_parts, build_units, partition
+from pipeline.units import Unit
 
 # ../shared/spec/architecture.md: release total; SAM+neck 89,670,912 + compressor 5,898,240;
 # CLIP 303,177,728 incl. the dead 602,112-parameter patch conv; projector 2,622,720;
@@ -144,8 +145,8 @@ def test_balanced_parts_matches_brute_force(seed):
 
 @pytest.mark.unit
 def test_stage_label_compresses_layer_ranges():
-    units = [Unit("decoder.0", "decoder_layer", 1, 0, 0), Unit("decoder.1", "decoder_layer", 1, 0, 1)]
-    units.append(Unit("head", "head", 1, 0))
+    layers = [UnitCount(Unit(f"decoder.{i}", "decoder_layer", i), 1, 0) for i in range(2)]
+    units = [*layers, UnitCount(Unit("head", "head"), 1, 0)]
     assert partition(units, 1).stages[0].label() == "decoder.0-1 + head"
 
 
