@@ -222,3 +222,18 @@ def test_training_step_reads_nothing_back_from_the_device(tok):
         out.loss.backward()
     assert probe.found == []
     assert out.num_label_tokens == batch.num_label_tokens > 0
+
+
+def test_one_config_translation_for_every_path(tok):
+    """`model_configs` is the one translation of a ModelConfig: a vocab_size override may enlarge
+    the embedding beyond the tokenizer's (on every PP; it once raised a TypeError at PP=1), never
+    shrink it; the encoder's width follows the decoder's."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import model_configs
+
+    m = ModelConfig(encoder="debug", decoder="debug", decoder_overrides={"vocab_size": tok.vocab_size + 64})
+    enc, dec = model_configs(m, tok.vocab_size)
+    assert dec.vocab_size == tok.vocab_size + 64 and enc.n_embed == dec.hidden_size
+    m.decoder_overrides = {"vocab_size": tok.vocab_size - 1}
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        model_configs(m, tok.vocab_size)
