@@ -5,6 +5,8 @@
     dsocr-data convert-jsonl swift.jsonl --out data/ft
     dsocr-data convert-folder scans/ --out data/scans
     dsocr-data convert-text corpus/ --out data/text --split paragraph
+    dsocr-data convert-alto tapuscorpus/ --out data/tapus --lang fr --split-file split.txt
+    dsocr-data convert-pagexml workspace/ --out data/gt --pages
     dsocr-data inspect data/ft --sheet sheet.png
 
 Every converter prints a report (written, skipped by reason, shards) and writes manifest.json
@@ -57,6 +59,25 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="an XML file, a folder of them, or an OCR-D workspace")
+    p.add_argument(
+        "--root", help="dataset root: images are searched up to it, never outside (default: input)"
+    )
+    p.add_argument(
+        "--pages", action="store_true", help="page samples (image + all lines) instead of line crops"
+    )
+    p.add_argument("--margin", type=int, default=4, help="pixels around each line's bounds (default 4)")
+    p.add_argument("--mask", action="store_true", help="paint line crops white outside the line polygon")
+    p.add_argument("--split-file", help="lines `SPLIT PATH` (page XML or document folder, relative to the root); "
+                   "writes OUT/<split>/ per split, unlisted pages to --default-split")  # fmt: skip
+    p.add_argument("--default-split", default="train", help="split of pages the split file does not list")
+    p.add_argument("--prompt", help="prompt stored with every sample (default: none, the loader's default)")
+    p.add_argument("--crop-format", choices=("auto", "png", "jpeg"), default="auto",
+                   help="line crops: auto = JPEG (q95) from JPEG pages, PNG otherwise")  # fmt: skip
+    _convert_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsocr-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped sample at INFO level")
@@ -96,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="*.txt")
     p.add_argument("--split", choices=("file", "paragraph", "line"), default="file")
     _convert_args(p)
+
+    for fmt, name in (("page", "PAGE-XML (2013, 2019)"), ("alto", "ALTO (v2-v4)")):
+        p = sub.add_parser(f"convert-{'pagexml' if fmt == 'page' else fmt}",
+                           help=f"{name} files, folders or OCR-D workspaces: line crops or pages")  # fmt: skip
+        _layout_args(p)
+        p.set_defaults(layout_format=fmt)
 
     p = sub.add_parser("inspect", help="counts, length histograms and a contact sheet of shards")
     p.add_argument("shards", nargs="+", help="shard files or directories")
@@ -142,6 +169,25 @@ def _convert(args, records, default_source: str, total: int | None = None) -> di
     return convert_records(records, _writer_cfg(args), cfg, total=total)
 
 
+def _convert_layout(args) -> None:
+    from data_tools.convert_xml import SplitPlan, XmlConvertConfig, convert_layout_files, find_layout_files
+
+    if args.workers:
+        logging.warning("--workers is ignored by %s: it converts in one process", args.command)
+    root, files = find_layout_files(Path(args.input), args.root)
+    plan = SplitPlan.read(Path(args.split_file), args.default_split) if args.split_file else None
+    cfg = XmlConvertConfig(
+        source=args.source or Path(args.input).resolve().stem, lang=args.lang,
+        unit="page" if args.pages else "line", margin=args.margin, mask=args.mask, prompt=args.prompt,
+        mode=args.mode, crop_format=args.crop_format, format=args.layout_format,
+        validation=ValidationConfig(max_label_chars=args.max_label_chars, max_pixels=args.max_pixels),
+    )  # fmt: skip
+    print(f"{len(files)} layout files under {root}")
+    for split, manifest in convert_layout_files(files, root, _writer_cfg(args), cfg, plan).items():
+        print(f"[{split}] ", end="")
+        _print_manifest(manifest)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -185,6 +231,8 @@ def run(argv: list[str] | None = None) -> int:
         files = expand_text_inputs(args.inputs, args.pattern)
         records = read_text_files(files, args.split, args.max_label_chars)
         _print_manifest(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
+    elif args.command in ("convert-pagexml", "convert-alto"):
+        _convert_layout(args)
     elif args.command == "inspect":
         from data_tools.inspect import contact_sheet, format_report, inspect_shards
 
