@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-degrade", action="store_true", help="no blur/noise/rotation/JPEG")
     p.add_argument("--bundled-fonts", action="store_true", help="only the fonts inside matplotlib")
 
+    p = sub.add_parser("synth-scans", help="synthetic scans of typed lines (<= 100 characters) or pages")
+    _shard_args(p, "scan")
+    p.add_argument("-n", "--num", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unit", choices=("line", "page"), default="line")
+    p.add_argument("--lang", choices=("fr", "en"), default="fr", help="word list of the typed text")
+    p.add_argument("--max-chars", type=int, default=100, help="longest line (default 100)")
+    p.add_argument("--underline-prefix", default="", help="prefix of underlined words in the text (e.g. _)")
+    p.add_argument("--scanner", default="", help="degradations, e.g. p_skew=0.5,p_jpeg=0,blur_radius=0.5:1.5 "
+                   "(fields of ScannerConfig in data_tools/synth/scanner.py)")  # fmt: skip
+    p.add_argument("--bundled-fonts", action="store_true", help="only the fonts inside matplotlib")
+
     p = sub.add_parser(
         "convert-csv", help="CSV with image_file,text_label columns (paths relative to the CSV)"
     )
@@ -125,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(layout_format=fmt)
 
     p = sub.add_parser("inspect", help="counts, length histograms and a contact sheet of shards")
-    p.add_argument("shards", nargs="+", help="shard files or directories")
+    p.add_argument("shards", nargs="*", help="shard files or directories")
+    p.add_argument("--degradations", metavar="PNG", help="write a contact sheet of the scanner degradations")
     p.add_argument("--tokenizer", help="tokenizer.json (or its directory) for token-length histograms")
     p.add_argument("--sheet", help="write a contact sheet PNG here")
     p.add_argument("--sheet-samples", type=int, default=16)
@@ -149,6 +162,18 @@ def _parse_kinds(spec: str) -> dict:
             out[name.strip()] = float(weight)
         except ValueError:
             raise ValueError(f"--kinds entry {part!r} is not NAME=WEIGHT") from None
+    return out
+
+
+def _parse_scanner(spec: str) -> dict:
+    """`p_skew=0.5,blur_radius=0.5:1.5` -> ScannerConfig keyword arguments (ranges as LO:HI)."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = tuple(float(v) for v in value.split(":")) if ":" in value else float(value)
+        except ValueError:
+            raise ValueError(f"--scanner entry {part!r} is not NAME=VALUE or NAME=LO:HI") from None
     return out
 
 
@@ -233,9 +258,23 @@ def run(argv: list[str] | None = None) -> int:
         _print_manifest(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
     elif args.command in ("convert-pagexml", "convert-alto"):
         _convert_layout(args)
-    elif args.command == "inspect":
-        from data_tools.inspect import contact_sheet, format_report, inspect_shards
+    elif args.command == "synth-scans":
+        from data_tools.synth.scan import ScanConfig, write_scans
 
+        cfg = ScanConfig(n=args.num, seed=args.seed, unit=args.unit, lang=args.lang, max_chars=args.max_chars,
+                         underline_prefix=args.underline_prefix, bundled_only=args.bundled_fonts,
+                         scanner=_parse_scanner(args.scanner), source=f"scan-{args.unit}s")  # fmt: skip
+        _print_manifest(write_scans(cfg, _writer_cfg(args), args.workers))
+    elif args.command == "inspect":
+        from data_tools.inspect import contact_sheet, degradation_sheet, format_report, inspect_shards
+
+        if args.degradations:
+            rows = degradation_sheet(args.degradations, seed=args.seed)
+            print(f"degradation sheet: {args.degradations} (rows: {', '.join(rows)})")
+            if not args.shards:
+                return 0
+        if not args.shards:
+            raise ValueError("inspect needs shard files or directories (or --degradations PNG)")
         paths = expand_shard_paths(args.shards)
         n_sheet = args.sheet_samples if args.sheet else 0
         report, chosen = inspect_shards(paths, args.tokenizer, n_sheet, args.seed, args.verify)
