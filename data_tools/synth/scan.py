@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
 from data_tools.synth.fonts import load_font
 from data_tools.synth.scan_text import typed_line
-from data_tools.synth.scanner import ScannerConfig, draw_marks, scan_degrade
+from data_tools.synth.scanner import Scanned, ScannerConfig, draw_marks, scan_degrade
 
 PROMPT = "<image>\nFree OCR."
 _MPL = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -183,6 +183,11 @@ def _ink_to_image(coverage: Image.Image, rng: random.Random) -> Image.Image:
 
 def render_scan(index: int, cfg: ScanConfig) -> tuple[Image.Image, str]:
     """Sample `index`: a degraded line crop or page, and its reference text."""
+    scanned, text = _render(index, cfg)
+    return scanned.image, text
+
+
+def _render(index: int, cfg: ScanConfig) -> tuple[Scanned, str]:
     rng = random.Random(cfg.seed * 1_000_003 + index)
     names = sorted(cfg.families)
     family = rng.choices(names, weights=[cfg.families[n] for n in names])[0]
@@ -211,18 +216,22 @@ def render_scan(index: int, cfg: ScanConfig) -> tuple[Image.Image, str]:
                 other = typed_line(rng, cfg.min_chars, cfg.max_chars, cfg.lang)
                 ts = _set_line(other, font_path, typewriter, size, rng, width, height, pad_x, y_top)
                 coverage.paste(255, mask=ts.coverage)
-    image, _ = scan_degrade(_ink_to_image(coverage, rng), rng, cfg.scanner)
-    return image, "\n".join(refs)
+    return scan_degrade(_ink_to_image(coverage, rng), rng, cfg.scanner), "\n".join(refs)
 
 
 def scan_sample(args: tuple[int, ScanConfig]) -> Sample:
     index, cfg = args
-    image, text = render_scan(index, cfg)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
+    scanned, text = _render(index, cfg)
+    image = scanned.image
+    if scanned.jpeg is not None:
+        data, ext = scanned.jpeg, "jpg"
+    else:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        data, ext = buf.getvalue(), "png"
     meta = {"prompt": PROMPT, "answer": text, "source": cfg.source, "lang": cfg.lang, "task": "free_ocr",
             "width": image.width, "height": image.height}  # fmt: skip
-    return Sample(f"{cfg.source}-{index:09d}", meta, buf.getvalue(), "png")
+    return Sample(f"{cfg.source}-{index:09d}", meta, data, ext)
 
 
 def write_scans(cfg: ScanConfig, writer_cfg: ShardWriterConfig, workers: int = 0) -> dict:

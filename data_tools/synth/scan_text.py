@@ -46,6 +46,17 @@ EN_WORDS = EN
 ELIDED = ("l’", "d’", "qu’", "n’", "s’", "c’", "j’", "L’", "D’")
 VOWELS = "aeiouyéèêâîôûhAEIOUÉ"
 PUNCT_AFTER = (",", ",", ",", ".", ";", ":", " :", " ;", " ?", " !")
+ITEM_MARKS = (".", ")", " -", "°")
+HEADERS = ("Réf.", "Objet :", "N/Réf.", "P.J.", "Art.")
+FILLER = "abcdefghijklmnopqrstuvwxyz"
+
+
+def alphabet(lang: str = "fr") -> str:
+    """Every character `typed_line` can write in `lang` (a tokenizer needs no other)."""
+    words = FR_WORDS + list(ELIDED) if lang == "fr" else list(EN_WORDS)
+    chars = set("".join(words)) | set("".join(words).upper()) | set("0123456789/,n° '") | set(FILLER)
+    chars |= set("".join(PUNCT_AFTER + ITEM_MARKS + HEADERS))
+    return "".join(sorted(chars))
 
 
 def _number(rng: random.Random) -> str:
@@ -86,9 +97,9 @@ def typed_line(rng: random.Random, min_chars: int, max_chars: int, lang: str = "
     parts: list[str] = []
     kind = rng.random()
     if kind < 0.06:
-        parts.append(f"{rng.randint(1, 40)}{rng.choice(['.', ')', ' -', '°'])}")
+        parts.append(f"{rng.randint(1, 40)}{rng.choice(ITEM_MARKS)}")
     elif kind < 0.09:
-        parts.append(rng.choice(["Réf.", "Objet :", "N/Réf.", "P.J.", "Art."]))
+        parts.append(rng.choice(HEADERS))
     text = " ".join(parts)
     for _ in range(200):
         word = _word(rng, words, lang == "fr")

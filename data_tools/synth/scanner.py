@@ -93,9 +93,19 @@ def _smooth_field(rng: random.Random, size: tuple[int, int], cells: int) -> np.n
     return np.asarray(field, dtype=np.float32) / 255.0  # (H, W)
 
 
-def scan_degrade(image: Image.Image, rng: random.Random, cfg: ScannerConfig) -> tuple[Image.Image, list[str]]:
-    """Degrade a greyscale ("L") image; returns the image ("L", or "RGB" after tint/jpeg) and the
-    steps applied. The size changes only through skew (the rotated page is expanded)."""
+@dataclass
+class Scanned:
+    """A degraded image ("L", or "RGB" after tint), the steps applied, and the JPEG file when the
+    jpeg step ran (`image` is then its decoded copy: store these bytes, the artefacts seen)."""
+
+    image: Image.Image
+    steps: list[str]
+    jpeg: bytes | None = None
+
+
+def scan_degrade(image: Image.Image, rng: random.Random, cfg: ScannerConfig) -> Scanned:
+    """Degrade a greyscale ("L") image (dark ink on light paper). The size changes only through
+    skew (the rotated page is expanded)."""
     img = image.convert("L")
     applied = []
     if rng.random() < cfg.p_ink_bleed:
@@ -151,13 +161,15 @@ def scan_degrade(image: Image.Image, rng: random.Random, cfg: ScannerConfig) -> 
         img.putpalette(np.round(palette).astype(np.uint8).tobytes())  # "L" -> "P", one byte per pixel
         img = img.convert("RGB")
         applied.append("tint")
+    jpeg = None
     if rng.random() < cfg.p_jpeg:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=rng.randint(*cfg.jpeg_quality))
-        img = Image.open(io.BytesIO(buf.getvalue()))
+        jpeg = buf.getvalue()
+        img = Image.open(io.BytesIO(jpeg))
         img.load()
         applied.append("jpeg")
-    return img, applied
+    return Scanned(img, applied, jpeg)
 
 
 def draw_marks(coverage: Image.Image, spans: list[tuple[float, float]], kind: str, baseline: float,

@@ -33,9 +33,9 @@ def ink_mask(img: Image.Image, threshold: int = 128) -> np.ndarray:
 
 
 def degrade(step: str, img: Image.Image | None = None, seed: int = 0, **ranges):
-    out, applied = scan_degrade(img or text_image(), random.Random(seed), ScannerConfig.only(step, **ranges))
-    assert applied == [step]
-    return out
+    scanned = scan_degrade(img or text_image(), random.Random(seed), ScannerConfig.only(step, **ranges))
+    assert scanned.steps == [step] and (scanned.jpeg is not None) == (step == "jpeg")
+    return scanned.image
 
 
 def edge_energy(img: Image.Image) -> float:
@@ -60,7 +60,7 @@ def test_skew_rotates_the_ink_by_the_drawn_angle():
 
 
 def test_binarize_yields_two_values_and_keeps_the_ink_where_it_was():
-    noisy, _ = scan_degrade(text_image(), random.Random(1), ScannerConfig.only("noise"))
+    noisy = scan_degrade(text_image(), random.Random(1), ScannerConfig.only("noise")).image
     out = degrade("binarize", noisy)
     assert set(np.unique(np.asarray(out))) == {0, 255}
     assert (ink_mask(out) == ink_mask(text_image())).mean() > 0.98
@@ -175,7 +175,11 @@ def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path):
     manifest = write_scans(cfg, ShardWriterConfig(str(tmp_path / "s")))
     assert manifest["total_samples"] == 6
     got = list(iter_samples(expand_shard_paths([str(tmp_path / "s")])))
-    assert [np.asarray(Image.open(io.BytesIO(s["png"]))).shape for s in got] == [x.shape for x in a]
+    decoded = [np.asarray(Image.open(io.BytesIO(s["png"] if "png" in s else s["jpg"]))) for s in got]
+    assert all(
+        x.shape == y.shape and (x == y).all() for x, y in zip(decoded, a, strict=True)
+    )  # stored as seen
+    assert any("jpg" in s for s in got)  # JPEG-degraded samples keep their JPEG file
 
 
 def test_config_errors_name_the_field():
@@ -217,3 +221,13 @@ def test_install_script_installs_every_scan_font_package_and_french_tesseract():
     assert packages == {"fonts-freefont-ttf", "fonts-liberation2", "fonts-noto-core"}
     for pkg in (*packages, "tesseract-ocr-fra"):
         assert f" {pkg}" in script or f"\n    {pkg}\n" in script, pkg
+
+
+def test_typed_lines_stay_inside_their_alphabet():
+    from data_tools.synth.scan_text import alphabet
+
+    for lang in ("fr", "en"):
+        rng, allowed = random.Random(5), set(alphabet(lang))
+        used = set("".join(typed_line(rng, 1, 100, lang) for _ in range(3000)))
+        assert used <= allowed, used - allowed
+    assert {"é", "’", "'", "°", "Ç"} <= set(alphabet("fr"))

@@ -1,0 +1,157 @@
+"""Data of `data.kind=real_lines`: synthetic scanned lines, then real line ground truth mixed in.
+
+Two shard sets are made in the run directory (and reused when their settings are unchanged):
+
+- `data/scan/{train,val}`: typed lines of up to `data.scan.max_chars` characters rendered and
+  degraded like scans by data_tools.synth.scan (the pretraining data, and a synthetic held-out);
+- `data/real/<split>`: the PAGE-XML / ALTO files under `data.real_root` converted to line crops by
+  data_tools.convert_xml, one shard set per split of `data.real.split_file`; the split named
+  `data.real.heldout_split` is evaluated, every other one is trained on.
+
+The mixture is the synthetic lines from the start and the real training lines from sample
+`data.real.start_after` on (the loader's curriculum), in the ratio of the two weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.data.config import SourceSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class RealLinesData:
+    train: dict[str, str]  # source name -> shard pattern
+    val: dict[str, str]  # eval set name -> shard pattern; "real" first
+    alphabet: str  # every character of the synthetic text and of the real transcriptions
+
+
+def split_file_path(spec: str) -> Path:
+    """`data.real.split_file` as given, or relative to the repository (configs/data/...)."""
+    path = Path(spec)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ValueError(
+            f"data.real.split_file={spec!r} does not exist (tried {path}); give a `SPLIT PATH` list"
+        )
+    return path
+
+
+def scan_configs(run: RunConfig):
+    """The synthetic train / held-out ScanConfigs of data.scan."""
+    from data_tools.synth.scan import ScanConfig
+
+    scan = run.data.scan
+    common = dict(lang=run.data.real.lang if run.data.real.lang in ("fr", "en") else "en",
+                  min_chars=scan.min_chars, max_chars=scan.max_chars, font_px=tuple(scan.font_px),
+                  underline_prefix=scan.underline_prefix, bundled_only=scan.bundled_only,
+                  scanner=dict(scan.scanner))  # fmt: skip
+    if scan.families:
+        common["families"] = dict(scan.families)
+    train = ScanConfig(n=scan.num_train, seed=scan.seed, source="scan-lines-train", **common)
+    val = ScanConfig(n=scan.num_val, seed=scan.seed + 7919, source="scan-lines-val", **common)
+    return train, val
+
+
+def _render_scans(cfg, out: Path, render: bool, workers: int) -> str:
+    from data_tools.shards import ShardWriterConfig
+    from data_tools.synth.scan import write_scans
+
+    manifest = out / "manifest.json"
+    wanted = json.loads(json.dumps(cfg.manifest()))
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("scan") == wanted):
+        if not render:
+            raise ValueError(
+                f"no complete shards of {cfg.source} in {out}: the rendering rank writes them first"
+            )
+        write_scans(cfg, ShardWriterConfig(str(out), prefix="scan", max_count=5000, overwrite=True), workers)
+    return str(out / "scan-*.tar")
+
+
+def _convert_real(run: RunConfig, out: Path, render: bool) -> dict[str, dict]:
+    """Convert data.real_root (once per settings); {split: manifest}."""
+    from data_tools.convert_xml import SplitPlan, XmlConvertConfig, convert_layout_files, find_layout_files
+    from data_tools.shards import ShardWriterConfig
+
+    real = run.data.real
+    if not run.data.real_root:
+        raise ValueError(
+            "data.kind=real_lines needs data.real_root=<folder of PAGE-XML/ALTO files and images>"
+        )
+    split = split_file_path(real.split_file) if real.split_file else None
+    settings = {"root": str(Path(run.data.real_root).resolve()), "format": real.format, "lang": real.lang,
+                "margin": real.margin, "split": hashlib.sha256(split.read_bytes()).hexdigest() if split else None}  # fmt: skip
+    stamp = out / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/manifest.json"))}
+    if not render:
+        raise ValueError(f"no converted real lines in {out}: the rendering rank writes them first")
+    root, files = find_layout_files(Path(run.data.real_root))
+    plan = SplitPlan.read(split) if split else SplitPlan([], default=real.heldout_split)
+    cfg = XmlConvertConfig(source="real", lang=real.lang, margin=real.margin, format=real.format,
+                           crop_format="auto")  # fmt: skip
+    manifests = convert_layout_files(files, root, ShardWriterConfig(str(out), prefix="real", overwrite=True), cfg,
+                                     plan)  # fmt: skip
+    for name, m in manifests.items():
+        print(f"[real_lines] {name}: {m['total_samples']} lines, skipped {m['skipped']}", flush=True)
+    stamp.write_text(json.dumps(settings))
+    return manifests
+
+
+def _answers_alphabet(patterns: list[str]) -> set[str]:
+    from data_tools.shards import iter_samples
+    from pipeline.data.shards import expand_shards
+
+    chars: set[str] = set()
+    for sample in iter_samples(expand_shards(patterns)):
+        chars |= set(sample["json"].get("answer", ""))
+    return chars - {"\n"}
+
+
+def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> RealLinesData:
+    from data_tools.synth.scan_text import alphabet
+
+    real = run.data.real
+    if real.format not in ("alto", "page"):
+        raise ValueError(f"data.real.format must be 'alto' or 'page', got {real.format!r}")
+    train_cfg, val_cfg = scan_configs(run)
+    workers = run.data.scan.workers
+    scan_train = _render_scans(train_cfg, data_dir / "scan" / "train", render, workers)
+    scan_val = _render_scans(val_cfg, data_dir / "scan" / "val", render, workers)
+    manifests = _convert_real(run, data_dir / "real", render)
+    if manifests.get(real.heldout_split, {}).get("total_samples", 0) == 0:
+        raise ValueError(
+            f"no held-out real lines: split {real.heldout_split!r} of data.real.split_file is empty"
+        )
+    real_train = [str(data_dir / "real" / s / "real-*.tar") for s, m in manifests.items()
+                  if s != real.heldout_split and m["total_samples"]]  # fmt: skip
+    if not real_train:
+        raise ValueError("no real training lines: every converted page is in the held-out split")
+    heldout = str(data_dir / "real" / real.heldout_split / "real-*.tar")
+    chars = set(alphabet(train_cfg.lang)) | set(run.data.scan.underline_prefix)
+    chars |= _answers_alphabet([*real_train, heldout])
+    train = {"scan": scan_train, "real": ",".join(real_train)}
+    return RealLinesData(train, {"real": heldout, "scan": scan_val}, "".join(sorted(chars)))
+
+
+def real_sources(run: RunConfig, train: dict[str, str]) -> list[SourceSpec]:
+    """The synthetic lines from the start, the real ones after data.real.start_after samples."""
+    mode = run.eval.mode
+    return [
+        SourceSpec("scan-lines", train["scan"], weight=run.data.scan.weight, prompt="free_ocr", modes=mode),
+        SourceSpec(
+            "real-lines",
+            train["real"].split(","),
+            weight=run.data.real.weight,
+            prompt="free_ocr",
+            modes=mode,
+            start_after=run.data.real.start_after,
+        ),  # fmt: skip
+    ]
