@@ -30,7 +30,7 @@ import matplotlib
 from PIL import Image, ImageDraw
 
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
-from data_tools.synth.fonts import load_font
+from data_tools.synth.fonts import _extra_dirs, load_font
 from data_tools.synth.scan_text import typed_line
 from data_tools.synth.scanner import Scanned, ScannerConfig, draw_marks, scan_degrade
 
@@ -52,12 +52,19 @@ FAMILIES: dict[str, list[tuple[Path, str]]] = {
 
 
 def family_fonts(family: str, bundled_only: bool = False) -> list[str]:
-    """Installed font files of `family` (the matplotlib one is always there)."""
+    """Installed font files of `family` (the matplotlib one is always there); each file is looked
+    up in its package's folder, then in the DSOCR_FONT_DIRS folders (e.g. unpacked packages)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown font family {family!r}; known: {sorted(FAMILIES)}")
-    return [
-        str(p) for p, pkg in FAMILIES[family] if p.is_file() and (pkg == "matplotlib" or not bundled_only)
-    ]
+    found = []
+    for path, pkg in FAMILIES[family]:
+        if bundled_only and pkg != "matplotlib":
+            continue
+        candidates = [path] if pkg == "matplotlib" else [path, *(d / path.name for d in _extra_dirs())]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is not None:
+            found.append(str(hit))
+    return found
 
 
 @dataclass

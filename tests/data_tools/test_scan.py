@@ -231,3 +231,18 @@ def test_typed_lines_stay_inside_their_alphabet():
         used = set("".join(typed_line(rng, 1, 100, lang) for _ in range(3000)))
         assert used <= allowed, used - allowed
     assert {"é", "’", "'", "°", "Ç"} <= set(alphabet("fr"))
+
+
+def test_fonts_unpacked_elsewhere_are_found_through_dsocr_font_dirs(tmp_path, monkeypatch):
+    import shutil
+
+    from data_tools.synth import scan
+
+    mono = family_fonts("typewriter", bundled_only=True)[0]  # a real TTF to stand in for FreeMono
+    shutil.copy(mono, tmp_path / "FreeMono.ttf")
+    missing = tmp_path / "nowhere"
+    monkeypatch.setitem(scan.FAMILIES, "typewriter", [(missing / "FreeMono.ttf", "fonts-freefont-ttf")])
+    assert family_fonts("typewriter") == []
+    monkeypatch.setenv("DSOCR_FONT_DIRS", str(tmp_path))
+    assert family_fonts("typewriter") == [str(tmp_path / "FreeMono.ttf")]
+    assert family_fonts("typewriter", bundled_only=True) == []
