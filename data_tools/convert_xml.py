@@ -133,11 +133,15 @@ def open_image(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
-    if img.mode == "L" or img.mode == "RGB":
+    if img.mode in ("L", "RGB"):
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return img.point(lambda v: v / 256).convert("L")
-    if img.mode in ("1", "LA"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: 8 bits if it uses more
+        scale = 1 / 256 if img.getextrema()[1] > 255 else 1
+        return img.convert("I").point(lambda v: v * scale).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # transparent = white paper
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if img.mode == "1":
         return img.convert("L")
     return img.convert("RGB")
 

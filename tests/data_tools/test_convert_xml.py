@@ -234,3 +234,36 @@ def test_cli_convert_pagexml_writes_split_shard_sets(tmp_path, capsys):
     assert "[train] wrote 6 samples" in out and "[heldout] wrote 6 samples" in out
     assert cli_run(["convert-alto", str(src), "--out", str(tmp_path / "alto"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "alto" / "manifest.json").read_text())["skipped"] == {"other_format": 6}
+
+
+@pytest.mark.parametrize(
+    ("mode", "ext", "expected"),
+    [("I;16", "png", 200), ("I", "tif", 200), ("1", "png", 255), ("P", "png", 200), ("CMYK", "tif", 200),
+     ("RGBA", "png", 255), ("LA", "png", 255)],
+)  # fmt: skip
+def test_page_images_of_every_mode_become_l_or_rgb_with_the_right_levels(tmp_path, mode, ext, expected):
+    from data_tools.convert_xml import open_image
+
+    if mode == "I;16":
+        img = Image.fromarray(np.full((10, 20), 200 * 256, dtype=np.uint16))
+    elif mode in ("RGBA", "LA"):
+        img = Image.new(mode, (20, 10), (0, 0, 0, 0) if mode == "RGBA" else (0, 0))  # fully transparent
+    else:
+        img = Image.new("L", (20, 10), 200 if mode != "1" else 255).convert(mode)
+    img.save(tmp_path / f"p.{ext}")
+    out = open_image(tmp_path / f"p.{ext}")
+    assert out.mode in ("L", "RGB")
+    value = out.getpixel((3, 3))
+    assert (value if out.mode == "L" else value[0]) == pytest.approx(expected, abs=2)
+
+
+def test_alto_mm10_coordinates_are_scaled_to_the_image(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    page_image(src / "p.png", w=200, h=120)
+    line = [("t", '<String CONTENT="scaled"/>', 'HPOS="100" VPOS="200" WIDTH="300" HEIGHT="100"')]
+    xml = alto_xml("p.png", line, w=1000, h=600).replace(">pixel<", ">mm10<")  # page 1000 x 600 mm10
+    (src / "p.xml").write_text(xml)
+    convert(tmp_path, src, margin=0)
+    (sample,) = samples_of(tmp_path / "out")
+    assert (sample["json"]["width"], sample["json"]["height"]) == (60, 20)  # x 0.2: (20..80, 40..60)
