@@ -40,12 +40,14 @@ ci-joint ci-dessus ci-après c’est qu’il qu’elle n’est l’on d’un d�
 été élève école université étude études recherche science sciences histoire géographie
 économie électricité équipe étranger étrangère événement évidemment île hôtel hôpital théâtre
 fenêtre forêt château côté tâche âge mûr goût naïf Noël Hélène Émile Édouard André René
+kilomètres kilos wagon week-end zone yeux Kafka Wagner Zola Kléber Watteau Yvonne
 """
 FR_WORDS = FR.split()
 EN_WORDS = EN
 ELIDED = ("l’", "d’", "qu’", "n’", "s’", "c’", "j’", "L’", "D’")
 VOWELS = "aeiouyéèêâîôûhAEIOUÉ"
-PUNCT_AFTER = (",", ",", ",", ".", ";", ":", " :", " ;", " ?", " !")
+PUNCT_AFTER = (",", ",", ",", ".", ";", ":", " :", " ;", " ?", " !", " ,", " .")  # typists spaced them
+WRAPS = (("(", ")"), ('"', '"'), ("«", "»"), ("« ", " »"))
 ITEM_MARKS = (".", ")", " -", "°")
 HEADERS = ("Réf.", "Objet :", "N/Réf.", "P.J.", "Art.")
 FILLER = "abcdefghijklmnopqrstuvwxyz"
@@ -55,7 +57,9 @@ def alphabet(lang: str = "fr") -> str:
     """Every character `typed_line` can write in `lang` (a tokenizer needs no other)."""
     words = FR_WORDS + list(ELIDED) if lang == "fr" else list(EN_WORDS)
     chars = set("".join(words)) | set("".join(words).upper()) | set("0123456789/,n° '") | set(FILLER)
-    chars |= set("".join(PUNCT_AFTER + ITEM_MARKS + HEADERS))
+    chars |= (
+        set("".join(PUNCT_AFTER + ITEM_MARKS + HEADERS)) | set("".join(a + b for a, b in WRAPS)) | set("+=%")
+    )
     return "".join(sorted(chars))
 
 
@@ -69,8 +73,10 @@ def _number(rng: random.Random) -> str:
         return f"{rng.randint(1, 28)}/{rng.randint(1, 12):02d}/{rng.randint(1896, 1984)}"
     if r < 0.8:
         return f"n° {rng.randint(1, 9999)}"
-    if r < 0.9:
+    if r < 0.85:
         return f"{rng.randint(1, 99)},{rng.randint(0, 99):02d}"
+    if r < 0.9:
+        return f"{rng.choice(['', '+ ', '= '])}{rng.randint(1, 100)} %"
     return f"{rng.randint(1, 999)} {rng.randint(0, 999):03d}"
 
 
@@ -105,6 +111,9 @@ def typed_line(rng: random.Random, min_chars: int, max_chars: int, lang: str = "
         word = _word(rng, words, lang == "fr")
         if rng.random() < 0.1:
             word += rng.choice(PUNCT_AFTER)
+        elif rng.random() < 0.05:
+            left, right = rng.choice(WRAPS)
+            word = f"{left}{word}{right}"
         candidate = f"{text} {word}" if text else word
         if len(candidate) > max_chars:
             break
