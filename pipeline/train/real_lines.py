@@ -81,10 +81,6 @@ def _convert_real(run: RunConfig, out: Path, render: bool) -> dict[str, dict]:
     from data_tools.shards import ShardWriterConfig
 
     real = run.data.real
-    if not run.data.real_root:
-        raise ValueError(
-            "data.kind=real_lines needs data.real_root=<folder of PAGE-XML/ALTO files and images>"
-        )
     split = split_file_path(real.split_file) if real.split_file else None
     settings = {"root": str(Path(run.data.real_root).resolve()), "format": real.format, "lang": real.lang,
                 "margin": real.margin, "split": hashlib.sha256(split.read_bytes()).hexdigest() if split else None}  # fmt: skip
@@ -115,12 +111,25 @@ def _answers_alphabet(patterns: list[str]) -> set[str]:
     return chars - {"\n"}
 
 
+def check_real_config(run: RunConfig) -> None:
+    """ValueError naming the setting when data.real cannot work (no root, no split file, format)."""
+    real = run.data.real
+    if not run.data.real_root:
+        raise ValueError("data.kind=real_lines needs data.real_root=<folder of PAGE-XML/ALTO files and images>, "
+                         "e.g. a clone of https://github.com/HTR-United/tapuscorpus")  # fmt: skip
+    if not Path(run.data.real_root).is_dir():
+        raise ValueError(f"data.real_root={run.data.real_root!r} is not a folder")
+    if real.format not in ("alto", "page"):
+        raise ValueError(f"data.real.format must be 'alto' or 'page', got {real.format!r}")
+    if real.split_file:
+        split_file_path(real.split_file)
+
+
 def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> RealLinesData:
     from data_tools.synth.scan_text import alphabet
 
     real = run.data.real
-    if real.format not in ("alto", "page"):
-        raise ValueError(f"data.real.format must be 'alto' or 'page', got {real.format!r}")
+    check_real_config(run)  # before any rendering
     train_cfg, val_cfg = scan_configs(run)
     workers = run.data.scan.workers
     scan_train = _render_scans(train_cfg, data_dir / "scan" / "train", render, workers)

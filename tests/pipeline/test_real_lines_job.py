@@ -87,3 +87,15 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
     (tmp_path / "split.txt").write_text("heldout data/docZ\n")
     with pytest.raises(ValueError, match="matches no XML"):
         prepare_real_lines(run, out / "data")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("data.real_root=", "needs data.real_root"), ("data.real_root=/nonexistent/corpus", "is not a folder"),
+     ("data.real.split_file=missing.txt", "does not exist"), ("data.real.format=hocr", "'alto' or 'page'")],
+)  # fmt: skip
+def test_bad_real_settings_fail_before_any_rendering(tmp_path, override, message):
+    run = compose_run(tmp_path, override)
+    with pytest.raises(ValueError, match=message):
+        prepare_real_lines(run, tmp_path / "run" / "data")
+    assert not (tmp_path / "run" / "data" / "scan").exists()
