@@ -257,19 +257,16 @@ def _load_page(path: Path, root: Path, fmt: str | None) -> tuple[LayoutPage, Pat
     if re.match(r"^[a-z][a-z0-9+.-]*://", layout.image) and not layout.image.startswith("file://"):
         raise _PageSkip("missing_image", f"{path}: remote image {layout.image!r}; download it first")
     name = layout.image.removeprefix("file://")
-    image_path = resolve_in_root(root, path.parent, name)
-    if image_path is None:
-        image_path = resolve_in_root(
-            root, path.parent, Path(name).name
-        )  # exports that keep only the basename
+    # exports that moved the images next to the XML keep the folders in the name: try the base name too
+    image_path = resolve_in_root(root, path.parent, name) or resolve_in_root(
+        root, path.parent, Path(name).name
+    )
     if image_path is None:
         outside = (path.parent / name).resolve()
-        reason = (
-            "image_outside_root" if outside.exists() and not outside.is_relative_to(root) else "missing_image"
-        )
-        raise _PageSkip(
-            reason, f"{path}: image {layout.image!r} not found in {path.parent} or above it up to {root}"
-        )
+        escaped = outside.exists() and not outside.is_relative_to(root)
+        where = f"in {path.parent} or above it up to {root}"
+        raise _PageSkip("image_outside_root" if escaped else "missing_image",
+                        f"{path}: image {layout.image!r} not found {where}; {len(layout.lines)} lines lost")  # fmt: skip
     return layout, image_path
 
 
@@ -297,7 +294,7 @@ def convert_layout_files(files: list[Path], root: Path, writer_cfg: ShardWriterC
                 writer.skip("corrupt_image", rel, f"{cfg.key_prefix}-page", f"{type(e).__name__}: {e}")
                 continue
             if cfg.unit == "line":
-                index = _write_lines(writer, layout, page, rel, cfg, index)
+                index = _write_lines(writer, layout, page, image_path, rel, cfg, index)
             else:
                 index = _write_page(writer, layout, image_path, rel, cfg, index)
     except BaseException:
@@ -319,11 +316,11 @@ def _meta(cfg: XmlConvertConfig, text: str, lang: str | None, origin: str, rel: 
     return meta
 
 
-def _write_lines(writer: ShardWriter, layout: LayoutPage, page: Image.Image, rel: str, cfg: XmlConvertConfig,
-                 index: int) -> int:  # fmt: skip
+def _write_lines(writer: ShardWriter, layout: LayoutPage, page: Image.Image, image_path: Path, rel: str,
+                 cfg: XmlConvertConfig, index: int) -> int:  # fmt: skip
     fmt = cfg.crop_format
     if fmt == "auto":
-        fmt = "jpeg" if layout.image.lower().endswith((".jpg", ".jpeg")) else "png"
+        fmt = "jpeg" if image_path.suffix.lower() in (".jpg", ".jpeg") else "png"
     for line in layout.scaled_lines(page.size):
         key, origin = f"{cfg.key_prefix}-{index:09d}", f"{rel}#{line.id}"
         index += 1
