@@ -102,7 +102,7 @@ class RealLinesConfig:
     """`data.kind=real_lines`: line ground truth (PAGE-XML or ALTO) under `data.real_root`."""
 
     format: str = "alto"  # "alto" | "page"
-    split_file: str = ""  # `SPLIT PATH` lines (a path relative to the repository works from anywhere)
+    split_file: str = ""  # required: `SPLIT PATH` lines (a path relative to the repository works anywhere)
     heldout_split: str = "heldout"  # the split evaluated; every other split is trained on
     lang: str = "fr"
     margin: int = 4  # pixels around each line's bounds

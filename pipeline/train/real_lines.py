@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,16 +82,18 @@ def _convert_real(run: RunConfig, out: Path, render: bool) -> dict[str, dict]:
     from data_tools.shards import ShardWriterConfig
 
     real = run.data.real
-    split = split_file_path(real.split_file) if real.split_file else None
+    split = split_file_path(real.split_file)
     settings = {"root": str(Path(run.data.real_root).resolve()), "format": real.format, "lang": real.lang,
-                "margin": real.margin, "split": hashlib.sha256(split.read_bytes()).hexdigest() if split else None}  # fmt: skip
+                "margin": real.margin, "split": hashlib.sha256(split.read_bytes()).hexdigest()}  # fmt: skip
     stamp = out / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/manifest.json"))}
     if not render:
         raise ValueError(f"no converted real lines in {out}: the rendering rank writes them first")
+    if out.exists():  # other settings: no split of an earlier conversion may survive
+        shutil.rmtree(out)
     root, files = find_layout_files(Path(run.data.real_root))
-    plan = SplitPlan.read(split) if split else SplitPlan([], default=real.heldout_split)
+    plan = SplitPlan.read(split)
     cfg = XmlConvertConfig(source="real", lang=real.lang, margin=real.margin, format=real.format,
                            crop_format="auto")  # fmt: skip
     manifests = convert_layout_files(files, root, ShardWriterConfig(str(out), prefix="real", overwrite=True), cfg,
@@ -121,8 +124,11 @@ def check_real_config(run: RunConfig) -> None:
         raise ValueError(f"data.real_root={run.data.real_root!r} is not a folder")
     if real.format not in ("alto", "page"):
         raise ValueError(f"data.real.format must be 'alto' or 'page', got {real.format!r}")
-    if real.split_file:
-        split_file_path(real.split_file)
+    if not real.split_file:
+        raise ValueError(
+            "data.kind=real_lines needs data.real.split_file (`SPLIT PATH` lines naming the held-out pages)"
+        )
+    split_file_path(real.split_file)
 
 
 def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> RealLinesData:
@@ -139,14 +145,15 @@ def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> R
         raise ValueError(
             f"no held-out real lines: split {real.heldout_split!r} of data.real.split_file is empty"
         )
-    real_train = [str(data_dir / "real" / s / "real-*.tar") for s, m in manifests.items()
-                  if s != real.heldout_split and m["total_samples"]]  # fmt: skip
-    if not real_train:
+    splits = [s for s, m in manifests.items() if s != real.heldout_split and m["total_samples"]]
+    if not splits:
         raise ValueError("no real training lines: every converted page is in the held-out split")
+    folders = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"  # a brace pattern
+    real_train = str(data_dir / "real" / folders / "real-*.tar")
     heldout = str(data_dir / "real" / real.heldout_split / "real-*.tar")
     chars = set(alphabet(train_cfg.lang)) | set(run.data.scan.underline_prefix)
-    chars |= _answers_alphabet([*real_train, heldout])
-    train = {"scan": scan_train, "real": ",".join(real_train)}
+    chars |= _answers_alphabet([real_train, heldout])
+    train = {"scan": scan_train, "real": real_train}
     return RealLinesData(train, {"real": heldout, "scan": scan_val}, "".join(sorted(chars)))
 
 
@@ -157,7 +164,7 @@ def real_sources(run: RunConfig, train: dict[str, str]) -> list[SourceSpec]:
         SourceSpec("scan-lines", train["scan"], weight=run.data.scan.weight, prompt="free_ocr", modes=mode),
         SourceSpec(
             "real-lines",
-            train["real"].split(","),
+            train["real"],
             weight=run.data.real.weight,
             prompt="free_ocr",
             modes=mode,

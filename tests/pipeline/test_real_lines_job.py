@@ -84,6 +84,17 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
     stamp = shard.stat().st_mtime_ns
     prepare_real_lines(run, out / "data")  # same settings: converted shards are reused
     assert shard.stat().st_mtime_ns == stamp
+    (tmp_path / "split.txt").write_text("heldout data/docB\nval data/docA/1.xml\n")  # another split file
+    real = prepare_real_lines(run, out / "data")
+    assert sorted(p.name for p in (out / "data" / "real").iterdir() if p.is_dir()) == [
+        "heldout",
+        "train",
+        "val",
+    ]
+    assert len(expand_shard_paths([str(out / "data" / "real" / s) for s in ("train", "val")])) == 2
+    from pipeline.data.shards import expand_shards
+
+    assert len(expand_shards(real.train["real"])) == 2  # both training splits are trained on
     (tmp_path / "split.txt").write_text("heldout data/docZ\n")
     with pytest.raises(ValueError, match="matches no XML"):
         prepare_real_lines(run, out / "data")
@@ -92,7 +103,8 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [("data.real_root=", "needs data.real_root"), ("data.real_root=/nonexistent/corpus", "is not a folder"),
-     ("data.real.split_file=missing.txt", "does not exist"), ("data.real.format=hocr", "'alto' or 'page'")],
+     ("data.real.split_file=missing.txt", "does not exist"), ("data.real.split_file=", "needs data.real.split_file"),
+     ("data.real.format=hocr", "'alto' or 'page'")],
 )  # fmt: skip
 def test_bad_real_settings_fail_before_any_rendering(tmp_path, override, message):
     run = compose_run(tmp_path, override)
