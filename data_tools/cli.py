@@ -5,6 +5,8 @@
     dsocr-data convert-jsonl swift.jsonl --out data/ft
     dsocr-data convert-folder scans/ --out data/scans
     dsocr-data convert-text corpus/ --out data/text --split paragraph
+    dsocr-data convert-alto tapuscorpus/ --out data/tapus --lang fr --split-file split.txt
+    dsocr-data convert-pagexml workspace/ --out data/gt --pages
     dsocr-data inspect data/ft --sheet sheet.png
 
 Every converter prints a report (written; skipped per reason with the first rows; duplicates)
@@ -79,6 +81,25 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="an XML file, a folder of them, or an OCR-D workspace")
+    p.add_argument(
+        "--root", help="dataset root: images are searched up to it, never outside (default: input)"
+    )
+    p.add_argument(
+        "--pages", action="store_true", help="page samples (image + all lines) instead of line crops"
+    )
+    p.add_argument("--margin", type=int, default=4, help="pixels around each line's bounds (default 4)")
+    p.add_argument("--mask", action="store_true", help="paint line crops white outside the line polygon")
+    p.add_argument("--split-file", help="lines `SPLIT PATH` (page XML or document folder, relative to the root); "
+                   "writes OUT/<split>/ per split, unlisted pages to --default-split")  # fmt: skip
+    p.add_argument("--default-split", default="train", help="split of pages the split file does not list")
+    p.add_argument("--prompt", help="prompt stored with every sample (default: none, the loader's default)")
+    p.add_argument("--crop-format", choices=("auto", "png", "jpeg"), default="auto",
+                   help="line crops: auto = JPEG (q95) from JPEG pages, PNG otherwise")  # fmt: skip
+    _convert_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsocr-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped sample at INFO level")
@@ -92,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default="line=0.3,page=0.5,chart=0.2", help="weights, e.g. line=1,page=0")
     p.add_argument("--p-grounding", type=float, default=0.5, help="share of pages with grounding targets")
     p.add_argument("--no-degrade", action="store_true", help="no blur/noise/rotation/JPEG")
+    p.add_argument("--bundled-fonts", action="store_true", help="only the fonts inside matplotlib")
+
+    p = sub.add_parser("synth-scans", help="synthetic scans of typed lines (<= 100 characters) or pages")
+    _shard_args(p, "scan")
+    p.add_argument("-n", "--num", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unit", choices=("line", "page"), default="line")
+    p.add_argument("--lang", choices=("fr", "en"), default="fr", help="word list of the typed text")
+    p.add_argument("--max-chars", type=int, default=100, help="longest line (default 100)")
+    p.add_argument("--underline-prefix", default="", help="prefix of underlined words in the text (e.g. _)")
+    p.add_argument("--scanner", default="", help="degradations, e.g. p_skew=0.5,p_jpeg=0,blur_radius=0.5:1.5 "
+                   "(fields of ScannerConfig in data_tools/synth/scanner.py)")  # fmt: skip
     p.add_argument("--bundled-fonts", action="store_true", help="only the fonts inside matplotlib")
 
     p = sub.add_parser(
@@ -119,8 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("file", "paragraph", "line"), default="file")
     _convert_args(p)
 
+    for fmt, name in (("page", "PAGE-XML (2013, 2019)"), ("alto", "ALTO (v2-v4)")):
+        p = sub.add_parser(f"convert-{'pagexml' if fmt == 'page' else fmt}",
+                           help=f"{name} files, folders or OCR-D workspaces: line crops or pages")  # fmt: skip
+        _layout_args(p)
+        p.set_defaults(layout_format=fmt)
+
     p = sub.add_parser("inspect", help="counts, length histograms and a contact sheet of shards")
-    p.add_argument("shards", nargs="+", help="shard files or directories")
+    p.add_argument("shards", nargs="*", help="shard files or directories")
+    p.add_argument("--degradations", metavar="PNG", help="write a contact sheet of the scanner degradations")
     p.add_argument("--tokenizer", help="tokenizer.json (or its directory) for token-length histograms")
     p.add_argument("--sheet", help="write a contact sheet PNG here")
     p.add_argument("--sheet-samples", type=int, default=16)
@@ -148,6 +188,18 @@ def _parse_kinds(spec: str) -> dict:
 
 
 ROWS_SHOWN = 5  # rows printed per skip reason
+
+
+def _parse_scanner(spec: str) -> dict:
+    """`p_skew=0.5,blur_radius=0.5:1.5` -> ScannerConfig keyword arguments (ranges as LO:HI)."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = tuple(float(v) for v in value.split(":")) if ":" in value else float(value)
+        except ValueError:
+            raise ValueError(f"--scanner entry {part!r} is not NAME=VALUE or NAME=LO:HI") from None
+    return out
 
 
 def _print_manifest(m: dict) -> None:
@@ -203,6 +255,25 @@ def _convert(args, records, default_source: str, total: int | None = None) -> di
     return {**manifest, "report_path": str(Path(args.out) / MANIFEST_NAME)}
 
 
+def _convert_layout(args) -> None:
+    from data_tools.convert_xml import SplitPlan, XmlConvertConfig, convert_layout_files, find_layout_files
+
+    if args.workers:
+        logging.warning("--workers is ignored by %s: it converts in one process", args.command)
+    root, files = find_layout_files(Path(args.input), args.root)
+    plan = SplitPlan.read(Path(args.split_file), args.default_split) if args.split_file else None
+    cfg = XmlConvertConfig(
+        source=args.source or Path(args.input).resolve().stem, lang=args.lang,
+        unit="page" if args.pages else "line", margin=args.margin, mask=args.mask, prompt=args.prompt,
+        mode=args.mode, crop_format=args.crop_format, format=args.layout_format,
+        validation=ValidationConfig(max_label_chars=args.max_label_chars, max_pixels=args.max_pixels),
+    )  # fmt: skip
+    print(f"{len(files)} layout files under {root}")
+    for split, manifest in convert_layout_files(files, root, _writer_cfg(args), cfg, plan).items():
+        print(f"[{split}] ", end="")
+        _print_manifest(manifest)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -246,9 +317,25 @@ def run(argv: list[str] | None = None) -> int:
         files = expand_text_inputs(args.inputs, args.pattern)
         records = read_text_files(files, args.split, args.max_label_chars)
         return _print_report(_convert(args, records, Path(args.inputs[0]).resolve().stem or "text"))
-    elif args.command == "inspect":
-        from data_tools.inspect import contact_sheet, format_report, inspect_shards
+    elif args.command in ("convert-pagexml", "convert-alto"):
+        _convert_layout(args)
+    elif args.command == "synth-scans":
+        from data_tools.synth.scan import ScanConfig, write_scans
 
+        cfg = ScanConfig(n=args.num, seed=args.seed, unit=args.unit, lang=args.lang, max_chars=args.max_chars,
+                         underline_prefix=args.underline_prefix, bundled_only=args.bundled_fonts,
+                         scanner=_parse_scanner(args.scanner), source=f"scan-{args.unit}s")  # fmt: skip
+        _print_manifest(write_scans(cfg, _writer_cfg(args), args.workers))
+    elif args.command == "inspect":
+        from data_tools.inspect import contact_sheet, degradation_sheet, format_report, inspect_shards
+
+        if args.degradations:
+            rows = degradation_sheet(args.degradations, seed=args.seed)
+            print(f"degradation sheet: {args.degradations} (rows: {', '.join(rows)})")
+            if not args.shards:
+                return 0
+        if not args.shards:
+            raise ValueError("inspect needs shard files or directories (or --degradations PNG)")
         paths = expand_shard_paths(args.shards)
         n_sheet = args.sheet_samples if args.sheet else 0
         report, chosen = inspect_shards(paths, args.tokenizer, n_sheet, args.seed, args.verify)

@@ -216,3 +216,33 @@ def contact_sheet(
             cdraw.text((3, (j + 1) * (fs + 3) + 2), line, fill="black", font=font)
         sheet.paste(caption, (x0 + 1, y0 + cell + 1))
     sheet.save(path)
+
+
+def degradation_sheet(
+    path: str | Path, columns: int = 4, seed: int = 0, bundled_only: bool = False
+) -> list[str]:
+    """A PNG with one row per scanner degradation of data_tools.synth.scanner (and the underline /
+    strike marks, none, and all of them at their configured probabilities), `columns` synthetic
+    lines each: the same line in every row of a column. Returns the row labels, top to bottom."""
+    from data_tools.synth.scan import ScanConfig, render_scan
+    from data_tools.synth.scanner import STEPS, ScannerConfig
+
+    rows = [("none", ScannerConfig.off())] + [
+        (s, ScannerConfig.only(s)) for s in (*STEPS, "underline", "strike")
+    ]
+    rows.append(("all (default p)", ScannerConfig()))
+    cell_w, cell_h, label_w, fs = 420, 64, 150, 14
+    sheet = Image.new("RGB", (label_w + columns * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _cell_font("en", fs)
+    for r, (label, scanner) in enumerate(rows):
+        draw.text((6, r * cell_h + cell_h // 2), label, fill="black", font=font, anchor="lm")
+        cfg = ScanConfig(n=columns, seed=seed, max_chars=60, scanner=scanner, bundled_only=bundled_only)
+        for c in range(columns):
+            image, _ = render_scan(c, cfg)
+            image = image.convert("RGB")
+            image.thumbnail((cell_w - 8, cell_h - 6))
+            sheet.paste(image, (label_w + c * cell_w + 4, r * cell_h + (cell_h - image.height) // 2))
+        draw.line([(0, (r + 1) * cell_h - 1), (sheet.width, (r + 1) * cell_h - 1)], fill=(210, 210, 210))
+    sheet.save(path)
+    return [label for label, _ in rows]

@@ -12,10 +12,11 @@
 #   fonts-noto-cjk       Noto Sans/Serif CJK: the only Chinese fonts data_tools.synth uses.
 #   fonts-hosny-amiri    Amiri (Naskh) for Arabic/Persian variety.
 #   fonts-liberation2    Liberation Sans/Serif/Mono (Latin, Cyrillic).
+#   fonts-freefont-ttf   FreeMono (a typewriter face), FreeSerif, FreeSans for the synthetic scans.
 #   libraqm0 libfribidi0 libharfbuzz0b
 #                        Pillow's raqm layout engine (complex-script shaping and bidi for
 #                        Arabic/Persian); the Pillow wheel loads these at run time.
-#   tesseract-ocr (+ eng, fas, ara, chi-sim)
+#   tesseract-ocr (+ eng, fra, fas, ara, chi-sim)
 #                        the classical OCR baseline of the evaluation scripts.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ fi
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "install_system_deps.sh: apt-get not found; this script supports Debian/Ubuntu only." >&2
     echo "Install the equivalents of: Noto (core + CJK) fonts, Amiri, Liberation, libraqm," >&2
-    echo "libfribidi, harfbuzz, tesseract with eng/fas/ara/chi_sim data." >&2
+    echo "libfribidi, harfbuzz, FreeFont, tesseract with eng/fra/fas/ara/chi_sim data." >&2
     exit 1
 fi
 
@@ -39,13 +40,14 @@ packages=(
     fonts-noto-cjk
     fonts-hosny-amiri
     fonts-liberation2
+    fonts-freefont-ttf
     libraqm0
     libfribidi0
     libharfbuzz0b
     fontconfig
 )
 if [[ "${SKIP_TESSERACT:-0}" != "1" ]]; then
-    packages+=(tesseract-ocr tesseract-ocr-eng tesseract-ocr-fas tesseract-ocr-ara tesseract-ocr-chi-sim)
+    packages+=(tesseract-ocr tesseract-ocr-eng tesseract-ocr-fra tesseract-ocr-fas tesseract-ocr-ara tesseract-ocr-chi-sim)
 fi
 
 missing=()

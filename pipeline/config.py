@@ -80,10 +80,44 @@ class SynthConfig:
 
 
 @dataclass
+class ScanSynthConfig:
+    """`data.kind=real_lines`: synthetic scanned lines (data_tools.synth.scan), the pretraining data."""
+
+    num_train: int = 2000
+    num_val: int = 64
+    min_chars: int = 1
+    max_chars: int = 100
+    font_px: list[int] = field(default_factory=lambda: [22, 44])
+    families: dict[str, float] = field(default_factory=dict)  # {} = data_tools' typewriter/serif/sans mix
+    underline_prefix: str = "_"  # how the real transcriptions mark underlined words
+    scanner: dict[str, Any] = field(default_factory=dict)  # ScannerConfig overrides: p_* and ranges
+    bundled_only: bool = False  # only matplotlib's fonts (the same pixels on every machine)
+    seed: int = 4321
+    workers: int = 0  # rendering processes
+    weight: float = 1.0  # mixture weight (the real lines: data.real.weight)
+
+
+@dataclass
+class RealLinesConfig:
+    """`data.kind=real_lines`: line ground truth (PAGE-XML or ALTO) under `data.real_root`."""
+
+    format: str = "alto"  # "alto" | "page"
+    split_file: str = ""  # required: `SPLIT PATH` lines (a path relative to the repository works anywhere)
+    heldout_split: str = "heldout"  # the split evaluated; every other split is trained on
+    lang: str = "fr"
+    margin: int = 4  # pixels around each line's bounds
+    weight: float = 1.0  # mixture weight of the real lines (the synthetic ones: data.scan.weight)
+    start_after: int = 0  # the real lines join the mixture after this many samples of the run
+
+
+@dataclass
 class DataConfig:
-    kind: str = "synth_lines"  # "synth_lines" | "webdataset"
+    kind: str = "synth_lines"  # "synth_lines" | "webdataset" | "real_lines"
     sources: list[SourceConfig] = field(default_factory=list)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    real_root: str = ""  # data.kind=real_lines: the dataset folder (e.g. a clone of the Tapuscorpus)
+    real: RealLinesConfig = field(default_factory=RealLinesConfig)
+    scan: ScanSynthConfig = field(default_factory=ScanSynthConfig)
     tokenizer: str = "char"  # "char" (built offline), "bpe" (trained on the corpus), or a local path
     seq_len: int = 128
     pack: bool = True

@@ -10,6 +10,11 @@ processor (`process/image_process.py`: `dynamic_preprocess`, `find_closest_aspec
 - Gundam: local tiles of 640 on a w x h grid chosen by the closest-aspect-ratio rule
   (2 <= w*h <= max_tiles), plus a global view padded to 1024; images whose both sides
   are <= 640 get no tiles (the Base layout).
+- Lines 640 (this project's, for text-line crops up to ~100 characters): a wide line image is
+  first folded into a few rows stacked top to bottom (cut at the lightest columns near even
+  cut points, `fold_line`), then stretched to the square like Small. A 40:1 line becomes six
+  rows in a near-square view instead of a 16-pixel strip, so each image-token column carries
+  ~2 characters; the text is read row after row, the order of a paragraph.
 
 Every view is a square of side S (a multiple of 64) and becomes a q x q grid of features,
 q = S / 64 (patch 16, 16x token compressor). In the text it occupies q*(q+1) placeholders
@@ -58,6 +63,7 @@ class ModeSpec:
     image_size: int
     crop: bool = False
     pad: bool = False
+    fold: bool = False  # fold wide line images into stacked rows first (`fold_line`)
 
     def __post_init__(self) -> None:
         for field_name in ("base_size", "image_size"):
@@ -73,6 +79,8 @@ class ModeSpec:
             )
         if self.crop and not self.pad:
             raise ValueError(f"mode {self.name!r}: crop modes pad their global view; set pad=True")
+        if self.fold and self.crop:
+            raise ValueError(f"mode {self.name!r}: fold (line images) and crop (tiles) exclude each other")
 
     @property
     def global_grid(self) -> int:
@@ -96,6 +104,8 @@ MODES: dict[str, ModeSpec] = {
     "debug-pad": ModeSpec("debug-pad", 128, 128, crop=False, pad=True),
     "debug-gundam": ModeSpec("debug-gundam", 128, 64, crop=True, pad=True),
     "debug-256": ModeSpec("debug-256", 256, 256, crop=False, pad=False),  # the embedded CPU default
+    "lines": ModeSpec("lines", 640, 640, fold=True),  # text-line crops (experiment=real_lines)
+    "debug-lines": ModeSpec("debug-lines", 256, 256, fold=True),
 }
 # The modes the paper trains jointly (stage 2's mixture); the others are CPU-sized test modes.
 PAPER_MODES = ("tiny", "small", "base", "large", "gundam")
@@ -106,6 +116,36 @@ def view_sizes() -> tuple[int, ...]:
     batch (`pipeline.layout`). Derived from MODES on each call, so a mode added there reaches the
     loader, the layout, the model and the token counts."""
     return tuple(sorted({s for m in MODES.values() for s in (m.base_size, m.image_size)}))
+
+
+def fold_line(image: Image.Image, max_rows: int = 8, gap: float = 0.1) -> Image.Image:
+    """A wide line image cut into k rows stacked top to bottom, k = round(sqrt(width / height))
+    (about square; 1 = unchanged). Each cut is the lightest stretch of columns (a word space where
+    there is one) within a quarter of a row's width of an even cut point; rows are left-aligned, padded
+    and separated by `gap` x height with the image's median colour (its paper)."""
+    width, height = image.size
+    rows = max(1, min(max_rows, round(math.sqrt(width / height / (1 + gap)))))
+    if rows == 1:
+        return image
+    grey = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
+    ink = (255.0 - grey).sum(axis=0)  # (W,) darkness per column
+    span = max(1, int(0.3 * height))  # about a word space: the gaps between words score lowest
+    ink = np.convolve(ink, np.ones(span, dtype=np.float32), mode="same")
+    step, window = width / rows, max(1, int(width / rows / 4))
+    cuts = [0]
+    for j in range(1, rows):
+        centre = int(j * step)
+        lo, hi = max(cuts[-1] + 1, centre - window), min(width - 1, centre + window)
+        cuts.append(lo + int(np.argmin(ink[lo : hi + 1])) if hi >= lo else centre)
+    cuts.append(width)
+    pieces = [image.crop((a, 0, b, height)) for a, b in zip(cuts, cuts[1:], strict=False)]
+    paper = tuple(int(v) for v in np.median(np.asarray(image).reshape(-1, len(image.getbands())), axis=0))
+    pitch = height + max(1, round(gap * height))
+    folded = Image.new(image.mode, (max(p.width for p in pieces), pitch * rows - (pitch - height)),
+                       paper if len(paper) > 1 else paper[0])  # fmt: skip
+    for k, piece in enumerate(pieces):
+        folded.paste(piece, (0, k * pitch))
+    return folded
 
 
 def get_mode(mode: str | ModeSpec) -> ModeSpec:
@@ -219,6 +259,8 @@ def process_image(
     _check_size(image, source)
     if image.mode != "RGB":
         image = to_rgb(image)
+    if spec.fold:
+        image = fold_line(image)
     width, height = image.size
 
     tiles = None

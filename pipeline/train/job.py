@@ -177,7 +177,12 @@ def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> Loader
                             packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
     if run.data.kind == "webdataset":
         return from_run_config(run.data, batch_size=batch, seed=run.train.seed)
-    raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
+    if run.data.kind == "real_lines":
+        from pipeline.train.real_lines import real_sources
+
+        return LoaderConfig(sources=real_sources(run, train_shards), seq_len=run.data.seq_len, batch_size=batch,
+                            packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
+    raise ValueError(f"data.kind must be 'synth_lines', 'webdataset' or 'real_lines', got {run.data.kind!r}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -225,6 +230,8 @@ def eval_config(run: RunConfig) -> EvalRunConfig:
 def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
     """eval_config in synth set `name`'s mode, with a generation budget that fits its longest reference."""
     cfg = eval_config(run)
+    if run.data.kind != "synth_lines":  # the other sets of real_lines share the eval settings
+        return cfg
     synth = next(s for s in synth_sets(run) if s.name == name)
     return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
 
@@ -266,7 +273,7 @@ def contact_sheet(samples: list[EvalSample], report: EvalReport, path: Path, lim
 # ----------------------------------------------------------------------------- job
 @dataclass
 class JobData:
-    train_shards: dict[str, str] | None  # synth set name -> train shard pattern (None: data.sources)
+    train_shards: dict[str, str] | None  # synth / real_lines set -> train shards (None: data.sources)
     val_sets: dict[str, list[EvalSample]]  # held-out sets; the first one drives eval during training
     tokenizer: OCRTokenizer
 
@@ -287,6 +294,11 @@ def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobDa
         train_shards = {name: train for name, (train, _) in patterns.items()}
         val_shards = {name: val for name, (_, val) in patterns.items()}
         alphabet += "".join(lang_alphabet(s.train.lang) for s in synth_sets(run) if s.train.lang != "en")
+    elif run.data.kind == "real_lines":
+        from pipeline.train.real_lines import prepare_real_lines
+
+        real = prepare_real_lines(run, out / "data", render)
+        train_shards, val_shards, alphabet = real.train, real.val, alphabet + real.alphabet
     elif run.data.val_shards:
         val_shards = {"val": run.data.val_shards}
     val_sets = {
@@ -319,7 +331,7 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
     from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
     from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
-    if run.data.kind == "synth_lines":  # rank 0 renders the shards once, the others read them
+    if run.data.kind in ("synth_lines", "real_lines"):  # rank 0 renders the shards once, the others read them
         init_distributed()
         if rank == 0:
             data = prepare_job_data(run, out)

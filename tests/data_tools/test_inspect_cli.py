@@ -14,7 +14,8 @@ from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, expand_sha
 
 pytestmark = pytest.mark.unit
 
-SUBCOMMANDS = ("synth", "convert-csv", "convert-jsonl", "convert-folder", "convert-text", "inspect")
+SUBCOMMANDS = ("synth", "synth-scans", "convert-csv", "convert-jsonl", "convert-folder", "convert-text",
+               "convert-pagexml", "convert-alto", "inspect")  # fmt: skip
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
