@@ -135,8 +135,8 @@ def test_modes_fixed_sampled_and_hinted(tmp_path, tokenizer):
     bad, _, _ = bad_shard(tmp_path)
     cfg = config(bad)
     decoder = SampleDecoder(cfg, tokenizer, SkipCounter())
-    ref = SampleRef(0, bad, "good0", {}, epoch=0)
-    modes = {decoder.mode_for(SampleRef(0, bad, f"k{i}", {}, epoch=0)) for i in range(40)}
+    ref = SampleRef(0, bad, "good0", {}, epoch=0, name="bad.tar")
+    modes = {decoder.mode_for(SampleRef(0, bad, f"k{i}", {}, epoch=0, name="bad.tar")) for i in range(40)}
     assert modes == {"debug", "debug-pad"}
     assert decoder.mode_for(ref) == decoder.mode_for(ref)  # a pure function of the sample
     assert decoder.mode_for(ref, "debug-gundam") == "debug-gundam"  # the sample's hint wins
