@@ -20,10 +20,10 @@ from pipeline.data.config import LoaderConfig
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.testing import write_ocr_shards
 from pipeline.model import build_model
+from pipeline.tokenizer import build_char_tokenizer
 from pipeline.train.checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.train.state_io import load_state, save_state
-from pipeline.tokenizer import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
 

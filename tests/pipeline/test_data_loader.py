@@ -255,3 +255,20 @@ def test_resume_continues_with_exactly_the_next_batch(tmp_path, tokenizer, worke
     assert resumed.skip_counts == loader.skip_counts
     with pytest.raises(ValueError, match="data-parallel layout"):
         StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=2).load_state_dict(state)
+
+
+def test_skip_counts_count_each_bad_sample_once_over_epochs(tmp_path, tokenizer):
+    bad, valid, expected = bad_shard(tmp_path)
+    loader = StreamingLoader(config([bad], infinite=True), tokenizer, dp_rank=0, dp_world=1)
+    batches = iter(loader)
+    seen = []
+    while len(seen) < 3 * len(valid) + 1:  # into the fourth epoch
+        seen += keys_of([next(batches)])
+    assert loader.skip_counts == dict(sorted(expected.items()))  # distinct bad samples
+    encounters = loader.skip_encounters
+    assert encounters.keys() == loader.skip_counts.keys()
+    assert all(encounters[r] >= 3 * n for r, n in expected.items())  # met once per epoch
+    resumed = StreamingLoader(config([bad], infinite=True), tokenizer, dp_rank=0, dp_world=1)
+    resumed.load_state_dict(loader.state_dict())
+    next(iter(resumed))
+    assert resumed.skip_counts == loader.skip_counts
