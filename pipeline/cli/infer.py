@@ -75,12 +75,20 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     records = []
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        pictures = [load_image(p, max_pixels=args.max_pixels) for p in paths]
-        views = [
-            [process_image(img, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles, source=p)]
-            for img, p in zip(pictures, paths)
-        ]
+        paths, pictures, views = [], [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:  # one unreadable image is reported; the others of the batch still run
+                picture = load_image(path, max_pixels=args.max_pixels)
+                view = process_image(picture, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles,
+                                     source=path)  # fmt: skip
+            except ValueError as err:
+                records.append({"image": path, "error": str(err)})
+                continue
+            paths.append(path)
+            pictures.append(picture)
+            views.append([view])
+        if not paths:
+            continue
         results = generate(
             model,
             tokenizer,
@@ -113,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"dsocr-infer: error: {err}", file=sys.stderr)
         return 2
+    failed = [record for record in records if "error" in record]
     for record in records:
         if args.json:
             print(json.dumps(record, ensure_ascii=False))
+            continue
+        if "error" in record:
             continue
         print(
             f"==> {record['image']} ({record['num_tokens']} tokens{'' if record['hit_eos'] else ', no EOS'})"
@@ -123,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(record["text"])
         for entry in record["boxes"]:
             print(f"[box] {entry['label']}: {entry['boxes']}")
+    for record in failed:
+        print(f"dsocr-infer: error: {record['error']}", file=sys.stderr)
+    if failed:
+        print(f"dsocr-infer: {len(failed)} of {len(records)} images failed: "
+              f"{', '.join(r['image'] for r in failed)}", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
