@@ -6,6 +6,10 @@ whitelisted. Each image is one request; requests are decoded in left-padded batc
 The checkpoint is a release-layout directory (`import_release`) or ours (`save_checkpoint`).
 
     dsocr-infer --checkpoint ckpt/ --mode gundam --prompt grounding_markdown page1.png page2.jpg
+
+Exit status: 0 done; 1 some images could not be read (the others' results are printed, the
+failed ones listed on stderr; with --json each has an "error" record); 2 nothing ran (a bad
+argument or checkpoint, one line naming the file).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 from pipeline.processing import DEFAULT_MAX_PIXELS, MODES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+PARTIAL_FAILURE = 1  # exit status: some images failed, the others' results were printed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"dsocr-infer: {len(failed)} of {len(records)} images failed: "
               f"{', '.join(r['image'] for r in failed)}", file=sys.stderr)  # fmt: skip
-        return 2
+        return PARTIAL_FAILURE
     return 0
 
 

@@ -57,9 +57,32 @@ def test_a_bad_image_does_not_cost_the_good_ones(setup, capsys):  # noqa: F811
     broken = root / "broken.png"
     broken.write_bytes(b"not a png")
     argv = ["--checkpoint", str(root / "ckpt"), "--mode", "debug", "--max-new-tokens", "2", "--json"]
-    assert main([*argv, "--batch-size", "3", paths[0], str(broken), paths[1]]) == 2
+    assert main([*argv, "--batch-size", "3", paths[0], str(broken), paths[1]]) == 1
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
     good = [r for r in records if "error" not in r]
     assert [r["image"] for r in good] == [paths[0], paths[1]] and all("text" in r for r in good)
     assert "broken.png" in captured.err and "1 of 3 images failed" in captured.err
+
+
+def test_eval_run_scores_the_good_pages_and_lists_the_bad_one(setup, tmp_path, capsys):  # noqa: F811
+    root, _, _, paths = setup
+    rows = [
+        {"key": "good0", "image": paths[0], "answer": "ab"},
+        {"key": "good1", "image": paths[1], "answer": "cd"},
+    ]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows.insert(1, {"key": "broken", "image": str(tmp_path / "broken.png"), "answer": "x"})
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["run", "--checkpoint", str(root / "ckpt"), "--data", str(data), "--mode", "debug",
+            "--max-new-tokens", "2", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]  # fmt: skip
+    assert eval_cli.main(argv) == eval_cli.PARTIAL_FAILURE
+    records = {r["key"]: r for r in map(json.loads, (out / "eval_samples.jsonl").read_text().splitlines())}
+    assert records.keys() == {"good0", "good1", "broken"}
+    assert (
+        records["broken"]["error"] and not records["good0"].get("error") and not records["good1"].get("error")
+    )
+    err = capsys.readouterr().err
+    assert "broken" in err and "1 of 3 pages failed" in err
