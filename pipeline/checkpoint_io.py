@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -357,19 +357,53 @@ def _materialize(model: nn.Module, state: dict[str, torch.Tensor], device: torch
 def _read_safetensors(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key in state:
-                    raise ValueError(f"tensor {key} appears in more than one shard ({file})")
-                tensor = handle.get_tensor(key)
-                state[key] = tensor.to(dtype) if dtype is not None else tensor
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key in state:
+                        raise ValueError(f"tensor {key} appears in more than one shard ({file})")
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor.to(dtype) if dtype is not None else tensor
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{file}: unreadable weight file ({err}); it is truncated or corrupt: copy or export it again"
+            ) from err
     return state
+
+
+def read_json(file: Path) -> dict:
+    """A JSON config file; ValueError naming the file and the place of a syntax error."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err})") from err
+
+
+def _configs_from_file(file: Path, parse, *args):
+    """`parse(read_json(file), *args)`; a missing or mistyped field is a ValueError naming the file."""
+    try:
+        return parse(read_json(file), *args)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file}: missing or malformed field {err}") from err
+
+
+def _load_tokenizer(path: Path) -> OCRTokenizer:
+    try:
+        return load_tokenizer(path)
+    except ValueError:
+        raise
+    except Exception as err:  # the tokenizers library raises plain Exceptions for corrupt files
+        raise ValueError(f"{path / 'tokenizer.json'}: unreadable tokenizer ({err})") from err
 
 
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(read_json(index)["weight_map"].values()))
         return [path / n for n in names]
     single = path / RELEASE_WEIGHTS
     if single.is_file():
@@ -460,8 +494,8 @@ def import_release(
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"no config.json in {path} (expected a DeepSeek-OCR checkpoint directory)")
-    tokenizer = load_tokenizer(path)
-    encoder, decoder, image_id = configs_from_release(json.loads(config_file.read_text()), tokenizer.image_id)
+    tokenizer = _load_tokenizer(path)
+    encoder, decoder, image_id = _configs_from_file(config_file, configs_from_release, tokenizer.image_id)
     if image_id != tokenizer.image_id:
         raise ValueError(f"config image_token_id {image_id} != tokenizer <image> id {tokenizer.image_id}")
     model = _build_meta(encoder, decoder, image_id)
@@ -491,10 +525,11 @@ def load_checkpoint(
     path = Path(path)
     if not (path / OUR_CONFIG).is_file():
         raise ValueError(f"no {OUR_CONFIG} in {path} (not a dsocr checkpoint; a release directory?)")
-    encoder, decoder, image_id = configs_from_dict(json.loads((path / OUR_CONFIG).read_text()))
+    encoder, decoder, image_id = _configs_from_file(path / OUR_CONFIG, configs_from_dict)
+    tokenizer = _load_tokenizer(path)
     model = _build_meta(encoder, decoder, image_id)
     _materialize(model, _read_safetensors(_weight_files(path), dtype), device)
-    return model.eval(), load_tokenizer(path)
+    return model.eval(), tokenizer
 
 
 def load_any(path: str | Path, **kwargs) -> tuple[DeepSeekOCR, OCRTokenizer]:

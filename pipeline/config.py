@@ -8,6 +8,7 @@ down (lightning-hydra-template `src/train.py`, torchtitan's thin `train.py`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.finetune.config import FinetuneConfig
+
+SCHEDULES = ("step", "cosine", "constant")  # pipeline.train.optim.lr_factor
+DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_KINDS = ("synth_lines", "webdataset")
+
+
+def _require(ok: bool, field_name: str, value: object, fix: str) -> None:
+    """ValueError naming the field, its value and the fix (config errors surface at compose time)."""
+    if not ok:
+        raise ValueError(f"{field_name}={value!r}: {fix}")
 
 
 @dataclass
@@ -126,6 +138,21 @@ class DataConfig:
     max_tiles: int = 9
     val_shards: str = ""
 
+    def __post_init__(self) -> None:
+        _require(self.kind in DATA_KINDS, "data.kind", self.kind, f"use one of {DATA_KINDS}")
+        _require(
+            self.seq_len >= 16, "data.seq_len", self.seq_len, "a row needs >= 16 tokens (the model's prompt)"
+        )
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 (in process) or more")
+        _require(self.max_tiles >= 1, "data.max_tiles", self.max_tiles, "use >= 1")
+        _require(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, "use >= 1")
+        if self.kind == "webdataset":
+            _require(bool(self.sources), "data.sources", self.sources,
+                     "data.kind=webdataset needs at least one source with shards")  # fmt: skip
+            for i, source in enumerate(self.sources):
+                _require(bool(source.shards), f"data.sources[{i}].shards", source.shards,
+                         "give a brace pattern or glob of webdataset tars")  # fmt: skip
+
 
 @dataclass
 class OptimConfig:
@@ -139,6 +166,24 @@ class OptimConfig:
     step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.8])  # fractions of max_steps
     step_gamma: float = 0.316
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "use a finite lr > 0")
+        _require(
+            0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "use a value in [0, 1]"
+        )
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use >= 0")
+        betas = tuple(self.betas)
+        _require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", list(betas),
+                 "use two values in [0, 1), e.g. [0.9, 0.95]")  # fmt: skip
+        _require(self.eps > 0, "optim.eps", self.eps, "use > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "use >= 0")
+        _require(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"use one of {SCHEDULES}")
+        milestones = list(self.step_milestones)
+        _require(all(0 < m <= 1 for m in milestones) and milestones == sorted(milestones),
+                 "optim.step_milestones", milestones, "use increasing fractions of max_steps in (0, 1]")  # fmt: skip
+        _require(self.step_gamma > 0, "optim.step_gamma", self.step_gamma, "use > 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "use >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -163,6 +208,20 @@ class ParallelConfig:
     compile_layers: bool = False
     compile_backend: str = "inductor"  # "inductor" | "aot_eager" (traces fwd+bwd, no kernels) | "eager"
 
+    def __post_init__(self) -> None:
+        _require(self.pp >= 1, "parallel.pp", self.pp, "use >= 1 pipeline stages")
+        _require(
+            self.dp is None or self.dp >= 1, "parallel.dp", self.dp, "use >= 1, or null (world size / pp)"
+        )
+        _require(self.micro_batch >= 1, "parallel.micro_batch", self.micro_batch, "use >= 1")
+        _require(self.global_batch >= 1, "parallel.global_batch", self.global_batch, "use >= 1")
+        per_step = self.micro_batch * (self.dp or 1)
+        _require(self.global_batch % per_step == 0, "parallel.global_batch", self.global_batch,
+                 f"must be a multiple of parallel.micro_batch ({self.micro_batch}) x parallel.dp "
+                 f"({self.dp or 1}) = {per_step}")  # fmt: skip
+        _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", self.zero_stage, "use 0, 1, 2 or 3")
+        _require(self.dtype in DTYPES, "parallel.dtype", self.dtype, f"use one of {DTYPES}")
+
 
 @dataclass
 class TrainConfig:
@@ -183,6 +242,15 @@ class TrainConfig:
         False  # single-process runs: torch.compile the repeated blocks (DeepSeekOCR.compile_regions)
     )
 
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "train at least 1 step")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "use >= 1")
+        for name in ("eval_every", "save_every", "keep_last", "threads"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "use >= 0 (0 = off)")
+        _require(self.device in DEVICES, "train.device", self.device, f"use one of {DEVICES}")
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "use >= 1")
+        _require(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "use >= 0 (0 = no limit)")
+
 
 @dataclass
 class EvalConfig:
@@ -192,6 +260,14 @@ class EvalConfig:
     max_new_tokens: int = 32
     no_repeat_ngram_size: int = 30
     no_repeat_window: int = 90
+
+    def __post_init__(self) -> None:
+        from pipeline.processing import MODES
+
+        _require(self.mode in MODES, "eval.mode", self.mode, f"use one of {sorted(MODES)}")
+        _require(self.num_samples >= 0, "eval.num_samples", self.num_samples, "use >= 0")
+        _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "use >= 1")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "use >= 1")
 
 
 @dataclass

@@ -15,6 +15,9 @@ Subcommands (all write into --out):
 Checkpoints are loaded with `pipeline.checkpoint_io.load_any` (our layout or the released one,
 e.g. an `export_release` of a consolidated training checkpoint), strictly: weights of a different
 size than the config describes fail with the mismatching tensors named. Metrics: ../shared/spec/training.md.
+
+Exit status: 0 done; 1 done, but some pages failed (listed on stderr, counted in the reports);
+2 nothing ran (a config, data or checkpoint error, one line naming the file).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport, build_report, format_comparison, read_records_jsonl
 from pipeline.eval.tesseract import TesseractConfig, TesseractNotFoundError, run_tesseract
 from pipeline.processing import MODES
+
+PARTIAL_FAILURE = 1  # exit status: the command ran, some inputs failed (listed on stderr)
 
 log = logging.getLogger("dsocr-eval")
 
@@ -83,7 +88,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = False) -> None:
     p.add_argument("--checkpoint", required=not modes, help="checkpoint directory (release layout or ours)")
     if not modes:
-        p.add_argument("--mode", default="gundam", choices=sorted(MODES), help="image mode (default gundam)")
+        p.add_argument(
+            "--mode",
+            default="gundam",
+            help="image mode, one of " + ", ".join(sorted(MODES)) + " (default gundam)",
+        )
     p.add_argument("--prompt", default="free_ocr", help="PROMPTS name or literal prompt with <image>")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8192)
@@ -225,7 +234,7 @@ def _write(out: Path, name: str, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- subcommands
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.eval.runner import evaluate
 
     out = Path(args.out)
@@ -252,6 +261,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         outputs = {r.key: r.prediction for r in report.records if r.error is None}
         cfg = MarkdownConfig(boxes="keep" if args.keep_boxes else "strip")
         write_markdown_pages(outputs, out / "markdown", cfg)
+    failed = [r for r in report.records if r.error is not None]
+    if failed:  # the reports hold every page; the exit status says some could not be read
+        for record in failed:
+            print(f"dsocr-eval run: {record.key}: {record.error}", file=sys.stderr)
+        print(f"dsocr-eval run: {len(failed)} of {len(report.records)} pages failed (counted as errors in "
+              f"the reports written to {out})", file=sys.stderr)  # fmt: skip
+        return PARTIAL_FAILURE
+    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -378,11 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except (ValueError, TesseractNotFoundError) as exc:
         print(f"dsocr-eval {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ whitelisted. Each image is one request; requests are decoded in left-padded batc
 The checkpoint is a release-layout directory (`import_release`) or ours (`save_checkpoint`).
 
     dsocr-infer --checkpoint ckpt/ --mode gundam --prompt grounding_markdown page1.png page2.jpg
+
+Exit status: 0 done; 1 some images could not be read (the others' results are printed, the
+failed ones listed on stderr; with --json each has an "error" record); 2 nothing ran (a bad
+argument or checkpoint, one line naming the file).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from data_tools.images import DEFAULT_MAX_PIXELS
 from pipeline.processing import MODES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+PARTIAL_FAILURE = 1  # exit status: some images failed, the others' results were printed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +82,20 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     records = []
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        pictures = [load_rgb(p, max_pixels=args.max_pixels) for p in paths]
-        views = [
-            [process_image(img, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles, source=p)]
-            for img, p in zip(pictures, paths)
-        ]
+        paths, pictures, views = [], [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:  # one unreadable image is reported; the others of the batch still run
+                picture = load_rgb(path, max_pixels=args.max_pixels)
+                view = process_image(picture, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles,
+                                     source=path)  # fmt: skip
+            except ValueError as err:
+                records.append({"image": path, "error": str(err)})
+                continue
+            paths.append(path)
+            pictures.append(picture)
+            views.append([view])
+        if not paths:
+            continue
         results = generate(
             model,
             tokenizer,
@@ -115,9 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"dsocr-infer: error: {err}", file=sys.stderr)
         return 2
+    failed = [record for record in records if "error" in record]
     for record in records:
         if args.json:
             print(json.dumps(record, ensure_ascii=False))
+            continue
+        if "error" in record:
             continue
         print(
             f"==> {record['image']} ({record['num_tokens']} tokens{'' if record['hit_eos'] else ', no EOS'})"
@@ -125,6 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(record["text"])
         for entry in record["boxes"]:
             print(f"[box] {entry['label']}: {entry['boxes']}")
+    for record in failed:
+        print(f"dsocr-infer: error: {record['error']}", file=sys.stderr)
+    if failed:
+        print(f"dsocr-infer: {len(failed)} of {len(records)} images failed: "
+              f"{', '.join(r['image'] for r in failed)}", file=sys.stderr)  # fmt: skip
+        return PARTIAL_FAILURE
     return 0
 
 

@@ -20,14 +20,13 @@ worker w of the new DataLoader runs slot (w + next_slot) % W, so the round-robin
 order continues where it stopped: the resumed stream is batch-for-batch the stream
 that was interrupted. Iterating the loader again also continues (it never restarts).
 
-`skip_counts`: sample-level reasons count each bad sample once (it belongs to one
-consumer); shard-level reasons (missing_shard, bad_shard, truncated_shard) count once
-per consumer that opens the shard in an epoch.
+`skip_counts`: each distinct bad sample or shard once, however many epochs or consumers
+meet it; `skip_encounters`: every time one was met (a bad sample once per epoch, a bad
+shard once per consumer that opens it per epoch).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -36,11 +35,11 @@ from pipeline.batch import Example, PackedBatch
 from pipeline.data.config import LoaderConfig
 from pipeline.data.packing import Packer, PackingStats, collate_packed, collate_unpacked
 from pipeline.data.samples import SampleDecoder
-from pipeline.data.shards import SkipCounter
+from pipeline.data.shards import SkipCounter, merge_skip_states
 from pipeline.data.stream import MixtureStream, SampleRef
 from pipeline.tokenizer import OCRTokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: buffered references hold shard names relative to the source root
 
 
 class ConsumerStream:
@@ -95,7 +94,7 @@ class ConsumerStream:
             "mixture": self.mixture.state_dict(),
             "buffer": [ref.to_state() for _, ref in self.packer.buffer],
             "ended": self.packer.ended,
-            "skips": self.skips.as_dict(),
+            "skips": self.skips.state(),
             "packing": self.stats.as_dict(),
         }
 
@@ -103,11 +102,12 @@ class ConsumerStream:
         if state["consumer"] != self.consumer:
             raise ValueError(f"state of consumer {state['consumer']} loaded into consumer {self.consumer}")
         self.mixture.load_state_dict(state["mixture"])
-        self.skips.counts = Counter(state["skips"])
+        restored = SkipCounter(state["skips"])
+        self.skips.counts, self.skips.unique = restored.counts, restored.unique
         self.stats = PackingStats(**state["packing"])
         self.packer.buffer, self.packer.ended = [], bool(state["ended"])
         for ref_state in state["buffer"]:
-            ref = SampleRef.from_state(ref_state)
+            ref = self.mixture.ref_from_state(ref_state)
             example = self.decoder(ref)  # decoded fine before the checkpoint; None only if the shard changed
             if example is not None:
                 self.packer.buffer.append((example, ref))
@@ -178,10 +178,13 @@ class StreamingLoader:
 
     @property
     def skip_counts(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for state in self._states():
-            total.update(state["skips"])
-        return dict(sorted(total.items()))
+        """Distinct bad samples (and shards) by reason over this rank's consumers."""
+        return merge_skip_states([state["skips"] for state in self._states()]).as_dict()
+
+    @property
+    def skip_encounters(self) -> dict[str, int]:
+        """How often bad samples were met by reason (a bad sample once per epoch)."""
+        return merge_skip_states([state["skips"] for state in self._states()]).encounters()
 
     @property
     def packing_stats(self) -> PackingStats:

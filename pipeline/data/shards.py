@@ -46,22 +46,49 @@ class ShardReadError(Exception):
 
 
 class SkipCounter:
-    """Counts skipped inputs by reason and logs each with its shard and key.
+    """Counts skipped inputs by reason, each bad sample (or shard) once, and logs each with its
+    shard and key the first time it is met.
 
-    `counts` is a plain dict so it can travel in a loader state_dict and be summed
-    across DataLoader workers and data-parallel ranks.
+    An endless stream meets the same bad sample once per epoch: `counts` holds the encounters,
+    `unique` the distinct (reason, shard, key) seen, and `as_dict()` the number of distinct bad
+    inputs per reason. `state()` is plain data, so the counts travel in a loader state_dict and
+    merge across DataLoader workers and data-parallel ranks (`merge_skip_states`).
     """
 
-    def __init__(self, counts: dict[str, int] | None = None) -> None:
-        self.counts: Counter[str] = Counter(counts or {})
+    def __init__(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.counts: Counter[str] = Counter(state.get("encounters", {}))
+        self.unique: set[tuple[str, str, str]] = {tuple(u) for u in state.get("unique", [])}
 
     def skip(self, reason: str, shard: str, key: str = "", detail: str = "") -> None:
         self.counts[reason] += 1
+        ident = (reason, shard, key)
+        if ident in self.unique:
+            return
+        self.unique.add(ident)
         where = f"shard={shard}" + (f" key={key}" if key else "")
         log.warning("skipped sample (%s): %s%s", reason, where, f": {detail}" if detail else "")
 
     def as_dict(self) -> dict[str, int]:
+        """Distinct bad inputs per reason."""
+        return dict(sorted(Counter(reason for reason, _, _ in self.unique).items()))
+
+    def encounters(self) -> dict[str, int]:
+        """Every time a bad input was met, per reason (>= as_dict() once epochs repeat)."""
         return dict(sorted(self.counts.items()))
+
+    def state(self) -> dict:
+        return {"encounters": self.encounters(), "unique": sorted(list(u) for u in self.unique)}
+
+
+def merge_skip_states(states: list[dict]) -> SkipCounter:
+    """One counter over several consumers' `SkipCounter.state()`s (a shard every consumer opens
+    counts once)."""
+    total = SkipCounter()
+    for state in states:
+        total.counts.update(state.get("encounters", {}))
+        total.unique.update(tuple(u) for u in state.get("unique", []))
+    return total
 
 
 def expand_shards(patterns: str | list[str] | tuple[str, ...]) -> list[str]:

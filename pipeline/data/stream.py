@@ -15,6 +15,9 @@ skip or repeat samples. Here the order is a pure function of (seed, source, epoc
   g % num_consumers == c (for sources with fewer shards than consumers). "auto" picks
   "shard" when a source has at least as many shards as consumers. Either way the
   consumers of an epoch see disjoint samples that together cover it;
+- shards are known by their path relative to the source's root (`shard_names`): the
+  permutations are seeded with those names, so the order does not depend on where the
+  shards lie;
 - the position is (epoch, shard_pos, sample_pos, base): resuming re-indexes one
   shard and continues with exactly the next sample. Infinite streams start a new
   permutation each epoch (resampling); finite streams stop after epoch 0.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,29 +51,37 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little")
 
 
+def shard_names(paths: list[str]) -> tuple[str, list[str]]:
+    """(root, names): the deepest directory holding every shard, and each shard's path relative
+    to it, sorted. Order and saved positions use the names only, so a run reads the same
+    samples in the same order wherever its shards lie (another out_dir, a moved run directory)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return root, sorted(os.path.relpath(p, root) for p in absolute)
+
+
 @dataclass
 class SampleRef:
-    """Where one sample lives: enough to re-read and re-decode it identically."""
+    """Where one sample lives: enough to re-read and re-decode it identically.
+
+    `name` is the shard's path relative to its source's root (what a saved state holds),
+    `shard` the path it is read from now."""
 
     source: int
     shard: str
     key: str
     files: dict[str, tuple[int, int]]
     epoch: int
+    name: str
 
     def to_state(self) -> dict:
         return {
             "source": self.source,
-            "shard": self.shard,
+            "name": self.name,
             "key": self.key,
             "files": {ext: list(pos) for ext, pos in self.files.items()},
             "epoch": self.epoch,
         }
-
-    @classmethod
-    def from_state(cls, state: dict) -> SampleRef:
-        files = {ext: (int(pos[0]), int(pos[1])) for ext, pos in state["files"].items()}
-        return cls(int(state["source"]), state["shard"], state["key"], files, int(state["epoch"]))
 
 
 class SourceStream:
@@ -79,6 +91,7 @@ class SourceStream:
         self,
         index: int,
         name: str,
+        root: str,
         shards: list[str],
         *,
         seed: int,
@@ -91,7 +104,7 @@ class SourceStream:
     ) -> None:
         if not 0 <= consumer < num_consumers:
             raise ValueError(f"consumer {consumer} out of range for {num_consumers} consumers")
-        self.index, self.name, self.shards = index, name, shards
+        self.index, self.name, self.root, self.shards = index, name, root, shards
         self.seed, self.consumer, self.num_consumers = seed, consumer, num_consumers
         self.shuffle, self.infinite, self.skips = shuffle, infinite, skips
         if split == "auto":
@@ -108,10 +121,13 @@ class SourceStream:
             order = order[self.consumer :: self.num_consumers]
         return order
 
+    def path(self, shard: str) -> str:
+        return os.path.join(self.root, shard)
+
     def _entries(self, shard: str) -> list[SampleEntry]:
         where = (self.epoch, self.shard_pos)
         if self._cached is None or self._cached[0] != where:
-            entries = index_shard(shard, self.skips)
+            entries = index_shard(self.path(shard), self.skips)
             if self.shuffle:
                 random.Random(stable_seed(self.seed, self.name, self.epoch, shard)).shuffle(entries)
             self._cached = (where, entries)
@@ -142,7 +158,9 @@ class SourceStream:
                 self.sample_pos += 1
                 if self.split == "sample" and position % self.num_consumers != self.consumer:
                     continue
-                return SampleRef(self.index, shard, entry.key, dict(entry.files), self.epoch)
+                return SampleRef(
+                    self.index, self.path(shard), entry.key, dict(entry.files), self.epoch, shard
+                )
             self.base += len(entries)
             self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
 
@@ -183,7 +201,7 @@ class MixtureStream:
             SourceStream(
                 i,
                 spec.name,
-                expand_shards(spec.shards),
+                *shard_names(expand_shards(spec.shards)),
                 seed=cfg.seed,
                 consumer=self.consumer,
                 num_consumers=self.num_consumers,
@@ -228,6 +246,13 @@ class MixtureStream:
                         f"source {source.name!r}: no valid sample in a whole epoch for consumer "
                         f"{self.consumer} (skip counts: {self.skips.as_dict()})"
                     )
+
+    def ref_from_state(self, state: dict) -> SampleRef:
+        """The reference `SampleRef.to_state` saved, read from where its source's shards are now."""
+        source = self.sources[int(state["source"])]
+        files = {ext: (int(pos[0]), int(pos[1])) for ext, pos in state["files"].items()}
+        name = state["name"]
+        return SampleRef(source.index, source.path(name), state["key"], files, int(state["epoch"]), name)
 
     def state_dict(self) -> dict:
         return {

@@ -26,7 +26,15 @@ from decoder import DecoderConfig, DecoderModel
 from deepencoder import DeepEncoder, EncoderConfig
 from pipeline.checkpoint_io import _materialize, configs_from_dict, export_release
 from pipeline.model import DeepSeekOCR
-from pipeline.parallel.checkpoints import DP_KIND, ENGINE_TAG, KIND, META, TOKENIZER_DIR, newest_checkpoint
+from pipeline.parallel.checkpoints import (
+    DP_KIND,
+    ENGINE_TAG,
+    KIND,
+    META,
+    TOKENIZER_DIR,
+    load_engine_module,
+    newest_checkpoint,
+)
 from pipeline.parallel.stages import unit_key_to_model_key
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
@@ -97,8 +105,7 @@ def read_data_parallel_state(
     file = ckpt / ENGINE_TAG / DP_MODEL_FILE
     if not file.is_file():
         raise ValueError(f"{ckpt}: no {ENGINE_TAG}/{DP_MODEL_FILE} (an incomplete data-parallel checkpoint)")
-    saved = torch.load(file, map_location="cpu", weights_only=False)
-    return dict(saved["module"]), configs_from_dict(meta["model"])
+    return load_engine_module(file), configs_from_dict(meta["model"])
 
 
 def read_checkpoint_state(

@@ -105,11 +105,10 @@ def prepare_data_parallel(run: RunConfig, tokenizer, world_size: int):
     p = run.parallel
     topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch,
                         global_batch=p.global_batch, dp=p.dp)  # fmt: skip
-    if run.model.init_from:
-        configs = ckpt_io.init_source_configs(run.model.init_from, tokenizer.image_id)
-    else:
-        configs = run_model_configs(run.model, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
-                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
+    if run.model.init_from:  # the configured size, or a ValueError naming both sizes
+        ckpt_io.check_init_from(run.model, tokenizer)
+    configs = run_model_configs(run.model, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_id,
+                                bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)  # fmt: skip
     model_dict = ckpt_io.model_configs_dict(configs)
     resume_from = ckpt_io.newest_checkpoint(run.train.out_dir) if run.train.resume else None
     if resume_from is not None:

@@ -1,16 +1,16 @@
-"""Atomic, keep-last-N training checkpoints with exact resume.
+"""Keep-last-N training checkpoints with exact resume, written through `pipeline.atomic`.
 
 A checkpoint is a directory `step_XXXXXXXX/` holding whatever the engine saves
-(model, optimizer, scheduler, RNG states, data position) plus `meta.json`. It is
-written under a temporary name and renamed into place only when complete, so a
-kill during a save leaves the previous checkpoint loadable; `latest_checkpoint`
-only ever returns complete ones.
+(model, optimizer, scheduler, RNG states, data position), `meta.json` and the
+`manifest.json` of `pipeline.atomic`: it is written beside its final name and swapped
+in only when complete (re-saves of the same step included), so a kill during a save
+leaves the previous checkpoints loadable; `latest_checkpoint` returns the newest one
+whose manifest checks out and logs the newer ones it skipped.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline import atomic
 
 _PREFIX = "step_"
 _META = "meta.json"
@@ -27,54 +29,51 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(out_dir) / f"{_PREFIX}{step:08d}"
 
 
 def save_checkpoint(
     out_dir: str | Path, step: int, write: Callable[[Path], None], *, keep_last: int, meta: dict | None = None
 ) -> Path:
     """Let `write(tmp_dir)` fill a fresh directory, then publish it atomically as step `step`."""
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{_PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    (tmp / _META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    prune_checkpoints(root, keep_last)
+    final = checkpoint_dir(out_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_all(tmp: Path) -> None:
+        write(tmp)
+        (tmp / _META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
+
+    atomic.write_atomic_dir(final, write_all)
+    prune_checkpoints(final.parent, keep_last)
     return final
 
 
-def complete_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def step_dirs(out_dir: str | Path) -> list[Path]:
+    """Every `step_*` directory, complete or not, oldest first."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / _META).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (every file of the manifest present with its size), oldest first."""
+    return [p for p in step_dirs(out_dir) if atomic.incomplete_reason(p) is None]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint; newer incomplete ones are logged as skipped."""
+    return atomic.newest_complete(step_dirs(out_dir))
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
+    atomic.remove_stale(root)  # leftovers of killed saves
     if keep_last <= 0:
         return
     for old in complete_checkpoints(root.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f".tmp-{_PREFIX}*"):  # leftovers of killed saves
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def rng_state() -> dict:

@@ -23,17 +23,19 @@ from pipeline.checkpoint_io import export_release, load_any
 from pipeline.config import RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
 from pipeline.data.loader import StreamingLoader
+from pipeline.data.shards import expand_shards
 from pipeline.eval.data import EvalSample, read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport
 from pipeline.eval.runner import EvalRunConfig, evaluate, training_eval_hook
 from pipeline.model import DeepSeekOCR, model_configs
+from pipeline.parallel.checkpoints import check_init_from
 from pipeline.parallel.topology import dist_env
 from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.logging import RunLogger
-from pipeline.train.loop import LocalTrainer
+from pipeline.train.loop import LocalTrainer, exit_preempted
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 
 DEMO_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
@@ -50,6 +52,7 @@ class JobResult:
     capped_before: float | None
     capped_after: float | None
     checkpoint: Path | None
+    preempted: bool = False  # SIGTERM stopped training (after its checkpoint): the job ends requeueable
     other_sets: dict[str, tuple[float | None, float | None]] = field(
         default_factory=dict
     )  # corpus CER before/after
@@ -189,12 +192,8 @@ def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> Loader
 def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
     m = run.model
     if m.init_from:
-        model, loaded_tok = load_any(m.init_from)
-        if loaded_tok.vocab_size != tokenizer.vocab_size:
-            raise ValueError(
-                f"model.init_from={m.init_from} has a vocabulary of {loaded_tok.vocab_size} but "
-                f"data.tokenizer gives {tokenizer.vocab_size}: use the checkpoint's tokenizer directory"
-            )
+        check_init_from(m, tokenizer)  # the configured size, or a ValueError naming both
+        model, _ = load_any(m.init_from)
     else:
         enc, dec = model_configs(m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens)
@@ -309,10 +308,27 @@ def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobDa
     return JobData(train_shards, val_sets, tokenizer)
 
 
+def validate_data_paths(run: RunConfig) -> None:
+    """ValueError naming the field when a configured shard pattern matches no file (before any
+    model is built; the typed schemas check every other field when the config is composed)."""
+    if run.data.kind != "webdataset":
+        return
+    patterns = [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(run.data.sources)]
+    if run.data.val_shards:
+        patterns.append(("data.val_shards", run.data.val_shards))
+    for field_name, pattern in patterns:
+        try:
+            expand_shards(pattern)
+        except ValueError as err:
+            raise ValueError(f"{field_name}={pattern!r}: {err}; fix the path or the pattern") from err
+    from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)  # prompts, modes
+
+
 def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
     """Entry of `dsocr-train`: one process (`run_job`), or this rank of a multi-process job
     (`run_distributed_job`: parallel.pp >= 2 -> pipeline, parallel.pp = 1 -> data parallel)."""
     validate_model_options(run.model)
+    validate_data_paths(run)
     out = Path(run.train.out_dir)
     env = dist_env()
     if env.rank == 0:
@@ -320,14 +336,20 @@ def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResu
         if resolved_yaml is not None:
             (out / "config.yaml").write_text(resolved_yaml)
     if run.parallel.pp > 1 or env.world_size > 1:
-        run_distributed_job(run, out, env.rank)
+        preempted = run_distributed_job(run, out, env.rank)
+        if preempted:
+            exit_preempted()
         return None
-    return run_job(run)
+    job = run_job(run)
+    if job.preempted:
+        exit_preempted()
+    return job
 
 
-def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
+def run_distributed_job(run: RunConfig, out: Path, rank: int) -> bool:
     """This rank's share of a multi-process job (launch/ starts one process per GPU): the DeepSpeed
-    pipeline for parallel.pp >= 2, data parallelism over the whole model for parallel.pp = 1."""
+    pipeline for parallel.pp >= 2, data parallelism over the whole model for parallel.pp = 1.
+    True when SIGTERM stopped it (after its checkpoint)."""
     from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
     from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
@@ -364,6 +386,7 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> None:
     if result.losses:
         print(f"[job] rank {rank} ({where}): {result.steps} steps, loss {result.losses[0]:.3f} -> "
               f"{result.losses[-1]:.3f}; checkpoint {result.last_checkpoint}", flush=True)  # fmt: skip
+    return result.stopped_by_signal
 
 
 def run_job(run: RunConfig) -> JobResult:
@@ -454,6 +477,7 @@ def run_job(run: RunConfig) -> JobResult:
         capped_before=before.capped_cer if before else None,
         capped_after=after.raw.capped_cer if after else None,
         checkpoint=result.last_checkpoint,
+        preempted=result.stopped_by_signal,
         other_sets={
             name: (
                 other_before[name].corpus_cer,

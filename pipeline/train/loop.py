@@ -23,6 +23,9 @@ from pipeline.batch import PackedBatch
 from pipeline.config import RunConfig
 from pipeline.train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.train.state_io import load_state, save_state
+
+TRAINER_STATE = "trainer_state"  # trainer_state.safetensors + trainer_state.json
 
 
 @dataclass
@@ -39,6 +42,20 @@ def batch_to(batch: PackedBatch, device: torch.device) -> PackedBatch:
     if device.type == "cpu":
         return batch
     return batch.pin_memory().to(device, non_blocking=True)
+
+
+# Exit status of a run stopped by SIGTERM after its checkpoint was saved: 128 + SIGTERM, what a
+# shell reports for a process SIGTERM ended, so one scheduler rule (SLURM: RequeueExit=143 in
+# slurm.conf, or `[ $? -eq 143 ] && scontrol requeue $SLURM_JOB_ID`) requeues both; the
+# requeued job resumes from the checkpoint (launch/README.md, "Preemption and requeue").
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def exit_preempted() -> None:
+    """End a run that SIGTERM stopped (its checkpoint is written) with PREEMPTED_EXIT_CODE."""
+    print("[train] stopped by SIGTERM, checkpoint saved; exiting with "
+          f"{PREEMPTED_EXIT_CODE} so the scheduler can requeue the job", flush=True)  # fmt: skip
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 class SigtermFlag:
@@ -128,7 +145,7 @@ class LocalTrainer:
         return save_checkpoint(
             self.run.train.out_dir,
             self.step,
-            lambda d: torch.save(state, d / "trainer_state.pt"),
+            lambda d: save_state(state, d, TRAINER_STATE),
             keep_last=self.run.train.keep_last,
             meta={
                 "kind": "local",
@@ -141,7 +158,7 @@ class LocalTrainer:
         if ckpt is None:
             return None
         # on the CPU: the RNG states must stay CPU ByteTensors; the load_state_dicts copy to the device
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = load_state(ckpt, TRAINER_STATE)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -242,8 +259,9 @@ class LocalTrainer:
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
         skips = getattr(self.data, "skip_counts", None)
-        if skips:
+        if skips:  # distinct bad samples, and how often they were met (once per epoch each)
             record["skipped"] = dict(skips)
+            record["skip_encounters"] = dict(getattr(self.data, "skip_encounters", {}))
         decoder = getattr(self.model, "decoder", None)  # DeepSeekOCR; peft wraps keep the attribute
         counts = decoder.expert_counts() if hasattr(decoder, "expert_counts") else None
         if counts is not None:  # tokens per expert per MoE layer of the last micro-batch

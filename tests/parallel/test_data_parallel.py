@@ -19,7 +19,7 @@ from pipeline.parallel.consolidate import consolidate, read_checkpoint_state
 from pipeline.stage1.export import export_encoder
 from pipeline.train.checkpoint import checkpoint_root, complete_checkpoints
 from tests.parallel import harness
-from tests.parallel.harness import ALPHABET, debug_model_and_shards
+from tests.parallel.harness import ALPHABET, debug_model_and_shards, truncate_one_file
 from tests.parallel.test_pipeline_parity import OPTIM, SEQ_LEN, assert_same_model, reference_step
 
 pytestmark = pytest.mark.distributed
@@ -90,6 +90,7 @@ def test_dp_resume_is_bitwise_exact(setup, monkeypatch):
     root = checkpoint_root(work / "cut")
     shutil.copytree(root / "step_00000002", root / ".tmp-step_00000004")  # a save killed half-way
     (root / ".tmp-step_00000004" / "meta.json").unlink()
+    truncate_one_file(root / "step_00000002", root / "step_00000003")  # newer, but incomplete
     second = launch(cut2, 2, work / "l-cut2", monkeypatch)
     for rank in range(2):
         assert first[rank]["steps"] == 2 and len(second[rank]["losses"]) == 2

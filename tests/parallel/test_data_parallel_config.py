@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import write_manifest
 from pipeline.config import ModelConfig, RunConfig, SourceConfig
 from pipeline.data.testing import write_ocr_shards
 from pipeline.model import build_model
@@ -47,7 +48,7 @@ def dp_run(tmp_path, **parallel) -> RunConfig:
         ({"dp": 4}, 2, "parallel.dp=4 with parallel.pp=1 needs 4 processes"),
         ({"global_batch": 6, "micro_batch": 2}, 2, "parallel.global_batch=6 is not divisible"),
         ({"partition": [0, 6]}, 2, "parallel.partition is a pipeline setting"),
-        ({"dtype": "fp16"}, 2, "parallel.dtype must be one of"),
+        ({"dtype": "fp16"}, 2, "parallel.dtype=.fp16.: use one of"),
     ],
 )
 def test_bad_data_parallel_layout_is_refused(tmp_path, tok, parallel, world, message):
@@ -79,10 +80,12 @@ def test_pipeline_checkpoint_is_not_resumed_by_data_parallel(tmp_path, tok):
     ckpt.mkdir(parents=True)
     meta = {"kind": "pipeline", "step": 2, "pp": 2, "dp": 1, "parts": [0, 4, 6], "model": model_dict}
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_manifest(ckpt)  # a complete checkpoint of that meta
     with pytest.raises(ValueError, match="not the 'data_parallel' trainer"):
         prepare_data_parallel(run, tok, 2)
     meta.update(kind="data_parallel", pp=1, dp=4, parts=None)
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_manifest(ckpt)  # a complete checkpoint of that meta
     with pytest.raises(ValueError, match="exact resume needs the same layout"):
         prepare_data_parallel(run, tok, 2)
 

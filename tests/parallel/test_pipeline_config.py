@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from pipeline.atomic import write_manifest
 from pipeline.checkpoint_io import save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.model import build_model
@@ -87,10 +88,12 @@ def test_resume_from_another_layout_is_refused(tmp_path, tok):
         "model": model_dict,
     }
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_manifest(ckpt)  # a complete checkpoint of that meta
     with pytest.raises(ValueError, match="exact resume needs the same layout"):
         prepare(run, tok, 4)
     del meta["format"]  # written before the links held FLAT_ALIGN elements
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_manifest(ckpt)  # a complete checkpoint of that meta
     with pytest.raises(ValueError, match="pipeline checkpoint of format 1.*dsocr-convert consolidate"):
         prepare(run, tok, 4)
     assert split.parts == [0, 1, 2, 4, 6] and topology.grad_accum == 8

@@ -12,7 +12,7 @@ import torch
 from pipeline.checkpoint_io import save_checkpoint
 from pipeline.parallel.consolidate import read_pipeline_state
 from pipeline.train.checkpoint import checkpoint_root, complete_checkpoints
-from tests.parallel.harness import ALPHABET, debug_model_and_shards, launch
+from tests.parallel.harness import ALPHABET, debug_model_and_shards, launch, truncate_one_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -56,6 +56,7 @@ def test_resume_is_bitwise_exact(setup):
     root = checkpoint_root(work / "cut")
     shutil.copytree(root / "step_00000002", root / ".tmp-step_00000004")
     (root / ".tmp-step_00000004" / "meta.json").unlink()
+    truncate_one_file(root / "step_00000002", root / "step_00000003")  # newer, but incomplete
     second = launch(spec(work, shards, "cut", 4), 2, work / "l-cut2")
     for rank in range(2):
         assert first[rank]["losses"] + second[rank]["losses"] == full[rank]["losses"]  # bitwise

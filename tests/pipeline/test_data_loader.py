@@ -135,8 +135,8 @@ def test_modes_fixed_sampled_and_hinted(tmp_path, tokenizer):
     bad, _, _ = bad_shard(tmp_path)
     cfg = config(bad)
     decoder = SampleDecoder(cfg, tokenizer, SkipCounter())
-    ref = SampleRef(0, bad, "good0", {}, epoch=0)
-    modes = {decoder.mode_for(SampleRef(0, bad, f"k{i}", {}, epoch=0)) for i in range(40)}
+    ref = SampleRef(0, bad, "good0", {}, epoch=0, name="bad.tar")
+    modes = {decoder.mode_for(SampleRef(0, bad, f"k{i}", {}, epoch=0, name="bad.tar")) for i in range(40)}
     assert modes == {"debug", "debug-pad"}
     assert decoder.mode_for(ref) == decoder.mode_for(ref)  # a pure function of the sample
     assert decoder.mode_for(ref, "debug-gundam") == "debug-gundam"  # the sample's hint wins
@@ -281,3 +281,20 @@ def test_a_mode_added_to_processing_modes_reaches_loader_layout_tokens_and_model
     model = build_model("debug", "debug", tokenizer.vocab_size, image_token_id=tokenizer.image_id)
     out = model(batches[0])
     assert torch.isfinite(out.loss) and out.num_label_tokens > 0
+
+
+def test_skip_counts_count_each_bad_sample_once_over_epochs(tmp_path, tokenizer):
+    bad, valid, expected = bad_shard(tmp_path)
+    loader = StreamingLoader(config([bad], infinite=True), tokenizer, dp_rank=0, dp_world=1)
+    batches = iter(loader)
+    seen = []
+    while len(seen) < 3 * len(valid) + 1:  # into the fourth epoch
+        seen += keys_of([next(batches)])
+    assert loader.skip_counts == dict(sorted(expected.items()))  # distinct bad samples
+    encounters = loader.skip_encounters
+    assert encounters.keys() == loader.skip_counts.keys()
+    assert all(encounters[r] >= 3 * n for r, n in expected.items())  # met once per epoch
+    resumed = StreamingLoader(config([bad], infinite=True), tokenizer, dp_rank=0, dp_world=1)
+    resumed.load_state_dict(loader.state_dict())
+    next(iter(resumed))
+    assert resumed.skip_counts == loader.skip_counts

@@ -8,7 +8,7 @@ import pytest
 from pipeline.batch import Example
 from pipeline.data.config import LoaderConfig, SourceSpec
 from pipeline.data.shards import SkipCounter
-from pipeline.data.stream import MixtureStream, SourceStream
+from pipeline.data.stream import MixtureStream, SourceStream, shard_names
 from pipeline.data.testing import sample_members, write_tar
 
 pytestmark = pytest.mark.unit
@@ -30,7 +30,7 @@ def stream(paths, consumer=0, consumers=1, *, seed=0, shuffle=True, infinite=Fal
     return SourceStream(
         0,
         "src",
-        paths,
+        *shard_names(paths),
         seed=seed,
         consumer=consumer,
         num_consumers=consumers,
