@@ -77,8 +77,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = False) -> None:
     p.add_argument("--checkpoint", required=not modes, help="checkpoint directory (release layout or ours)")
     if not modes:
-        p.add_argument("--mode", default="gundam", help="image mode: tiny, small, base, large, gundam")
-    p.add_argument("--prompt", default="free_ocr", help="PROMPTS name or literal prompt with <image>")
+        p.add_argument("--mode", default=None, help="image mode: tiny, small, base, large, gundam "
+                       "(default: the checkpoint's training_info.json, else gundam)")  # fmt: skip
+    p.add_argument("--prompt", default=None, help="prompt name or literal prompt with <image> "
+                   "(default: the checkpoint's training_info.json, else free_ocr)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8192)
     p.add_argument("--no-repeat-ngram", type=int, default=30, help="0 disables the no-repeat rule")
@@ -221,9 +223,11 @@ def _write(out: Path, name: str, text: str) -> None:
 # --------------------------------------------------------------------------- subcommands
 def cmd_run(args: argparse.Namespace) -> None:
     from pipeline.eval.runner import evaluate
+    from pipeline.training_info import resolve_mode_prompt
 
     out = Path(args.out)
     normalizer = _normalizer(args)
+    args.mode, args.prompt = resolve_mode_prompt(args.checkpoint, args.mode, args.prompt, "dsocr-eval run")
     config = _run_config(args, args.mode, normalizer)  # validates mode/prompt before loading anything
     samples = read_eval_set(args.data, reference_field=args.reference_field, limit=args.limit)
     model, tokenizer = load_model(args.checkpoint, args.device, args.dtype)
@@ -302,7 +306,9 @@ def cmd_compression(args: argparse.Namespace) -> None:
         if not args.checkpoint:
             raise ValueError("compression needs --checkpoint (to generate) or --predictions MODE=FILE ...")
         from pipeline.eval.runner import evaluate
+        from pipeline.training_info import resolve_mode_prompt
 
+        args.prompt = resolve_mode_prompt(args.checkpoint, None, args.prompt, "dsocr-eval compression")[1]
         configs = {mode: _run_config(args, mode) for mode in args.modes}
         model, model_tokenizer = load_model(args.checkpoint, args.device, args.dtype)
         tokenizer = tokenizer or model_tokenizer

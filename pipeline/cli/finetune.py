@@ -33,13 +33,21 @@ def with_default_experiment(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from pipeline.threads import passive_openmp_waits
+
+    passive_openmp_waits()  # before torch loads the OpenMP runtime
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
     from pipeline.config import register_configs, to_run_config
     from pipeline.parallel.topology import dist_env, strip_local_rank_arg
 
-    sys.argv = [sys.argv[0], *with_default_experiment(strip_local_rank_arg(sys.argv[1:]))]
+    # its own --help (title, examples) over the shared config tree
+    sys.argv = [
+        sys.argv[0],
+        "hydra/help=dsocr_finetune",
+        *with_default_experiment(strip_local_rank_arg(sys.argv[1:])),
+    ]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")

@@ -1,9 +1,10 @@
 """`dsocr-infer`: image file(s) + prompt + mode + checkpoint directory -> text (and grounding boxes).
 
-Decoding defaults are the release README's (../shared/spec/architecture.md section 5): greedy,
+Decoding defaults are the release README's (docs/model.md): greedy,
 up to 8192 new tokens, no-repeat n-gram 30 over a window of 90 with `<td>`/`</td>`
 whitelisted. Each image is one request; requests are decoded in left-padded batches.
-The checkpoint is a release-layout directory (`import_release`) or ours (`save_checkpoint`).
+The checkpoint is a release-layout directory (`import_release`) or ours (`save_checkpoint`);
+mode and prompt default to the ones it was trained with (its training_info.json).
 
     dsocr-infer --checkpoint ckpt/ --mode gundam --prompt grounding_markdown page1.png page2.jpg
 """
@@ -26,18 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("images", nargs="+", help="image files (each one request)")
     parser.add_argument("--checkpoint", required=True, help="release-layout or dsocr checkpoint directory")
-    parser.add_argument("--mode", default="gundam", choices=sorted(MODES), help="image mode (default gundam)")
+    parser.add_argument(
+        "--mode",
+        default=None,
+        choices=sorted(MODES),
+        help="image mode (default: the one in the checkpoint's training_info.json, else gundam)",
+    )
     parser.add_argument(
         "--prompt",
-        default="free_ocr",
-        help="a prompt name from pipeline.prompts.PROMPTS (free_ocr, grounding_markdown, grounding_ocr, "
-        "parse_figure, describe, locate) or a literal prompt containing <image>",
+        default=None,
+        help="a prompt name (free_ocr, grounding_markdown, grounding_ocr, parse_figure, describe, locate) "
+        "or a literal prompt containing <image> (default: the checkpoint's training_info.json, else free_ocr)",
     )
     parser.add_argument("--ref", default=None, help="the object to find, for --prompt locate")
-    parser.add_argument("--max-new-tokens", type=int, default=8192)
-    parser.add_argument("--ngram", type=int, default=30, help="no-repeat n-gram size (0 disables)")
-    parser.add_argument("--window", type=int, default=90, help="no-repeat window in generated tokens")
-    parser.add_argument("--min-tiles", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=8192, help="generation limit (default 8192)")
+    parser.add_argument(
+        "--ngram", type=int, default=30, help="no-repeat n-gram size, 0 disables (default 30)"
+    )
+    parser.add_argument(
+        "--window", type=int, default=90, help="no-repeat window in generated tokens (default 90)"
+    )
+    parser.add_argument("--min-tiles", type=int, default=2, help="Gundam tile minimum (default 2)")
     parser.add_argument("--max-tiles", type=int, default=9, help="Gundam tile limit (paper 9, vLLM config 6)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -64,10 +74,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     from pipeline.grounding import parse_grounding
     from pipeline.processing import load_image, process_image
     from pipeline.prompts import get_prompt
+    from pipeline.training_info import resolve_mode_prompt
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
-    prompt = get_prompt(args.prompt, ref=args.ref) if args.ref is not None else get_prompt(args.prompt)
+    mode, prompt_name = resolve_mode_prompt(args.checkpoint, args.mode, args.prompt, "dsocr-infer")
+    prompt = get_prompt(prompt_name, ref=args.ref) if args.ref is not None else get_prompt(prompt_name)
     if prompt.count("<image>") != 1:
         raise ValueError(f"the prompt must contain exactly one <image> (one per image file), got {prompt!r}")
     device, dtype = _resolve(args.device, args.dtype)
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         paths = args.images[start : start + args.batch_size]
         pictures = [load_image(p, max_pixels=args.max_pixels) for p in paths]
         views = [
-            [process_image(img, args.mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles, source=p)]
+            [process_image(img, mode, min_tiles=args.min_tiles, max_tiles=args.max_tiles, source=p)]
             for img, p in zip(pictures, paths)
         ]
         results = generate(
