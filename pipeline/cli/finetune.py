@@ -43,11 +43,8 @@ def main() -> None:
     from pipeline.parallel.topology import dist_env, strip_local_rank_arg
 
     # its own --help (title, examples) over the shared config tree
-    sys.argv = [
-        sys.argv[0],
-        "hydra/help=dsocr_finetune",
-        *with_default_experiment(strip_local_rank_arg(sys.argv[1:])),
-    ]
+    argv = with_default_experiment(strip_local_rank_arg(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *argv, "hydra/help=dsocr_finetune"]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
