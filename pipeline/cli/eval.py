@@ -14,7 +14,7 @@ Subcommands (all write into --out):
 
 Checkpoints are loaded with `pipeline.checkpoint_io.load_any` (our layout or the released one,
 e.g. an `export_release` of a consolidated training checkpoint), strictly: weights of a different
-size than the config describes fail with the mismatching tensors named. Metrics: ../shared/spec/training.md.
+size than the config describes fail with the mismatching tensors named. Metrics: docs/evaluation.md.
 """
 
 from __future__ import annotations

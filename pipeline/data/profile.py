@@ -4,9 +4,10 @@ A run on converted shards (`dsocr-data convert`) needs a row length that holds i
 an evaluation budget that holds its longest label and an evaluation mode its samples were trained
 in. `profile_data` decodes the first samples of every training source through the loader's own
 decoder (`pipeline.data.samples.SampleDecoder`: the same image mode, prompt and tokenization as
-training) and tokenizes the held-out references; `derive_settings` then raises `data.seq_len` and
-`eval.max_new_tokens` where they are too short and sets `eval.mode` to the samples' mode when it is
-not one of theirs, printing each change with the override that sets it. Data of which no sample
+training) and tokenizes the held-out references; `derive_settings` then raises `data.seq_len` where
+it is too short, fits `eval.max_new_tokens` to the longest label (neither cutting labels nor
+generating pages for one-line labels) and sets `eval.mode` to the samples' mode when it is not one
+of theirs, printing each change with the override that sets it. Data of which no sample
 decodes stops the run here, before the first evaluation, with the skip reasons.
 """
 
@@ -80,6 +81,12 @@ def profile_data(config: LoaderConfig, tokenizer: OCRTokenizer, references: list
     return DataProfile(samples, longest, label, modes, skips.as_dict())
 
 
+def eval_budget(longest_label: int) -> int:
+    """Generation limit for held-out labels of up to `longest_label` tokens: room for 3x that (an
+    output longer than 3x its reference counts as a loop), not the pages-long default."""
+    return 3 * longest_label + 8
+
+
 @dataclass(frozen=True)
 class Derived:
     seq_len: int
@@ -102,10 +109,11 @@ def derive_settings(profile: DataProfile, *, seq_len: int, max_new_tokens: int, 
         notes.append(f"data.seq_len {seq_len} -> {new}: the longest training sample is "
                      f"{profile.longest_sequence} tokens (set data.seq_len=N to choose; longer samples are skipped)")  # fmt: skip
         seq_len = new
-    if profile.longest_label > max_new_tokens:
-        notes.append(f"eval.max_new_tokens {max_new_tokens} -> {profile.longest_label}: the longest held-out "
-                     f"label is {profile.longest_label} tokens with EOS (set eval.max_new_tokens=N to choose)")  # fmt: skip
-        max_new_tokens = profile.longest_label
+    budget = eval_budget(profile.longest_label)
+    if profile.longest_label and not profile.longest_label <= max_new_tokens <= budget:
+        notes.append(f"eval.max_new_tokens {max_new_tokens} -> {budget}: the longest held-out label is "
+                     f"{profile.longest_label} tokens with EOS (set eval.max_new_tokens=N to choose)")  # fmt: skip
+        max_new_tokens = budget
     if profile.modes and eval_mode not in profile.modes:
         main = profile.modes.most_common(1)[0][0]
         seen = ", ".join(f"{m} {n}" for m, n in profile.modes.most_common())

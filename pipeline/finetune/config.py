@@ -134,6 +134,9 @@ class FinetuneConfig:
     export: "adapter" (peft adapter dir), "merged" (release layout, tokenizer copied),
       "both" or "none"; a full fine-tune has no adapter and writes the merged model only.
     val: held-out target eval set (empty: data.val_shards; the demo renders one).
+    mode: image mode the target data is trained and evaluated in, over the sources' `modes`
+      (a sample's own `mode` still wins). Empty: the mode in the base's training_info.json when
+      it has one (a model exported by this repository), else the sources' modes.
     release_code: a released DeepSeek-OCR directory whose modeling files (*.py) the merged export
       copies, so transformers can load it with trust_remote_code like the release (empty: taken
       from model.init_from when that directory holds them; else config.json has no auto_map).
@@ -148,6 +151,7 @@ class FinetuneConfig:
     export: str = "both"
     val: str = ""
     eval_samples: int = 64
+    mode: str = ""
     release_code: str = ""
 
     def __post_init__(self) -> None:

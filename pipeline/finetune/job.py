@@ -47,7 +47,7 @@ from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.train.run_dir import first_logged_loss, record_config
-from pipeline.training_info import TrainingInfo, mode_mix
+from pipeline.training_info import TRAINING_INFO, TrainingInfo, mode_mix
 
 log = logging.getLogger(__name__)
 VOCAB_SCAN_LIMIT = 20_000  # training samples scanned for characters a char vocabulary lacks
@@ -162,6 +162,24 @@ def webdataset_data(run: RunConfig) -> FinetuneData:
     return FinetuneData(targets, replay, val, original_val)
 
 
+def with_target_mode(run: RunConfig, data: FinetuneData, base_path: Path) -> FinetuneData:
+    """The target sources in finetune.mode, else in the mode the base was trained in (its
+    training_info.json), else as configured; eval.mode follows."""
+    info = TrainingInfo.read(base_path)
+    mode = run.finetune.mode or (info.mode if info is not None else "")
+    if not mode:
+        return data
+    origin = (
+        "finetune.mode"
+        if run.finetune.mode
+        else f"the base's {TRAINING_INFO}; finetune.mode=NAME sets another"
+    )
+    print(f"[finetune] target data and evaluation in mode {mode} ({origin})", flush=True)
+    run.eval.mode = mode
+    targets = [dataclasses.replace(s, modes={mode: 1.0}) for s in data.target_train]
+    return dataclasses.replace(data, target_train=targets)
+
+
 def loader_config(run: RunConfig, data: FinetuneData) -> LoaderConfig:
     sources = [*data.target_train, *([data.replay_train] if data.replay_train else [])]
     return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=run.parallel.micro_batch,
@@ -228,6 +246,8 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_any(base_path)
+    if run.data.kind == "webdataset":
+        data = with_target_mode(run, data, base_path)
     m = run.model
     if m.encoder_init or m.sam_init or m.clip_init:  # e.g. a stage-1 encoder export over the release
         from pipeline.stage1.options import apply_model_options

@@ -74,12 +74,30 @@ def test_profile_measures_what_training_decodes(shards, tok):
 def test_derived_settings_name_their_overrides():
     profile = DataProfile(4, 300, 23, Counter(base=4), {})
     derived = derive_settings(profile, seq_len=128, max_new_tokens=5, eval_mode="gundam")
-    assert (derived.seq_len, derived.max_new_tokens, derived.eval_mode) == (320, 23, "base")
+    assert (derived.seq_len, derived.max_new_tokens, derived.eval_mode) == (320, 3 * 23 + 8, "base")
     assert [n.split()[0] for n in derived.notes] == ["data.seq_len", "eval.max_new_tokens", "eval.mode"]
     assert "data.seq_len=N" in derived.notes[0] and "eval.max_new_tokens=N" in derived.notes[1]
-    same = derive_settings(profile, seq_len=4096, max_new_tokens=4096, eval_mode="base")
-    assert (same.seq_len, same.max_new_tokens, same.eval_mode, same.notes) == (4096, 4096, "base", [])
+    same = derive_settings(profile, seq_len=4096, max_new_tokens=40, eval_mode="base")  # 23 <= 40 <= 77
+    assert (same.seq_len, same.max_new_tokens, same.eval_mode, same.notes) == (4096, 40, "base", [])
+    pages = derive_settings(profile, seq_len=4096, max_new_tokens=4096, eval_mode="base")  # a page budget
+    assert pages.max_new_tokens == 77 and pages.notes[0].startswith("eval.max_new_tokens 4096 -> 77")
     with pytest.raises(ValueError, match="bad_image 4"):
         derive_settings(
             DataProfile(0, 0, 3, Counter(), {"bad_image": 4}), seq_len=1, max_new_tokens=1, eval_mode="base"
         )
+
+
+def test_fine_tune_data_follows_the_mode_the_base_was_trained_in(tmp_path):
+    from pipeline.cli.dryrun import compose_config
+    from pipeline.config import to_run_config
+    from pipeline.finetune.job import FinetuneData, with_target_mode
+    from pipeline.training_info import TrainingInfo
+
+    run = to_run_config(compose_config(["experiment=finetune_lora"]))
+    data = FinetuneData([SourceSpec("t", "x.tar", modes={"gundam": 1.0})], None, "val", "")
+    assert with_target_mode(run, data, tmp_path) is data and run.eval.mode == "gundam"  # the release: as set
+    TrainingInfo("debug-256", "free_ocr", {"debug-256": 1.0}).write(tmp_path)
+    moved = with_target_mode(run, data, tmp_path)
+    assert moved.target_train[0].modes == {"debug-256": 1.0} and run.eval.mode == "debug-256"
+    run.finetune.mode = "base"  # an explicit choice wins
+    assert with_target_mode(run, data, tmp_path).target_train[0].modes == {"base": 1.0}
