@@ -1,6 +1,6 @@
 """Settings that follow from one's own data, checked or derived before any evaluation.
 
-A run on converted shards (`dsocr-data convert`) needs a row length that holds its longest sample,
+A run on converted shards (`dsocr-data convert-csv`, ...) needs a row length that holds its longest sample,
 an evaluation budget that holds its longest label and an evaluation mode its samples were trained
 in. `profile_data` decodes the first samples of every training source through the loader's own
 decoder (`pipeline.data.samples.SampleDecoder`: the same image mode, prompt and tokenization as
@@ -101,7 +101,7 @@ def derive_settings(profile: DataProfile, *, seq_len: int, max_new_tokens: int, 
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(profile.skipped.items())) or "no sample found"
         raise ValueError(
             f"no training sample of data.sources decodes ({reasons}); check the shards with "
-            "`dsocr-data inspect` (or `dsocr-data validate`) before training"
+            "`dsocr-data inspect DIR` before training"
         )
     notes = []
     if profile.longest_sequence > seq_len:
