@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.cli.help import DefaultsHelpFormatter
 from pipeline.eval.compression import (
     DEFAULT_BUCKET_EDGES,
     NOMINAL_VISION_TOKENS,
@@ -100,10 +101,13 @@ def _add_tesseract_args(p: argparse.ArgumentParser, flag: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsocr-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dsocr-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="evaluate a checkpoint on an eval set")
+    p = sub.add_parser(
+        "run", formatter_class=DefaultsHelpFormatter, help="evaluate a checkpoint on an eval set"
+    )
     _add_data_args(p)
     _add_model_args(p)
     _add_tesseract_args(p, flag=True)
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-boxes", action="store_true", help="markdown keeps the grounding tags")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("score", help="score a prediction JSONL")
+    p = sub.add_parser("score", formatter_class=DefaultsHelpFormatter, help="score a prediction JSONL")
     p.add_argument(
         "--predictions", required=True, help="JSONL with key, prediction (+ reference, hit_eos, ...)"
     )
@@ -122,13 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_normalizer_args(p)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("tesseract", help="tesseract baseline on an eval set")
+    p = sub.add_parser(
+        "tesseract", formatter_class=DefaultsHelpFormatter, help="tesseract baseline on an eval set"
+    )
     _add_data_args(p)
     _add_tesseract_args(p, flag=False)
     _add_normalizer_args(p)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("compression", help="compression study (paper Table 2 protocol)")
+    p = sub.add_parser(
+        "compression",
+        formatter_class=DefaultsHelpFormatter,
+        help="compression study (paper Table 2 protocol)",
+    )
     _add_data_args(p)
     _add_model_args(p, modes=True)
     p.add_argument("--modes", nargs="+", default=["tiny", "small"])
@@ -141,14 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", nargs="+", type=int, default=list(DEFAULT_BUCKET_EDGES))
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("markdown", help="prediction JSONL -> per-page markdown (+ edit distance)")
+    p = sub.add_parser(
+        "markdown",
+        formatter_class=DefaultsHelpFormatter,
+        help="prediction JSONL -> per-page markdown (+ edit distance)",
+    )
     p.add_argument("--predictions", required=True)
     p.add_argument("--references", default=None, help="eval set with known markdown to score against")
     p.add_argument("--reference-field", default=None)
     p.add_argument("--keep-boxes", action="store_true")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("plots", help="training-run plots from metrics.jsonl")
+    p = sub.add_parser(
+        "plots", formatter_class=DefaultsHelpFormatter, help="training-run plots from metrics.jsonl"
+    )
     p.add_argument("--log", required=True, help="the run's metrics.jsonl")
     p.add_argument("--out", required=True)
     return parser

@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pipeline.cli.help import DefaultsHelpFormatter
 from pipeline.processing import DEFAULT_MAX_PIXELS, MODES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -23,7 +24,9 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dsocr-infer", description="Run DeepSeek-OCR on image files and print the text (and boxes)."
+        formatter_class=DefaultsHelpFormatter,
+        prog="dsocr-infer",
+        description="Run DeepSeek-OCR on image files and print the text (and boxes).",
     )
     parser.add_argument("images", nargs="+", help="image files (each one request)")
     parser.add_argument("--checkpoint", required=True, help="release-layout or dsocr checkpoint directory")
@@ -40,17 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or a literal prompt containing <image> (default: the checkpoint's training_info.json, else free_ocr)",
     )
     parser.add_argument("--ref", default=None, help="the object to find, for --prompt locate")
-    parser.add_argument("--max-new-tokens", type=int, default=8192, help="generation limit (default 8192)")
-    parser.add_argument(
-        "--ngram", type=int, default=30, help="no-repeat n-gram size, 0 disables (default 30)"
-    )
-    parser.add_argument(
-        "--window", type=int, default=90, help="no-repeat window in generated tokens (default 90)"
-    )
-    parser.add_argument("--min-tiles", type=int, default=2, help="Gundam tile minimum (default 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=8192, help="generation limit")
+    parser.add_argument("--ngram", type=int, default=30, help="no-repeat n-gram size, 0 disables")
+    parser.add_argument("--window", type=int, default=90, help="no-repeat window in generated tokens")
+    parser.add_argument("--min-tiles", type=int, default=2, help="Gundam tile minimum")
     parser.add_argument("--max-tiles", type=int, default=9, help="Gundam tile limit (paper 9, vLLM config 6)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="images decoded together")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
