@@ -143,7 +143,7 @@ class TrainConfig:
     resume: bool = True
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     deterministic: bool = False
-    allow_config_change: bool = False  # resume a checkpoint whose run had another config (pipeline.train.run_dir)
+    allow_config_change: bool = False  # resume under another config (pipeline.train.run_dir)
     threads: int = 0  # torch CPU threads, 0 = the free cores (pipeline.threads)
     max_minutes: float = 0.0  # single-process runs: stop training after this wall time (0 = no limit)
     compile: bool = (
