@@ -60,16 +60,24 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+MISSING = "<unset>"
+EMPTY = (None, "", False, [], {})  # an option left at nothing: absent from an older config means the same
+
+
 def config_differences(old_yaml: str, new_yaml: str) -> list[tuple[str, Any, Any]]:
     """(key, old, new) for every leaf that differs, run-length fields left out; `<unset>` marks a
-    key one side lacks."""
+    key one side lacks (one the other side leaves empty, e.g. an option newer than the run, is
+    no difference)."""
     old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
-    missing = "<unset>"
-    return [
-        (key, old.get(key, missing), new.get(key, missing))
-        for key in sorted(old.keys() | new.keys())
-        if key not in RUN_LENGTH_FIELDS and old.get(key, missing) != new.get(key, missing)
-    ]
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, MISSING), new.get(key, MISSING)
+        if key in RUN_LENGTH_FIELDS or before == after:
+            continue
+        if MISSING in (before, after) and (after if before == MISSING else before) in EMPTY:
+            continue
+        changes.append((key, before, after))
+    return changes
 
 
 def record_config(out: Path, resolved_yaml: str, *, resume: bool, allow_change: bool) -> Path:

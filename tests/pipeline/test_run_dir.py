@@ -36,6 +36,11 @@ def test_differences_skip_run_length_fields_and_reach_into_lists():
     assert config_differences(dump(), dump(train__max_steps=200, train__save_every=50)) == []
     changes = config_differences(dump(), dump(optim__lr=0.01, data__sources__0__shards="y"))
     assert changes == [("data.sources.0.shards", "x", "y"), ("optim.lr", 0.001, 0.01)]
+    # an option the earlier run did not know yet, left empty, is no change; set, it is
+    assert config_differences(dump(), dump(finetune={"mode": ""})) == []
+    assert config_differences(dump(), dump(finetune={"mode": "base"})) == [
+        ("finetune.mode", "<unset>", "base")
+    ]
 
 
 def test_resume_under_another_config_is_refused_with_the_differences(tmp_path):
