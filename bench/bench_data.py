@@ -1,6 +1,6 @@
 """Data-path throughput: decode + mode transform + tokenize + pack, samples/s per CPU core.
 
-Issue 6 item 7: preprocessing must not starve the GPUs; target >= 30 samples/s per
+Preprocessing must not starve the GPUs: target >= 30 samples/s per
 core for Base mode on 1024x1024 PNG pages. The script renders synthetic text pages
 (1024x1024 PNG, ~40 lines of words, answer = the rendered text), writes them into a
 webdataset shard in a temporary directory, and for each mode runs the real loader

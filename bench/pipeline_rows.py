@@ -44,7 +44,7 @@ CONFIG = re.compile(
     r"(?::(\d*)(?::([1-9]\d*)?(?::(on|off))?)?)?$"
 )
 DEFAULT_LOSS_CHUNK, DEFAULT_MICRO = 2048, 1
-TARGET = Target("value", 25000, "issue 7, per H200")
+TARGET = Target("value", 25000, "per H200")
 # what a FAILED row quotes, most telling first: an exception, a kill, then anything error-like
 ERROR_LINES = (
     re.compile(r"\b(?!ChildFailedError)\w*(Error|Exception): "),

@@ -153,7 +153,7 @@ def render_markdown(result: dict) -> str:
     rows = [Row.from_dict(r) for r in result["rows"]]
     machine = result["machine"]
     lines = [
-        "### Benchmarks of issue 13 (`dsocr-bench`)",
+        "### Benchmarks (`dsocr-bench`)",
         "",
         f"Measured {result['date']} with `{result['command']}` (git {machine.get('git', '?')}), "
         f"{'quick CPU mode (debug presets, compiled variants traced with aot_eager: a smoke test, not a performance claim)' if result['quick'] else 'full presets'}.",

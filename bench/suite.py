@@ -1,4 +1,4 @@
-"""`dsocr-bench`: every benchmark row of issue 13 in one run, peers measured in the same process.
+"""`dsocr-bench`: every benchmark row in one run, peers measured in the same process.
 
 Rows: (a) decoder training step, (b) frozen SAM + compressor forward, (c) full-model training
 step, (d) data loading per CPU core, (e) pipeline scaling on 4 GPUs (bench/pipeline_rows.py).
@@ -369,7 +369,7 @@ def data_rows(run: Run) -> list[Row]:
             for mode in s.data_modes:
                 ours, packing = end_to_end(shard, tokenizer, mode, s.data_samples, 8192)
                 peer = _peer_processor_rate(mode, [png for png, _ in pages], s.data_samples)
-                target = Target("value", 30, "issue 6") if mode == "base" and not s.quick else Target()
+                target = Target("value", 30, "GPU feed") if mode == "base" and not s.quick else Target()
                 notes = f"end to end incl. tokenize + pack (packing {packing:.3f}); peer: images only"
                 if mode == s.full.mode and pages_per_s:
                     notes += f"; the fastest full step eats {pages_per_s:.0f} pages/s = {pages_per_s / ours:.1f} cores"

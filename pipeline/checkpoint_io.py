@@ -457,16 +457,44 @@ def processor_config(tokenizer: OCRTokenizer) -> dict:
     }
 
 
+def copy_modeling_files(release_dir: str | Path, out: Path) -> list[str]:
+    """Copy the release's remote-code modules (`*.py` of a released checkpoint directory) into `out`."""
+    source = Path(release_dir)
+    files = sorted(source.glob("*.py"))
+    if not files:
+        raise ValueError(f"{source} holds no modeling files (*.py): name the released DeepSeek-OCR directory")
+    for f in files:
+        shutil.copyfile(f, out / f.name)
+    return [f.name for f in files]
+
+
+def drop_missing_auto_map(config: dict, folder: Path) -> dict:
+    """config.json without the `auto_map` entries whose module file `folder` lacks: transformers'
+    trust_remote_code loading would fail on them, while our loader never reads them."""
+    for section in (config, config.get("language_config", {})):
+        auto_map = section.get("auto_map")
+        if auto_map and not all((folder / f"{ref.split('.')[0]}.py").is_file() for ref in auto_map.values()):
+            del section["auto_map"]
+    return config
+
+
 def export_release(
     model: DeepSeekOCR,
     tokenizer: str | Path | OCRTokenizer,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
+    modeling_from: str | Path | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (release keys) + tokenizer files into `out_dir`."""
+    """Write config.json + model.safetensors (release keys) + tokenizer files into `out_dir`.
+
+    config.json names the release's modeling files in `auto_map` only when the folder holds them:
+    `modeling_from` (a released checkpoint directory) copies them in, and so does a tokenizer
+    given as such a directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if modeling_from is not None:
+        copy_modeling_files(modeling_from, out)
     tok = _copy_tokenizer(tokenizer, out)
     if tok.image_id != model.image_token_id:
         raise ValueError(
@@ -480,7 +508,8 @@ def export_release(
     dtype = dtype or next(model.parameters()).dtype
     tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous().clone() for k, v in state.items()}
     save_file(tensors, str(out / RELEASE_WEIGHTS), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(release_config(model, dtype), indent=2) + "\n")
+    config = drop_missing_auto_map(release_config(model, dtype), out)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not (out / "processor_config.json").exists():
         (out / "processor_config.json").write_text(json.dumps(processor_config(tok), indent=2) + "\n")
     return out

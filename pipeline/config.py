@@ -236,7 +236,8 @@ class TrainConfig:
     resume: bool = True
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     deterministic: bool = False
-    threads: int = 0  # torch CPU threads, 0 = torch default
+    allow_config_change: bool = False  # resume under another config (pipeline.train.run_dir)
+    threads: int = 0  # torch CPU threads, 0 = the free cores (pipeline.threads)
     max_minutes: float = 0.0  # single-process runs: stop training after this wall time (0 = no limit)
     compile: bool = (
         False  # single-process runs: torch.compile the repeated blocks (DeepSeekOCR.compile_regions)

@@ -5,6 +5,7 @@ directory and a shared wandb group; the wandb logger follows its config.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,10 @@ def test_sweep_expands_to_one_job_per_combination():
     ]
     assert combos == {(lr, mix) for lr in (1e-4, 2e-4, 4e-4) for mix in mixes}
     assert len({r.train.out_dir for r in runs}) == 9
-    assert all(r.train.out_dir.endswith(f"multirun/finetune_sweep/{i}") for i, r in enumerate(runs))
+    # under a directory of the sweep's start time (one per sweep: the real --multirun test below)
+    stamped = [re.fullmatch(r".*multirun/finetune_sweep/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d/(\d+)", r.train.out_dir)
+               for r in runs]  # fmt: skip
+    assert [int(m.group(1)) for m in stamped] == list(range(9))
     assert {r.logger.group for r in runs} == {"finetune_sweep"}
     # a command-line axis replaces the preset's axis for that key
     jobs = sweep_jobs(["experiment=finetune_sweep", "optim.lr=5e-5,1e-4"])
@@ -169,13 +173,13 @@ def test_real_multirun_gives_each_job_its_own_directory(tmp_path):
     """Hydra's own --multirun with the basic sweeper, a stub task in place of training."""
     app = tmp_path / "app.py"
     app.write_text(APP.format(config_dir=str(CONFIG_DIR)))
-    sweep_dir = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, str(app), "--multirun", "experiment=finetune_sweep", "optim.lr=1e-4,3e-4",
-         f"hydra.sweep.dir={sweep_dir}"],
+        [sys.executable, str(app), "--multirun", "experiment=finetune_sweep", "optim.lr=1e-4,3e-4"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    # one directory for this sweep (its start time): a second sweep of the same name gets another
+    (sweep_dir,) = (tmp_path / "multirun" / "finetune_sweep").iterdir()
     jobs = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("JOB ")]
     assert [j["num"] for j in jobs] == list(range(6))
     assert [j["out"] for j in jobs] == [str(sweep_dir / str(i)) for i in range(6)]
@@ -184,6 +188,10 @@ def test_real_multirun_gives_each_job_its_own_directory(tmp_path):
         (lr, g) for lr in (1e-4, 3e-4) for g in (0.0, 0.5, 1.0)
     }
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [str(i) for i in range(6)]
+    # the sweep ends with its table: one row per job, the swept keys as columns
+    table = (sweep_dir / "sweep_summary.md").read_text().splitlines()
+    assert "optim.lr" in table[0] and "data.sources.0.modes" in table[0] and len(table) == 2 + 6
+    assert "sweep summary" in proc.stdout
 
 
 # ---------------------------------------------------------------- wandb

@@ -1,4 +1,4 @@
-"""`dsocr-bench`: the performance table of issue 13, peers measured in the same run (bench/suite.py).
+"""`dsocr-bench`: the performance table, peers measured in the same run (bench/suite.py).
 
     dsocr-bench --out $OUT --profile               # GPU machine: every row, 4 GPUs add the pipeline rows
     dsocr-bench --device cpu --quick --profile --out /tmp/b  # CPU smoke run of the same code paths

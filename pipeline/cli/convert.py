@@ -18,6 +18,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from pipeline.cli.help import DefaultsHelpFormatter
+
 _DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -98,10 +100,14 @@ SUBCOMMANDS: dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsocr-convert", description="Convert DeepSeek-OCR checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="dsocr-convert",
+        description="Convert DeepSeek-OCR checkpoints.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, formatter_class=DefaultsHelpFormatter))
     return parser
 
 

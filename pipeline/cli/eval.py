@@ -14,7 +14,7 @@ Subcommands (all write into --out):
 
 Checkpoints are loaded with `pipeline.checkpoint_io.load_any` (our layout or the released one,
 e.g. an `export_release` of a consolidated training checkpoint), strictly: weights of a different
-size than the config describes fail with the mismatching tensors named. Metrics: ../shared/spec/training.md.
+size than the config describes fail with the mismatching tensors named. Metrics: docs/evaluation.md.
 
 Exit status: 0 done; 1 done, but some pages failed (listed on stderr, counted in the reports);
 2 nothing ran (a config, data or checkpoint error, one line naming the file).
@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.cli.help import DefaultsHelpFormatter
 from pipeline.eval.compression import (
     DEFAULT_BUCKET_EDGES,
     NOMINAL_VISION_TOKENS,
@@ -88,12 +89,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, modes: bool = False) -> None:
     p.add_argument("--checkpoint", required=not modes, help="checkpoint directory (release layout or ours)")
     if not modes:
-        p.add_argument(
-            "--mode",
-            default="gundam",
-            help="image mode, one of " + ", ".join(sorted(MODES)) + " (default gundam)",
-        )
-    p.add_argument("--prompt", default="free_ocr", help="PROMPTS name or literal prompt with <image>")
+        p.add_argument("--mode", default=None, help="image mode, one of " + ", ".join(sorted(MODES))
+                       + " (default: the checkpoint's training_info.json, else gundam)")  # fmt: skip
+    p.add_argument("--prompt", default=None, help="prompt name or literal prompt with <image> "
+                   "(default: the checkpoint's training_info.json, else free_ocr)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8192)
     p.add_argument("--no-repeat-ngram", type=int, default=30, help="0 disables the no-repeat rule")
@@ -113,10 +112,13 @@ def _add_tesseract_args(p: argparse.ArgumentParser, flag: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsocr-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dsocr-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="evaluate a checkpoint on an eval set")
+    p = sub.add_parser(
+        "run", formatter_class=DefaultsHelpFormatter, help="evaluate a checkpoint on an eval set"
+    )
     _add_data_args(p)
     _add_model_args(p)
     _add_tesseract_args(p, flag=True)
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-boxes", action="store_true", help="markdown keeps the grounding tags")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("score", help="score a prediction JSONL")
+    p = sub.add_parser("score", formatter_class=DefaultsHelpFormatter, help="score a prediction JSONL")
     p.add_argument(
         "--predictions", required=True, help="JSONL with key, prediction (+ reference, hit_eos, ...)"
     )
@@ -135,13 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_normalizer_args(p)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("tesseract", help="tesseract baseline on an eval set")
+    p = sub.add_parser(
+        "tesseract", formatter_class=DefaultsHelpFormatter, help="tesseract baseline on an eval set"
+    )
     _add_data_args(p)
     _add_tesseract_args(p, flag=False)
     _add_normalizer_args(p)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("compression", help="compression study (paper Table 2 protocol)")
+    p = sub.add_parser(
+        "compression",
+        formatter_class=DefaultsHelpFormatter,
+        help="compression study (paper Table 2 protocol)",
+    )
     _add_data_args(p)
     _add_model_args(p, modes=True)
     p.add_argument("--modes", nargs="+", default=["tiny", "small"])
@@ -154,14 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", nargs="+", type=int, default=list(DEFAULT_BUCKET_EDGES))
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("markdown", help="prediction JSONL -> per-page markdown (+ edit distance)")
+    p = sub.add_parser(
+        "markdown",
+        formatter_class=DefaultsHelpFormatter,
+        help="prediction JSONL -> per-page markdown (+ edit distance)",
+    )
     p.add_argument("--predictions", required=True)
     p.add_argument("--references", default=None, help="eval set with known markdown to score against")
     p.add_argument("--reference-field", default=None)
     p.add_argument("--keep-boxes", action="store_true")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("plots", help="training-run plots from metrics.jsonl")
+    p = sub.add_parser(
+        "plots", formatter_class=DefaultsHelpFormatter, help="training-run plots from metrics.jsonl"
+    )
     p.add_argument("--log", required=True, help="the run's metrics.jsonl")
     p.add_argument("--out", required=True)
     return parser
@@ -236,9 +250,11 @@ def _write(out: Path, name: str, text: str) -> None:
 # --------------------------------------------------------------------------- subcommands
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.eval.runner import evaluate
+    from pipeline.training_info import resolve_mode_prompt
 
     out = Path(args.out)
     normalizer = _normalizer(args)
+    args.mode, args.prompt = resolve_mode_prompt(args.checkpoint, args.mode, args.prompt, "dsocr-eval run")
     config = _run_config(args, args.mode, normalizer)  # validates mode/prompt before loading anything
     samples = read_eval_set(
         args.data, reference_field=args.reference_field, limit=args.limit, allow_root=args.allow_root
@@ -331,7 +347,9 @@ def cmd_compression(args: argparse.Namespace) -> None:
         if not args.checkpoint:
             raise ValueError("compression needs --checkpoint (to generate) or --predictions MODE=FILE ...")
         from pipeline.eval.runner import evaluate
+        from pipeline.training_info import resolve_mode_prompt
 
+        args.prompt = resolve_mode_prompt(args.checkpoint, None, args.prompt, "dsocr-eval compression")[1]
         configs = {mode: _run_config(args, mode) for mode in args.modes}
         model, model_tokenizer = load_model(args.checkpoint, args.device, args.dtype)
         tokenizer = tokenizer or model_tokenizer

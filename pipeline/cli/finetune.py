@@ -2,8 +2,8 @@
 
     dsocr-finetune                                    # embedded default: CPU, Latin base -> Cyrillic lines
     dsocr-finetune experiment=finetune_lora model.init_from=ckpt/deepseek-ocr \
-        'data.sources.0.shards=data/my_lang/{000000..000009}.tar' finetune.val=data/my_lang_val \
-        finetune.replay.shards='data/orig/{000000..000099}.tar' finetune.replay.val=data/orig_val
+        data.sources.0.shards=data/my_lang/train finetune.val=data/my_lang/val \
+        finetune.replay.shards=data/orig/train finetune.replay.val=data/orig/val
     dsocr-finetune experiment=finetune_full ...       # full fine-tune (SAM frozen)
     dsocr-finetune --cfg job                          # print the composed config and exit
 
@@ -14,7 +14,8 @@ experiment=finetune_lora parallel.dp=8 parallel.global_batch=16`.
 Composes the same config tree as `dsocr-train` (configs/train.yaml + the `finetune` schema,
 pipeline.finetune.config); without an `experiment=` override it applies
 `experiment=finetune_demo`. CSV (`image_file,text_label`) or JSONL data: convert to shards
-first with `dsocr-data convert` (data_tools/convert.py), which counts and skips bad rows.
+first with `dsocr-data convert-csv` / `convert-jsonl` (data_tools/convert.py), which counts and
+skips bad rows; row length, evaluation budget and mode then follow from the data (docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ def with_default_experiment(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from pipeline.threads import passive_openmp_waits
+
+    passive_openmp_waits()  # before torch loads the OpenMP runtime
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
     from pipeline.config import register_configs, to_run_config
     from pipeline.parallel.topology import dist_env, strip_local_rank_arg
 
-    sys.argv = [sys.argv[0], *with_default_experiment(strip_local_rank_arg(sys.argv[1:]))]
+    # its own --help (title, examples) over the shared config tree
+    argv = with_default_experiment(strip_local_rank_arg(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *argv, "hydra/help=dsocr_finetune"]
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")

@@ -18,6 +18,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def main() -> None:
+    from pipeline.threads import passive_openmp_waits
+
+    passive_openmp_waits()  # before torch loads the OpenMP runtime
     import hydra
     from omegaconf import DictConfig, OmegaConf
 

@@ -19,6 +19,7 @@ with the shard path.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -91,12 +92,26 @@ def merge_skip_states(states: list[dict]) -> SkipCounter:
     return total
 
 
+def _directory_shards(folder: str) -> list[str]:
+    """The shards of a directory: its manifest.json's list, else its *.tar files."""
+    manifest = os.path.join(folder, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            names = [s["name"] for s in json.load(f).get("shards", [])]
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+    if not names:
+        raise ValueError(f"shard directory {folder!r} holds no shard (no .tar, or a manifest listing none)")
+    return [os.path.join(folder, n) for n in names]
+
+
 def expand_shards(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
     """Expand brace patterns (`data-{000..099}.tar`) and globs into a sorted list of paths.
 
-    A literal path is kept even if it does not exist (the reader counts it as a
-    missing shard, so one deleted file does not stop a run); a glob that matches
-    nothing is a configuration error.
+    A directory stands for its shards: those its `manifest.json` lists (what `dsocr-data
+    convert` wrote), else every `*.tar` in it. A literal path is kept even if it does not
+    exist (the reader counts it as a missing shard, so one deleted file does not stop a
+    run); a glob that matches nothing is a configuration error.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -104,7 +119,9 @@ def expand_shards(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
     for pattern in patterns:
         for expanded in braceexpand(pattern):
             expanded = os.path.expanduser(expanded)
-            if _GLOB_CHARS.search(expanded):
+            if os.path.isdir(expanded):
+                paths.update(_directory_shards(expanded))
+            elif _GLOB_CHARS.search(expanded):
                 matches = glob.glob(expanded)
                 if not matches:
                     raise ValueError(f"shard pattern {expanded!r} (from {pattern!r}) matches no file")

@@ -6,8 +6,7 @@ trains either LoRA adapters (peft) or full parameters of chosen components, on t
 data (`data.sources`, or the embedded demo's rendered lines of a new script) mixed with a
 share of original-domain replay data; it evaluates a held-out target set and a held-out
 original-capability set before and after, and exports adapters and/or a merged release-layout
-checkpoint. Defaults follow the common LoRA recipe (../shared/spec/training.md, "Fine-tuning
-practice"): r 16 / alpha 16 on the decoder's q,k,v,o,gate,up,down projections, encoder frozen.
+checkpoint. Defaults follow the common LoRA recipe (docs/finetune.md): r 16 / alpha 16 on the decoder's q,k,v,o,gate,up,down projections, encoder frozen.
 
 Only dataclasses and validation live here (no torch), so `pipeline.config` can import it.
 """
@@ -135,6 +134,12 @@ class FinetuneConfig:
     export: "adapter" (peft adapter dir), "merged" (release layout, tokenizer copied),
       "both" or "none"; a full fine-tune has no adapter and writes the merged model only.
     val: held-out target eval set (empty: data.val_shards; the demo renders one).
+    mode: image mode the target data is trained and evaluated in, over the sources' `modes`
+      (a sample's own `mode` still wins). Empty: the mode in the base's training_info.json when
+      it has one (a model exported by this repository), else the sources' modes.
+    release_code: a released DeepSeek-OCR directory whose modeling files (*.py) the merged export
+      copies, so transformers can load it with trust_remote_code like the release (empty: taken
+      from model.init_from when that directory holds them; else config.json has no auto_map).
     """
 
     method: str = "lora"
@@ -146,6 +151,8 @@ class FinetuneConfig:
     export: str = "both"
     val: str = ""
     eval_samples: int = 64
+    mode: str = ""
+    release_code: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

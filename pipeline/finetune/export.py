@@ -8,7 +8,8 @@ been extended). `load_adapter(adapter_dir)` rebuilds the adapted model from the 
 Merged: W + (alpha / r) B A folded into every adapted weight (peft `merge_and_unload`), then
 `pipeline.checkpoint_io.export_release` writes config.json + model.safetensors under the
 release's key names + the tokenizer files, loadable by `load_any` / `import_release` like the
-released checkpoint.
+released checkpoint; with the release's modeling files copied in (`modeling_from`) also by
+transformers' `trust_remote_code` loading, which config.json's `auto_map` points to.
 """
 
 from __future__ import annotations
@@ -59,13 +60,20 @@ def load_adapter(
 
 
 def export_merged(
-    peft_model_or_model, tokenizer: OCRTokenizer, out_dir: str | Path, *, dtype: torch.dtype | None = None
+    peft_model_or_model,
+    tokenizer: OCRTokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    modeling_from: str | Path | None = None,
 ) -> Path:
     """Fold the adapters into the weights (in place: the adapters are gone afterwards) and write
-    a release-layout checkpoint with the tokenizer. A plain DeepSeekOCR (full fine-tune) is written as is."""
+    a release-layout checkpoint with the tokenizer. A plain DeepSeekOCR (full fine-tune) is written as is.
+    modeling_from: a released checkpoint directory whose modeling files (*.py) are copied in, so
+    config.json's auto_map can name them (without, auto_map is left out)."""
     model = peft_model_or_model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if not isinstance(model, DeepSeekOCR):
         raise TypeError(f"expected a DeepSeekOCR or a peft model around one, got {type(model).__name__}")
-    return export_release(model, tokenizer, out_dir, dtype=dtype)
+    return export_release(model, tokenizer, out_dir, dtype=dtype, modeling_from=modeling_from)

@@ -30,6 +30,7 @@ from pipeline.checkpoint_io import OUR_CONFIG, load_any
 from pipeline.config import RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
 from pipeline.data.loader import StreamingLoader
+from pipeline.data.profile import apply_to_run
 from pipeline.eval.data import read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport, format_comparison
@@ -39,11 +40,14 @@ from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
 from pipeline.finetune.vocab import cover_texts, is_char_tokenizer
 from pipeline.model import DeepSeekOCR
 from pipeline.processing import mode_weights
+from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer
 from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
 from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.train.run_dir import first_logged_loss, record_config
+from pipeline.training_info import TRAINING_INFO, TrainingInfo, mode_mix
 
 log = logging.getLogger(__name__)
 VOCAB_SCAN_LIMIT = 20_000  # training samples scanned for characters a char vocabulary lacks
@@ -149,7 +153,31 @@ def webdataset_data(run: RunConfig) -> FinetuneData:
     val = ft.val or run.data.val_shards
     if not val:
         raise ValueError("a fine-tune needs a held-out target set: set finetune.val (or data.val_shards)")
-    return FinetuneData(targets, replay, val, ft.replay.val)
+    original_val = ft.replay.val
+    if ft.replay.share == 0 and original_val and not Path(original_val).exists():
+        # replay off needs no original-domain data; the forgetting report needs its held-out set
+        print(f"[finetune] replay off and no {original_val}: no forgetting report "
+              "(finetune.replay.val names the original-domain held-out set)", flush=True)  # fmt: skip
+        original_val = ""
+    return FinetuneData(targets, replay, val, original_val)
+
+
+def with_target_mode(run: RunConfig, data: FinetuneData, base_path: Path) -> FinetuneData:
+    """The target sources in finetune.mode, else in the mode the base was trained in (its
+    training_info.json), else as configured; eval.mode follows."""
+    info = TrainingInfo.read(base_path)
+    mode = run.finetune.mode or (info.mode if info is not None else "")
+    if not mode:
+        return data
+    origin = (
+        "finetune.mode"
+        if run.finetune.mode
+        else f"the base's {TRAINING_INFO}; finetune.mode=NAME sets another"
+    )
+    print(f"[finetune] target data and evaluation in mode {mode} ({origin})", flush=True)
+    run.eval.mode = mode
+    targets = [dataclasses.replace(s, modes={mode: 1.0}) for s in data.target_train]
+    return dataclasses.replace(data, target_train=targets)
 
 
 def loader_config(run: RunConfig, data: FinetuneData) -> LoaderConfig:
@@ -218,6 +246,8 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_any(base_path)
+    if run.data.kind == "webdataset":
+        data = with_target_mode(run, data, base_path)
     m = run.model
     if m.encoder_init or m.sam_init or m.clip_init:  # e.g. a stage-1 encoder export over the release
         from pipeline.stage1.options import apply_model_options
@@ -234,6 +264,9 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         log.warning("model.freeze / model.freeze_sam are not read by a fine-tune: finetune.train_components "
                     "(and finetune.method) decide what trains, here %s", ft.trained_components or "adapters only")  # fmt: skip
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
+    if run.data.kind == "webdataset":  # row length, eval budget and mode from the data, before any eval
+        references = [s.reference for s in (*target_val, *original_val)]
+        apply_to_run(run, tokenizer, loader_config(run, data), references, "finetune")
     evals = {"target": target_val, "original": original_val}
     return Prepared(base_path, data, model, peft_model, tokenizer, added, evals)
 
@@ -259,11 +292,18 @@ def finish(
                                    meta={"added_chars": "".join(prep.added)})  # fmt: skip
     if ft.export in ("merged", "both"):
         target = prep.peft_model if prep.peft_model is not None else prep.model
-        merged_dir = export_merged(target, prep.tokenizer, out / "merged")
+        merged_dir = export_merged(
+            target, prep.tokenizer, out / "merged", modeling_from=release_code(run, prep)
+        )
+    ecfg = eval_config(run)
+    info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(loader_config(run, prep.data).sources))
+    for folder in (adapter_dir, merged_dir):
+        if folder is not None:
+            info.write(folder)
     job = FinetuneResult(
         out_dir=out,
         steps=steps,
-        first_loss=losses[0] if losses else None,
+        first_loss=first_logged_loss(out),  # the run's first step, also after a resume
         last_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else None,
         reports=reports,
         added_chars=prep.added,
@@ -275,15 +315,22 @@ def finish(
     return job
 
 
+def release_code(run: RunConfig, prep: Prepared) -> Path | None:
+    """Where the merged export copies the release's modeling files from (config.json's auto_map
+    names them): finetune.release_code, else the base when it is a released directory holding them."""
+    if run.finetune.release_code:
+        return Path(run.finetune.release_code)
+    return prep.base_path if any(prep.base_path.glob("modeling_*.py")) else None
+
+
 def start_output(run: RunConfig, resolved_yaml: str | None) -> Path:
     out = Path(run.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resolved_yaml is not None:
-        (out / "config.yaml").write_text(resolved_yaml)
+        record_config(out, resolved_yaml, resume=run.train.resume, allow_change=run.train.allow_config_change)
     if run.parallel.pp != 1:
         raise ValueError(f"parallel.pp={run.parallel.pp}: a fine-tune runs data parallel only (pp=1)")
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
+    set_torch_threads(run.train.threads)
     return out
 
 

@@ -23,6 +23,7 @@ from pipeline.checkpoint_io import export_release, load_any
 from pipeline.config import RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
 from pipeline.data.loader import StreamingLoader
+from pipeline.data.profile import apply_to_run
 from pipeline.data.shards import expand_shards
 from pipeline.eval.data import EvalSample, read_eval_set
 from pipeline.eval.plots import plot_run
@@ -32,11 +33,14 @@ from pipeline.model import DeepSeekOCR, model_configs
 from pipeline.parallel.checkpoints import check_init_from
 from pipeline.parallel.topology import dist_env
 from pipeline.stage1.options import apply_model_options, export_encoder_if_requested, validate_model_options
+from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.logging import RunLogger
 from pipeline.train.loop import LocalTrainer, exit_preempted
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.train.run_dir import first_logged_loss, record_config
+from pipeline.training_info import TrainingInfo, mode_mix
 
 DEMO_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
 
@@ -334,7 +338,9 @@ def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResu
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resolved_yaml is not None:
-            (out / "config.yaml").write_text(resolved_yaml)
+            record_config(
+                out, resolved_yaml, resume=run.train.resume, allow_change=run.train.allow_config_change
+            )
     if run.parallel.pp > 1 or env.world_size > 1:
         preempted = run_distributed_job(run, out, env.rank)
         if preempted:
@@ -398,8 +404,7 @@ def run_job(run: RunConfig) -> JobResult:
             f"parallel.pp={run.parallel.pp}, parallel.dp={run.parallel.dp}: this entry runs one process; "
             "start pipeline/data-parallel jobs through launch/ (torchrun / deepspeed / SLURM)"
         )
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
+    set_torch_threads(run.train.threads)
     torch.manual_seed(run.train.seed)
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     device = resolve_device(run.train.device)
@@ -407,7 +412,10 @@ def run_job(run: RunConfig) -> JobResult:
     data = prepare_job_data(run, out)
     tokenizer, val_samples = data.tokenizer, data.val_samples
     tokenizer.save(out / "tokenizer")
-    loader = StreamingLoader(loader_config(run, data.train_shards), tokenizer, dp_rank=0, dp_world=1)
+    if run.data.kind == "webdataset":  # row length, eval budget and mode from the data, before any eval
+        apply_to_run(run, tokenizer, loader_config(run, None), [s.reference for s in val_samples], "job")
+    train_data = loader_config(run, data.train_shards)
+    loader = StreamingLoader(train_data, tokenizer, dp_rank=0, dp_world=1)
 
     model = build_run_model(run, tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -447,6 +455,7 @@ def run_job(run: RunConfig) -> JobResult:
     if not result.stopped_by_signal:
         result.last_checkpoint = trainer.save()
     export_release(model, tokenizer, out / "model")
+    TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources)).write(out / "model")
     export_encoder_if_requested(model, run, out, step=trainer.step)
 
     after = None
@@ -470,7 +479,7 @@ def run_job(run: RunConfig) -> JobResult:
     job = JobResult(
         out_dir=out,
         steps=result.steps,
-        first_loss=result.losses[0] if result.losses else None,
+        first_loss=first_logged_loss(out),  # the run's first step, also after a resume
         last_loss=sum(result.losses[-20:]) / len(result.losses[-20:]) if result.losses else None,
         cer_before=before.corpus_cer if before else None,
         cer_after=after.raw.corpus_cer if after else None,

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from pipeline.config import LoggerConfig
 
 
@@ -92,7 +94,9 @@ class RunLogger:
         if console:
             parts = [f"{k} {_fmt(record[k])}" for k in self.CONSOLE_KEYS if k in record]
             extra = record.get("event")
-            print(("[" + extra + "] " if extra else "") + " | ".join(parts), file=sys.stdout, flush=True)
+            # through tqdm: a progress bar on the console is redrawn below the line, not torn by it
+            tqdm.write(("[" + extra + "] " if extra else "") + " | ".join(parts), file=sys.stdout)
+            sys.stdout.flush()
         if self._wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
             self._wandb.log(scalars, step=record.get("step"))

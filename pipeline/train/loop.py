@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.batch import PackedBatch
 from pipeline.config import RunConfig
@@ -94,6 +95,12 @@ def step_record(step: int, loss: float, lm: float, aux: float, lr: float, grad_n
         "tokens_per_s": tokens / dt,
         "samples_per_s": rows / dt,
     }
+
+
+def progress_bar(start: int, total: int) -> tqdm:
+    """Steps done / to do with an ETA on an interactive console; disabled when stderr is not a
+    terminal (batch logs keep only the periodic log lines)."""
+    return tqdm(total=total, initial=start, unit="step", desc="train", disable=None, dynamic_ncols=True)
 
 
 class LocalTrainer:
@@ -196,7 +203,7 @@ class LocalTrainer:
         bad_in_row = 0
         self.model.train()
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
-        with SigtermFlag() as sigterm:
+        with SigtermFlag() as sigterm, progress_bar(self.step, cfg.max_steps) as bar:
             while self.step < cfg.max_steps:
                 if time.monotonic() > deadline:  # a time-boxed run ends like a finished one
                     self.logger.log(
@@ -235,6 +242,8 @@ class LocalTrainer:
                 self.step += 1
                 result.losses.append(loss)
                 dt = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == 1:
                     self._log_step(loss, lm, aux, float(grad_norm), tokens, docs, dt)
                 if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
