@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.batch import PackedBatch
+from pipeline.data.packing import collate_unpacked
 from pipeline.model import build_model
 from pipeline.processing import process_image
 from pipeline.prompts import build_example
@@ -20,11 +20,7 @@ def test_compiled_regions_match_eager_loss_and_gradients():
               for _ in range(2)]  # fmt: skip
     views = [process_image(image, "debug") for image in images]
     example = build_example(tok, "<image>x<image>\nFree OCR.", "ab cd", views)
-    n = len(example)
-    batch = PackedBatch(
-        torch.tensor([example.input_ids]), torch.tensor([example.labels]),
-        torch.arange(n)[None], torch.zeros(1, n, dtype=torch.long), [views],
-    )  # fmt: skip
+    batch = collate_unpacked([example], tok.pad_id, tok.image_id)
 
     def loss_and_grads(compiled: bool):
         torch.manual_seed(0)
