@@ -6,12 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from data_tools.images import load_rgb
 from pipeline.checkpoint_io import export_release, import_release
 from pipeline.cli.infer import main as infer
 from pipeline.data.config import SourceSpec
 from pipeline.generation import generate
 from pipeline.model import build_model
-from pipeline.processing import load_image, process_image
+from pipeline.processing import process_image
 from pipeline.prompts import PROMPTS
 from pipeline.tokenizer import build_char_tokenizer
 from pipeline.training_info import TrainingInfo, mode_mix, resolve_mode_prompt
@@ -84,7 +85,7 @@ def test_infer_uses_the_trained_mode_by_default(setup, capsys):
     assert infer(["--checkpoint", str(root / "ckpt"), "--max-new-tokens", "6", "--json", image]) == 0
     out = capsys.readouterr()
     expected = generate(
-        model, tok, [[process_image(load_image(image), "debug")]], [PROMPTS["free_ocr"]], max_new_tokens=6
+        model, tok, [[process_image(load_rgb(image), "debug")]], [PROMPTS["free_ocr"]], max_new_tokens=6
     )
     assert json.loads(out.out)["text"] == expected[0].text and "warning" not in out.err
     assert (
