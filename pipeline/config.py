@@ -20,7 +20,7 @@ from pipeline.finetune.config import FinetuneConfig
 SCHEDULES = ("step", "cosine", "constant")  # pipeline.train.optim.lr_factor
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_KINDS = ("synth_lines", "webdataset")
+DATA_KINDS = ("synth_lines", "webdataset", "real_lines")
 
 
 def _require(ok: bool, field_name: str, value: object, fix: str) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.data.config import LoaderConfig
@@ -45,7 +46,7 @@ def _refs(config: LoaderConfig, limit: int):
         taken = 0
         for shard in expand_shards(source.shards):
             for entry in index_shard(shard, skips):
-                yield SampleRef(index, shard, entry.key, entry.files, 0)
+                yield SampleRef(index, shard, entry.key, entry.files, 0, Path(shard).name)
                 taken += 1
                 if taken >= limit:
                     break

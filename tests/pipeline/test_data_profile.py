@@ -3,6 +3,7 @@
 import dataclasses
 import io
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -62,7 +63,7 @@ def test_profile_measures_what_training_decodes(shards, tok):
     assert profile.longest_label == len(LABELS[1]) + 1  # one token per character, + EOS
     # the longest sample fits exactly that row length, and no shorter one
     refs = [
-        SampleRef(0, s, e.key, e.files, 0)
+        SampleRef(0, s, e.key, e.files, 0, Path(s).name)
         for s in expand_shards(str(shards))
         for e in index_shard(s, SkipCounter())
     ]
