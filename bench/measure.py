@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
     """Synchronising CUDA calls made by fn() (torch's sync debug mode); None off CUDA."""
+    sites = host_sync_sites(fn, device)
+    return None if sites is None else sum(sites.values())
+
+
+def host_sync_sites(fn: Callable[[], object], device: torch.device) -> Counter | None:
+    """file:line -> synchronising CUDA calls made there by fn() (torch's sync debug mode); None
+    off CUDA (fn still runs)."""
     if device.type != "cuda":
         fn()
         return None
@@ -94,7 +102,7 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | No
             sync(device)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchronizing" in str(w.message).lower() for w in caught)
+    return Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message).lower())
 
 
 # ----------------------------------------------------------------------------- FLOPs

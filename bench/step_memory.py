@@ -14,28 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from bench.full_step import RELEASE_IMAGE_TOKEN_ID, cast_parameters
+from bench.measure import host_sync_sites
 from bench.step_data import make_batches, make_documents, render_views
 from pipeline.model import build_model
-
-
-def sync_sites(fn) -> Counter:
-    """file:line of every synchronising CUDA call fn() makes (torch's sync debug mode)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
 
 
 def measure(encoder: str, decoder: str, seq_len: int, chunks: list[int], device: torch.device) -> dict:
@@ -67,7 +53,7 @@ def measure(encoder: str, decoder: str, seq_len: int, chunks: list[int], device:
         step()
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - begin
-        sites = sync_sites(step)
+        sites = host_sync_sites(step, device)
         torch.cuda.synchronize(device)
         out["variants"][str(chunk)] = {
             "loss_chunk_tokens": chunk,

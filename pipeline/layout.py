@@ -39,10 +39,6 @@ class ImageLayout:
     gather_index: torch.Tensor
     row_counts: torch.Tensor
 
-    @property
-    def num_placeholders(self) -> int:
-        return int(self.gather_index.numel())
-
 
 def _grid_layout(first_cells: torch.Tensor, w: int, h: int, q: int) -> torch.Tensor:
     """Table indices of a stitched w x h grid of q x q views, with a newline per stitched row."""

@@ -100,7 +100,8 @@ class UnitContext:
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _get(model: nn.Module, path: str):
+def module_at(model: nn.Module, path: str):
+    """The submodule or parameter at a dotted path (list indices as numbers): a unit's `paths`."""
     obj = model
     for name in path.split("."):
         obj = obj[int(name)] if isinstance(obj, nn.ModuleList) else getattr(obj, name)
@@ -130,7 +131,7 @@ class Unit:
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         found: list[nn.Parameter] = []
         for path in self.paths:
-            obj = _get(model, path)
+            obj = module_at(model, path)
             found += [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters())
         return found
 

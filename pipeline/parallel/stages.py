@@ -33,7 +33,7 @@ from torch import nn
 from decoder import DecoderConfig, DecoderModel
 from deepencoder import DeepEncoder, EncoderConfig
 from pipeline.model import DeepSeekOCR
-from pipeline.units import PrepareCache, Unit, UnitContext, _get
+from pipeline.units import PrepareCache, Unit, UnitContext, module_at
 
 UNIT_PREFIX = "model."  # unit state-dict key = UNIT_PREFIX + DeepSeekOCR key
 LINK_KEYS = ("frozen_link", "frozen_link_matrix")  # the SAM unit's zero-weight parameters; not model weights
@@ -81,9 +81,9 @@ def build_stage_model(
     cpu = torch.device("cpu")
     for path in unit.paths:
         owner, _, name = path.rpartition(".")
-        obj = _get(model, path)
+        obj = module_at(model, path)
         if isinstance(obj, nn.Parameter):
-            setattr(_get(model, owner), name, nn.Parameter(torch.empty_like(obj, device=cpu)))
+            setattr(module_at(model, owner), name, nn.Parameter(torch.empty_like(obj, device=cpu)))
         else:
             obj.to_empty(device=cpu)
     torch.manual_seed(seed)
