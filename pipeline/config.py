@@ -238,10 +238,7 @@ class TrainConfig:
     deterministic: bool = False
     allow_config_change: bool = False  # resume under another config (pipeline.train.run_dir)
     threads: int = 0  # torch CPU threads, 0 = the free cores (pipeline.threads)
-    max_minutes: float = 0.0  # single-process runs: stop training after this wall time (0 = no limit)
-    compile: bool = (
-        False  # single-process runs: torch.compile the repeated blocks (DeepSeekOCR.compile_regions)
-    )
+    max_minutes: float = 0.0  # stop training after this wall time, agreed by all ranks (0 = no limit)
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "train at least 1 step")

@@ -39,8 +39,8 @@ from pipeline.finetune.job import (
 from pipeline.parallel.ds_config import deepspeed_config
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
+from pipeline.train.local_engine import batch_to
 from pipeline.train.logging import NullLogger, RunLogger
-from pipeline.train.loop import batch_to
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 
 

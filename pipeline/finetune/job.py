@@ -11,7 +11,7 @@
    a character vocabulary is extended to the target's new letters (`pipeline.finetune.vocab`).
 4. Eval before and after on the held-out target set and the held-out original-capability set
    (`pipeline.eval`), so both the gain and any forgetting show in one table.
-5. Train with `pipeline.train.loop.LocalTrainer` (same loop, checkpoints, resume and logs as
+5. Train with `pipeline.train.trainer.Trainer` (same loop, checkpoints, resume and logs as
    `dsocr-train`), then export the adapter and/or the merged release-layout checkpoint.
 """
 
@@ -43,9 +43,8 @@ from pipeline.processing import mode_weights
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer
 from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
+from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
-from pipeline.train.loop import LocalTrainer
-from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.train.run_dir import first_logged_loss, record_config
 from pipeline.training_info import TRAINING_INFO, TrainingInfo, mode_mix
 
@@ -357,16 +356,15 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     reports = evaluate_sets(run, prep, out, "before")
 
     loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer, dp_rank=0, dp_world=1)
-    optimizer = build_optimizer(param_groups(prep.model, run.optim.weight_decay), run.optim)
-    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
     logger = RunLogger(out, run.logger, asdict(run), run.name)
-    trainer = LocalTrainer(prep.model, optimizer, scheduler, loader, run, device=device, logger=logger)
-    trainer.maybe_resume()
+    trainer = local_trainer(prep.model, loader, train=run.train, optim=run.optim, parallel=run.parallel,
+                            seq_len=run.data.seq_len, device=device, logger=logger,
+                            meta={"finetune": run.finetune.method})  # fmt: skip
+    trainer.resume()
     result = trainer.train()
     if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
         logger.close()
         return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None)
-    trainer.save()
     after = evaluate_sets(run, prep, out, "after")
     for name, report in after.items():
         logger.log(

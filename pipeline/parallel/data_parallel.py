@@ -56,8 +56,8 @@ from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_lo
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
 from pipeline.stage1.options import export_encoder_if_requested
+from pipeline.train.local_engine import batch_to
 from pipeline.train.logging import NullLogger, RunLogger
-from pipeline.train.loop import batch_to
 
 ZERO_STAGES = (0, 1, 2)
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]

@@ -20,17 +20,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.train.checkpoint import rng_state, set_rng_state
-from pipeline.train.loop import SigtermFlag, TrainResult, step_record
-
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16 per GPU
-
-
-def peak_flops() -> float:
-    """Dense bf16 peak of this rank's GPU (0 when unknown, e.g. CPU: no MFU logged)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    name = torch.cuda.get_device_name()
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+from pipeline.train.trainer import SigtermFlag, TrainResult, expert_load_fields, peak_flops
 
 
 @dataclass
@@ -40,16 +30,6 @@ class EngineResult(TrainResult):
 
     stage: int = 0
     dp_rank: int = 0
-
-
-def expert_load_fields(table: torch.Tensor) -> dict[str, Any]:
-    """Log fields of per-layer expert counts (n_moe_layers, E): the counts, and the busiest
-    expert's share over the mean share, averaged over the layers (1.0 = perfectly balanced)."""
-    load = table.float() / table.sum(dim=1, keepdim=True).clamp(min=1)
-    return {
-        "expert_counts": table.long().tolist(),
-        "expert_load_max_over_mean": float((load.max(dim=1).values * table.shape[1]).mean()),
-    }
 
 
 class EngineTrainer:
@@ -79,9 +59,9 @@ class EngineTrainer:
 
         world = self.topology.world_size
         grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        record = step_record(
-            self.step, loss, lm, aux, self.scheduler.get_last_lr()[0], grad_norm, tokens, rows, dt
-        )
+        record = {"step": self.step, "loss": loss, "lm_loss": lm, "aux_loss": aux,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+                  "samples_per_s": rows / dt}  # fmt: skip
         record.update(tokens_per_s_per_gpu=tokens / dt / world, step_time=dt, bad_steps=self.bad_total)
         peak = peak_flops()
         if peak and tokens:
@@ -186,4 +166,4 @@ class EngineTrainer:
         return result
 
 
-__all__ = ["EngineResult", "EngineTrainer"]
+__all__ = ["EngineResult", "EngineTrainer", "expert_load_fields"]

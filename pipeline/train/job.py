@@ -36,10 +36,10 @@ from pipeline.stage1.options import apply_model_options, export_encoder_if_reque
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
 from pipeline.train.checkpoint import latest_checkpoint
+from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
-from pipeline.train.loop import LocalTrainer, exit_preempted
-from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.train.run_dir import first_logged_loss, record_config
+from pipeline.train.trainer import exit_preempted
 from pipeline.training_info import TrainingInfo, mode_mix
 
 DEMO_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
@@ -439,21 +439,15 @@ def run_job(run: RunConfig) -> JobResult:
     other_before = {name: before_eval(samples, other_cfg[name], f"before_{name}")
                     for name, samples in other_sets.items()}  # fmt: skip
 
-    if run.train.compile:
-        model.compile_regions()
-    optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
-    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
     logger = RunLogger(out, run.logger, asdict(run), run.name)
     periodic = None
     if run.train.eval_every and val_samples:  # held-out CER during training (cer in metrics.jsonl)
         periodic = training_eval_hook(tokenizer, val_samples, ecfg, out_dir=out / "eval")
-    trainer = LocalTrainer(
-        model, optimizer, scheduler, loader, run, device=device, logger=logger, evaluate=periodic
-    )
-    trainer.maybe_resume()
+    trainer = local_trainer(model, loader, train=run.train, optim=run.optim, parallel=run.parallel,
+                            seq_len=run.data.seq_len, device=device, logger=logger, evaluate=periodic,
+                            meta={"model": {"encoder": run.model.encoder, "decoder": run.model.decoder}})  # fmt: skip
+    trainer.resume()
     result = trainer.train()
-    if not result.stopped_by_signal:
-        result.last_checkpoint = trainer.save()
     export_release(model, tokenizer, out / "model")
     TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources)).write(out / "model")
     export_encoder_if_requested(model, run, out, step=trainer.step)

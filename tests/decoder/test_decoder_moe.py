@@ -82,7 +82,7 @@ def test_backends_agree_in_bf16():
 
 @pytest.mark.unit
 def test_experts_compute_in_autocast_dtype(monkeypatch):
-    """fp32 weights under bf16 autocast (LocalTrainer): the experts pick their backend for bf16
+    """fp32 weights under bf16 autocast (the local engine): the experts pick their backend for bf16
     (grouped_mm on Hopper, not the host-syncing fp32 fallbacks) and equal the bf16 computation."""
     import decoder.moe as moe_mod
 

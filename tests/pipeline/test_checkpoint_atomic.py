@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pipeline.atomic as atomic
-import pipeline.train.loop as loop
+import pipeline.train.local_engine as local_engine
 from pipeline.config import OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from pipeline.data.config import LoaderConfig
 from pipeline.data.loader import StreamingLoader
@@ -22,8 +22,8 @@ from pipeline.data.testing import write_ocr_shards
 from pipeline.model import build_model
 from pipeline.tokenizer import build_char_tokenizer
 from pipeline.train.checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint
-from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
 from pipeline.train.state_io import load_state, save_state
+from pipeline.train.trainer import Trainer
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +40,7 @@ def shards(tmp_path_factory):
     return write_ocr_shards(tmp_path_factory.mktemp("shards"), num_shards=2, per_shard=6)
 
 
-def trainer(out_dir: Path, shards: list[str]) -> loop.LocalTrainer:
+def trainer(out_dir: Path, shards: list[str]) -> Trainer:
     torch.manual_seed(0)
     tok = build_char_tokenizer(ALPHABET)
     run = RunConfig(
@@ -50,19 +50,18 @@ def trainer(out_dir: Path, shards: list[str]) -> loop.LocalTrainer:
     )
     model = build_model("debug", "debug", tok.vocab_size, image_token_id=tok.image_id,
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)  # fmt: skip
-    optimizer = build_optimizer(param_groups(model, 0.1), run.optim)
-    scheduler = build_scheduler(optimizer, STEPS, run.optim)
     loader = StreamingLoader(
         LoaderConfig.debug(shards, seq_len=256, batch_size=1), tok, dp_rank=0, dp_world=1
     )
-    return loop.LocalTrainer(model, optimizer, scheduler, loader, run, device=torch.device("cpu"))
+    return local_engine.local_trainer(model, loader, train=run.train, optim=run.optim, parallel=run.parallel,
+                                      seq_len=256, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shards):
     t = trainer(tmp_path_factory.mktemp("ref"), shards)
     result = t.train()
-    return result.losses, {k: v.clone() for k, v in t.model.state_dict().items()}
+    return result.losses, {k: v.clone() for k, v in t.engine.model.state_dict().items()}
 
 
 def assert_same_weights(model, expected) -> None:
@@ -94,7 +93,7 @@ def _raise_killed(*args, **kwargs):
 def inject(monkeypatch, phase: str) -> None:
     """Arm a kill at `phase` of the next checkpoint save."""
     if phase == "write":
-        monkeypatch.setattr(loop, "save_state", _raise_killed)
+        monkeypatch.setattr(local_engine, "save_state", _raise_killed)
     elif phase == "manifest":
         monkeypatch.setattr(atomic, "write_manifest", _raise_killed)
     elif phase.startswith("replace"):
@@ -110,9 +109,9 @@ def inject(monkeypatch, phase: str) -> None:
         monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
 
 
-def resume_and_finish(out_dir: Path, shards) -> tuple[loop.LocalTrainer, int, list[float]]:
+def resume_and_finish(out_dir: Path, shards) -> tuple[Trainer, int, list[float]]:
     t = trainer(out_dir, shards)
-    ckpt = t.maybe_resume()
+    ckpt = t.resume()
     start = t.step
     assert ckpt is not None and atomic.incomplete_reason(ckpt) is None
     return t, start, t.train().losses
@@ -136,7 +135,7 @@ def test_kill_during_a_save_resumes_bitwise(tmp_path, shards, reference, monkeyp
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002"]
     resumed, start, more = resume_and_finish(tmp_path, shards)
     assert start == 2 and losses[:2] + more == losses  # bitwise
-    assert_same_weights(resumed.model, weights)
+    assert_same_weights(resumed.engine.model, weights)
 
 
 @pytest.mark.parametrize("phase", ["write", "manifest", "replace1", "replace2", "delete_old"])
@@ -154,7 +153,7 @@ def test_kill_during_a_resave_keeps_a_complete_checkpoint(tmp_path, shards, refe
     # replace2: the old step 4 is set aside, the new one not yet in, so step 2 is the newest
     assert start == (2 if phase == "replace2" else STEPS)
     assert losses[:start] + more == losses
-    assert_same_weights(resumed.model, weights)
+    assert_same_weights(resumed.engine.model, weights)
     trainer(tmp_path, shards).save()  # the next save clears the leftovers of the killed one
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".old-"))]
 

@@ -16,7 +16,7 @@ from pipeline.model import build_model
 from pipeline.processing import process_image
 from pipeline.prompts import build_example
 from pipeline.tokenizer import build_char_tokenizer
-from pipeline.train.loop import batch_to
+from pipeline.train.local_engine import batch_to
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -13,7 +13,8 @@ import signal
 import pytest
 
 import pipeline.train.job as job
-import pipeline.train.loop as loop
+import pipeline.train.local_engine as local_engine
+import pipeline.train.trainer as trainer
 from pipeline.model import DeepSeekOCR
 from tests.pipeline.test_job import compose_run
 
@@ -25,14 +26,15 @@ TINY = ["train.device=cpu", "data.synth.num_train=48", "data.synth.num_val=2", "
 
 
 def record_batches(monkeypatch) -> list[list]:
-    """Every training batch's sample keys, in order (the real batch_to still runs)."""
-    seen, real = [], loop.batch_to
+    """Every training batch's sample keys, in order (the real DeviceBatches still runs)."""
+    seen, real = [], local_engine.DeviceBatches.__next__
 
-    def batch_to(batch, device):
-        seen.append([list(row) for row in batch.keys])
-        return real(batch, device)
+    def take(self):
+        host, batch = real(self)
+        seen.append([list(row) for row in host.keys])
+        return host, batch
 
-    monkeypatch.setattr(loop, "batch_to", batch_to)
+    monkeypatch.setattr(local_engine.DeviceBatches, "__next__", take)
     return seen
 
 
@@ -115,18 +117,18 @@ def test_init_from_of_another_size_is_refused_before_the_build(tmp_path, monkeyp
 
 def test_sigterm_saves_and_exits_with_the_requeue_status(tmp_path, monkeypatch):
     seen = record_batches(monkeypatch)
-    real = loop.batch_to
+    real = local_engine.DeviceBatches.__next__
 
-    def batch_to(batch, device):  # the scheduler's SIGTERM arrives during step 1
+    def take(self):  # the scheduler's SIGTERM arrives during step 1
         if len(seen) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(batch, device)
+        return real(self)
 
-    monkeypatch.setattr(loop, "batch_to", batch_to)
+    monkeypatch.setattr(local_engine.DeviceBatches, "__next__", take)
     run = compose_run(tmp_path / "run", *TINY, "train.max_steps=4")
     with pytest.raises(SystemExit) as stop:
         job.run_from_config(run)
-    assert stop.value.code == loop.PREEMPTED_EXIT_CODE == 143
+    assert stop.value.code == trainer.PREEMPTED_EXIT_CODE == 143
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000001"]
 
 

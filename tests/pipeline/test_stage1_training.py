@@ -1,4 +1,4 @@
-"""Stage-1 training on CPU through the project's loop (LocalTrainer, StreamingLoader, AdamW + cosine):
+"""Stage-1 training on CPU through the project's loop (Trainer + LocalEngine, StreamingLoader, AdamW + cosine):
 the debug DeepEncoder + a dense debug LM learn from rendered reading lines (loss falls by a stated
 margin, every part of the encoder moves), frozen parts stay bit-identical, and the trained
 encoder, exported, initialises a stage-2 model exactly."""
@@ -19,8 +19,7 @@ from pipeline.model import build_model
 from pipeline.stage1 import MODEL_PARTS, apply_model_options, export_encoder_if_requested
 from pipeline.stage1.parts import model_part_of
 from pipeline.tokenizer import build_char_tokenizer
-from pipeline.train.loop import LocalTrainer
-from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.train.local_engine import local_trainer
 
 pytestmark = pytest.mark.unit
 
@@ -57,9 +56,8 @@ def train(run: RunConfig, shards: str):
     loader = StreamingLoader(
         LoaderConfig([source], seq_len=64, batch_size=8, seed=0), tok, dp_rank=0, dp_world=1
     )
-    optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
-    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
-    result = LocalTrainer(model, optimizer, scheduler, loader, run, device=torch.device("cpu")).train()
+    result = local_trainer(model, loader, train=run.train, optim=run.optim, parallel=run.parallel, seq_len=64,
+                           device=torch.device("cpu")).train(final_checkpoint=False)
     return model, before, result
 
 
