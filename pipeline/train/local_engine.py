@@ -158,7 +158,8 @@ class LocalEngine:
         bad = (
             (~torch.isfinite(total[0] + norm)).to(torch.float32).reshape(())
         )  # 0-dim: what fused AdamW takes
-        lr = self.lr_table[self.good.clamp(max=self.max_steps)]
+        # index_select, not lr_table[good]: indexing with a 0-dim tensor converts it to an int (a sync)
+        lr = self.lr_table.index_select(0, self.good.clamp(max=self.max_steps).view(1)).reshape(())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.found_inf = bad
