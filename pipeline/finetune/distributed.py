@@ -4,22 +4,23 @@ Launched like every multi-process job (torchrun / `deepspeed --no_local_rank` / 
 set RANK, WORLD_SIZE, LOCAL_RANK); `dsocr-finetune` dispatches here when WORLD_SIZE > 1.
 Every rank builds the same adapted model (`pipeline.finetune.job.prepare`, seeded; DeepSpeed
 also broadcasts rank 0's weights at initialisation), reads its own share of the target/replay
-mixture (`StreamingLoader(dp_rank, dp_world)`), and DeepSpeed averages the gradients of the
-trainable parameters only (adapters, or the chosen components). Batch arithmetic, ZeRO stage,
-clipping and bf16 come from `pipeline.parallel.ds_config` (global = micro x accumulation x DP),
-the optimizer is our AdamW object over the trainable groups, the schedule our LambdaLR.
-Rank 0 evaluates before and after, logs and exports; the others wait at a barrier.
+mixture (`StreamingLoader(dp_rank, dp_world)`), and trains it with the loop of every path,
+`pipeline.train.trainer.Trainer`, over `pipeline.parallel.data_parallel.DataParallelEngine`:
+DeepSpeed averages the gradients of the trainable parameters only (adapters, or the chosen
+components); ZeRO 0/1/2, batch arithmetic (global = micro x accumulation x DP), clipping and
+bf16 as in `data_parallel_ds_config`; our AdamW over the trainable groups and LambdaLR. So a
+data-parallel fine-tune has what the single-process one has: periodic checkpoints
+(`train.save_every`, meta kind "data_parallel" with the fine-tune method), exact resume from the
+newest one (`train.resume`), a checkpoint on SIGTERM, the time box `train.max_minutes`,
+non-finite steps skipped on every rank, and the common log keys. Rank 0 evaluates before and
+after, logs and exports (adapter and/or merged); the others wait at a barrier.
 
-Limits: pipeline parallelism is not used (LoRA fine-tunes fit one GPU per replica; a full
-fine-tune of the release needs ~60 GiB per replica in bf16 + fp32 Adam, or ZeRO-1 sharding of
-the optimizer states over DP); no periodic checkpoints / resume in this path (fine-tunes are
-short: rerun); a non-finite loss stops the run instead of being skipped.
+Pipeline parallelism is not used (LoRA fine-tunes fit one GPU per replica; a full fine-tune of
+the release needs ~60 GiB per replica in bf16 + fp32 Adam, or ZeRO-1/2 sharding over DP).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict
 
 import torch
@@ -36,29 +37,36 @@ from pipeline.finetune.job import (
     prepare,
     start_output,
 )
-from pipeline.parallel.ds_config import deepspeed_config
+from pipeline.parallel.data_parallel import DataParallelEngine, data_parallel_ds_config
+from pipeline.parallel.engine_base import seed_rank
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
-from pipeline.train.local_engine import batch_to
 from pipeline.train.logging import NullLogger, RunLogger
-from pipeline.train.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.train.trainer import Trainer
 
 
-def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult | None:
-    """The data-parallel fine-tune of this rank; rank 0 returns the result, the others None."""
-    env = dist_env()
-    p = run.parallel
-    topology = Topology(world_size=env.world_size, pp=1, micro_batch=p.micro_batch, global_batch=p.global_batch,
-                        dp=p.dp)  # fmt: skip
+def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
+    """ValueError for what this path cannot run, before any process group or model."""
     if run.data.kind != "webdataset":
         raise ValueError(
             "a data-parallel fine-tune reads webdataset shards (data.kind=webdataset); the embedded demo "
             "(data.kind=synth_lines) runs in one process"
         )
-    ds_config = deepspeed_config(run, topology)  # validates dtype / ZeRO / schedule before any work
+    p = run.parallel
+    topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch, global_batch=p.global_batch,
+                        dp=p.dp)  # fmt: skip
+    data_parallel_ds_config(run, topology)  # dtype / ZeRO / schedule / clipping
+    return topology
+
+
+def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult | None:
+    """The data-parallel fine-tune of this rank; rank 0 returns the result, the others None."""
+    env = dist_env()
+    topology = validate_finetune_dp(run, env.world_size)
     rank = env.rank
     out = start_output(run, resolved_yaml if rank == 0 else None)
     device = init_distributed()
+    seed_rank(run.train)
     prep = prepare(run, out)
     prep.model.to(device)
     reports = {}
@@ -68,44 +76,28 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
         reports = evaluate_sets(run, prep, out, "before")
     dist.barrier()
 
-    import deepspeed
-
-    optimizer = build_optimizer(param_groups(prep.model, run.optim.weight_decay), run.optim)
-    scheduler = build_scheduler(optimizer, run.train.max_steps, run.optim)
-    engine, _, _, _ = deepspeed.initialize(model=prep.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)  # fmt: skip
+    engine = DataParallelEngine(run, topology, prep.tokenizer, prep.model, device,
+                                meta={"finetune": run.finetune.method})  # fmt: skip
     loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer,
-                             dp_rank=topology.dp_rank(rank), dp_world=topology.dp)  # fmt: skip
+                             dp_rank=engine.dp_rank, dp_world=topology.dp)  # fmt: skip
     logger = RunLogger(out, run.logger, asdict(run), run.name) if rank == 0 else NullLogger()
-    batches = iter(loader)
-    losses: list[float] = []
-    engine.train()
-    for step in range(1, run.train.max_steps + 1):
-        t0 = time.perf_counter()
-        total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, micro-batches)
-        for _ in range(topology.grad_accum):
-            batch = batch_to(next(batches), device)
-            result = engine(batch)
-            engine.backward(result.loss)
-            engine.step()
-            total += torch.stack(
-                [result.loss.detach().double(), torch.ones((), device=device, dtype=torch.float64)]
-            )
-        dist.all_reduce(total)
-        loss = float(total[0] / total[1])
-        if not math.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss} at step {step}: lower optim.lr or check the data")
-        losses.append(loss)
-        if step % run.train.log_every == 0 or step == 1:
-            logger.log({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                        "step_s": time.perf_counter() - t0, "world": topology.dp})  # fmt: skip
-
-    check_replicas_agree(engine.module)
+    trainer = Trainer(engine, run.train, loader, logger=logger)
+    trainer.resume()
+    result = trainer.train()
     job = None
+    if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
+        logger.close()
+        if rank == 0:
+            job = FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None)
+        return job
+    check_replicas_agree(engine.model)
     if rank == 0:
         after = evaluate_sets(run, prep, out, "after")
+        for name, report in after.items():
+            logger.log({"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer},
+                       console=False)  # fmt: skip
         logger.close()
-        job = finish(run, prep, out, {**reports, **after}, run.train.max_steps, losses)
+        job = finish(run, prep, out, {**reports, **after}, result.steps, result.losses)
     dist.barrier()
     return job
 

@@ -7,17 +7,20 @@ averages the gradients and shards optimizer states (ZeRO-1) or optimizer states 
 `dsocr-train` dispatches to `run_data_parallel_training` when parallel.pp = 1 and the world
 size is > 1 (`pipeline.train.job.run_distributed_job`); launch/ starts it like a pipeline job.
 
-What it shares with the pipeline trainer (`pipeline.parallel.trainer`), not copied:
+The run is `pipeline.train.trainer.Trainer` (the loop of every path: non-finite steps skipped and
+counted, `train.max_bad_steps` in a row stop the run, SIGTERM and `train.max_minutes` agreed by
+all ranks, checkpoints, exact resume, one log record) over `DataParallelEngine`, which shares with
+the pipeline's engine (`pipeline.parallel.engine_base`), not copied:
 - the DeepSpeed config of `pipeline.parallel.ds_config` (batch keys from `Topology`: global
   batch = micro x accumulation x DP, validated; clipping; bf16 with fp32 master weights), with
   the ZeRO stage from parallel.zero_stage (0, 1 or 2) and without the pipeline section;
 - our AdamW over `pipeline.train.optim.param_groups` and the LambdaLR schedules;
 - the step guard of `pipeline.parallel.engine.install_step_guard`: a non-finite loss on any
-  rank skips the update on every rank; `train.max_bad_steps` in a row stop the run;
+  rank skips the update on every rank; its one all-reduce also sums the step's losses and counts;
 - the atomic keep-last-N checkpoints of `pipeline.parallel.checkpoints` (meta kind
-  "data_parallel"; RNG states and the loader position per rank), SIGTERM saves agreed by all
-  ranks at the next step boundary, resume from the newest complete checkpoint;
-- `pipeline.train.logging` on rank 0 (the records of `LocalTrainer` plus per-GPU tokens/s).
+  "data_parallel"; RNG states and the loader position per rank).
+Rank 0 logs. The fine-tune's data-parallel path (`pipeline.finetune.distributed`) runs this
+engine over its adapted model.
 
 The model comes from `model_factory()` (the job's `build_run_model`: presets or
 `model.init_from`, then the stage-1 options `encoder_init` / `sam_init` / `clip_init` / `freeze`
@@ -38,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +54,21 @@ from pipeline.config import RunConfig
 from pipeline.model import DeepSeekOCR
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
-from pipeline.parallel.engine import install_step_guard, restore_fp32_rotary, run_model_configs
-from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
+from pipeline.parallel.engine import restore_fp32_rotary, run_model_configs
+from pipeline.parallel.engine_base import (
+    N_LOSSES,
+    DeepSpeedEngineBase,
+    EngineResult,
+    StepView,
+    rank_logger,
+    seed_rank,
+)
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
 from pipeline.stage1.options import export_encoder_if_requested
-from pipeline.train.local_engine import batch_to
+from pipeline.train.local_engine import batch_to, model_flops
 from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.train.trainer import StepStats, Trainer, expert_load_fields
 
 ZERO_STAGES = (0, 1, 2)
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
@@ -128,90 +139,124 @@ def run_data_parallel_training(
     logger: RunLogger | NullLogger | None = None,
     final_checkpoint: bool = True,
     export: bool = True,
+    on_step: Callable[[StepView], None] | None = None,
 ) -> EngineResult:
-    """Train `run` on this rank's replica; returns what this rank saw.
+    """Train `run` on this rank's replica with `pipeline.train.trainer.Trainer`; returns what this
+    rank saw.
 
     export=True: rank 0 writes `<out_dir>/model` (release layout) and, with
     model.export_encoder, `<out_dir>/encoder_export` at the end (not after a SIGTERM stop)."""
     env = dist_env()
-    topology, model_dict, resume_from = prepare_data_parallel(run, tokenizer, env.world_size)
+    topology, model_dict, _ = prepare_data_parallel(run, tokenizer, env.world_size)
     device = init_distributed()
-    trainer = DataParallelTrainer(run, topology, tokenizer, device)
-    trainer.setup(model_factory, model_dict, resume_from, loader_factory, logger)
+    seed_rank(run.train)  # identical init on every rank
+    model = model_factory()
+    built = configs_to_dict(model)
+    if built != model_dict:
+        ckpt_io.check_same_size(configs_from_dict(built), configs_from_dict(model_dict), "the built model")
+    engine = DataParallelEngine(run, topology, tokenizer, model, device)
+    logger = rank_logger(run, logger, engine.is_logging_rank)
+    loader = loader_factory(engine.dp_rank, topology.dp)
+    hook = None if on_step is None else (lambda t: on_step(engine.view(t.step)))
+    trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook, on_step=hook)
     try:
-        result = trainer.train(eval_hook, final_checkpoint=final_checkpoint)
+        trainer.resume()
+        result = trainer.train(final_checkpoint=final_checkpoint)
         if export and not result.stopped_by_signal:
-            trainer.export()
-        return result
+            engine.export(trainer.step, logger)
+        return engine.result(result)
     finally:
-        trainer.logger.close()
+        logger.close()
 
 
-class DataParallelTrainer(EngineTrainer):
-    """The per-rank state of a data-parallel run: engine, data iterator, counters, checkpoints
-    (the loop itself: `engine_loop.EngineTrainer.train`)."""
+class DataParallelEngine(DeepSpeedEngineBase):
+    """The `Engine` of a data-parallel run: `model` (built identically on every rank, trainable
+    parameters chosen) in DeepSpeed's engine, ZeRO parallel.zero_stage; rank 0 logs.
 
-    def __init__(self, run: RunConfig, topology: Topology, tokenizer, device: torch.device) -> None:
-        super().__init__(run, device)
-        self.topology, self.tokenizer = topology, tokenizer
-        self.rank = dist.get_rank()
-        self.dp_rank = topology.dp_rank(self.rank)
-        self._micro_losses: list[torch.Tensor] = []
+    `meta` adds entries to the checkpoints' meta.json (the fine-tune names its method)."""
 
-    # ------------------------------------------------------------------ setup
-    def setup(
-        self, model_factory, model_dict: dict, resume_from: Path | None, loader_factory, logger
-    ) -> None:
+    kind = ckpt_io.DP_KIND
+
+    def __init__(self, run: RunConfig, topology: Topology, tokenizer, model: DeepSeekOCR,
+                 device: torch.device, meta: dict | None = None) -> None:  # fmt: skip
         import deepspeed
 
-        run = self.run
-        torch.manual_seed(run.train.seed)  # identical init on every rank
-        model = model_factory()
-        built = configs_to_dict(model)
-        if built != model_dict:
-            ckpt_io.check_same_size(
-                configs_from_dict(built), configs_from_dict(model_dict), "the built model"
-            )
+        super().__init__(run, topology, tokenizer, device, model_flops(model, run.data.seq_len))
+        self.is_logging_rank = self.rank == 0
         model.train()
         if run.parallel.compile_layers:
             model.compile_regions(backend=run.parallel.compile_backend)
         optimizer, scheduler = build_optimizer_and_scheduler(model, run)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=data_parallel_ds_config(run, self.topology),
+            config=data_parallel_ds_config(run, topology),
         )  # fmt: skip
         restore_fp32_rotary(self.engine.module)
-        install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
-        self.meta = {"pp": 1, "dp": self.topology.dp, "parts": None, "model": built,
-                     "zero_stage": run.parallel.zero_stage, "run": ckpt_io.run_config_dict(run)}  # fmt: skip
-        if logger is None:
-            cfg = ckpt_io.run_config_dict(run)
-            logger = (
-                RunLogger(run.train.out_dir, run.logger, cfg, run.name) if self.rank == 0 else NullLogger()
-            )
-        self.logger = logger if self.rank == 0 else NullLogger()
-        self.loader = loader_factory(self.dp_rank, self.topology.dp)
-        if resume_from is not None:
-            self._resume(resume_from, self.loader)
-        self.batches = iter(self.loader)
-        self.engine.train()
+        self._install_guard()
+        self.module = self.engine.module
+        self.meta = {"pp": 1, "dp": topology.dp, "parts": None, "model": configs_to_dict(model),
+                     "zero_stage": run.parallel.zero_stage, "run": ckpt_io.run_config_dict(run), **(meta or {})}  # fmt: skip
 
     @property
     def model(self) -> DeepSeekOCR:
         return self.engine.module
 
-    # ------------------------------------------------------------------ step guard
-    def _local_step_ok(self) -> bool:
-        return bool(torch.isfinite(torch.stack(self._micro_losses)).all()) if self._micro_losses else True
+    # ------------------------------------------------------------------ step
+    def step(self, batches: Iterator[PackedBatch]) -> StepStats:
+        """One optimizer step = grad_accum micro-batches; the engine averages the gradients over
+        micro-batches and ranks, the guard (at the last micro-batch) sums the figures."""
+        self.engine.train()
+        sums = torch.zeros(N_LOSSES, dtype=torch.float64, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        tokens = rows = images = wait = 0.0
+        accum = self.topology.grad_accum
+        for micro in range(accum):
+            start = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - start
+            tokens, rows = tokens + batch.num_tokens, rows + batch.num_documents
+            images += batch.image_positions.numel()
+            out = self.engine(batch_to(batch, self.device))
+            self.engine.backward(out.loss)
+            values = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach().double()
+            sums += values
+            bad |= ~torch.isfinite(values[0])
+            if micro == accum - 1:  # what the guard all-reduces at this last micro-batch's step
+                self._set_local(bad, sums / accum, [tokens, rows, images])
+            self.engine.step()  # the optimizer runs (guarded) at the accumulation boundary
+        return self._stats(None, wait)
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        rank_state = self._rank_state(self.loader)
-        return ckpt_io.save_engine_checkpoint(
-            self.engine, out_dir=self.run.train.out_dir, step=self.step, rank=self.rank, rank_state=rank_state,
-            meta=self.meta, tokenizer=self.tokenizer, keep_last=self.run.train.keep_last, kind=ckpt_io.DP_KIND,
-        )  # fmt: skip
+    # ------------------------------------------------------------------ logging and eval
+    def extras(self) -> dict[str, Any]:
+        """Skipped samples of every rank (a gather to rank 0) and rank 0's expert load."""
+        skips = getattr(self._loader, "skip_counts", None)
+        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(dict(skips or {}), gathered, dst=0)
+        if self.rank != 0:
+            return {}
+        record: dict[str, Any] = {}
+        merged = sum((Counter(g) for g in gathered or []), Counter())
+        if merged:
+            record["skipped"] = dict(merged)
+        decoder = getattr(self.model, "decoder", None)
+        counts = decoder.expert_counts() if hasattr(decoder, "expert_counts") else None
+        if counts is not None:  # (n_moe_layers, E) of rank 0's last micro-batch
+            record.update(expert_load_fields(counts))
+        return record
 
+    def evaluate(self, hook, step: int) -> dict | None:
+        """Rank 0 evaluates its replica (identical on every rank); the others wait."""
+        metrics = None
+        if self.rank == 0:
+            model = self.model
+            model.eval()
+            with torch.no_grad():
+                metrics = hook(model, step)
+            model.train()
+        dist.barrier()
+        return metrics
+
+    # ------------------------------------------------------------------ export
     def master_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the model's state dict on CPU with the fp32 master copy of every trainable
         weight (ZeRO-1/2 and bf16 keep it in the optimizer; fp32 ZeRO-0 weights are the masters)."""
@@ -225,7 +270,7 @@ class DataParallelTrainer(EngineTrainer):
                     state[name] = master.detach().cpu()
         return state
 
-    def export(self) -> None:
+    def export(self, step: int, logger) -> None:
         """Rank 0: `<out_dir>/model` in the released layout (fp32 masters) and the stage-1 encoder export."""
         state = self.master_state_dict()
         if self.rank == 0:
@@ -234,72 +279,14 @@ class DataParallelTrainer(EngineTrainer):
             model = model_from_state(state, configs_from_dict(self.meta["model"]))
             out = Path(self.run.train.out_dir)
             export_release(model, self.tokenizer, out / "model")
-            exported = export_encoder_if_requested(model, self.run, out, step=self.step)
-            self.logger.log({"event": "export", "step": self.step, "model": str(out / "model"),
-                             "encoder_export": str(exported) if exported else None})  # fmt: skip
-        dist.barrier()
-
-    # ------------------------------------------------------------------ loop
-    def _step(self) -> tuple[float, float, torch.Tensor]:
-        """One optimizer step = grad_accum micro-batches; returns (mean loss over ranks, wall time,
-        [loss, lm, aux, tokens, rows, image tokens] summed over ranks). The engine averages
-        gradients over micro-batches and ranks."""
-        t0 = time.perf_counter()
-        self._micro_losses = []
-        parts, tokens, rows, images = [], 0, 0, 0
-        image_id = self.model.image_token_id
-        for _ in range(self.topology.grad_accum):
-            batch = next(self.batches)
-            tokens, rows = tokens + batch.num_tokens, rows + batch.num_documents
-            images += int((batch.input_ids == image_id).sum())
-            out = self.engine(batch_to(batch, self.device))
-            self.engine.backward(out.loss)
-            values = torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach().float()
-            self._micro_losses.append(values[0])
-            parts.append(values)
-            self.engine.step()  # the optimizer runs (guarded) at the accumulation boundary
-        mean = torch.stack(parts).mean(dim=0).double()
-        counts = torch.tensor([tokens, rows, images], dtype=torch.float64, device=mean.device)
-        totals = torch.cat([mean, counts]).to(self.device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        return float(totals[0]) / self.topology.dp, time.perf_counter() - t0, totals
-
-    # ------------------------------------------------------------------ logging and eval
-    def _log_step(self, totals: torch.Tensor, dt: float) -> None:
-        skips = getattr(self.loader, "skip_counts", None)
-        gathered = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(dict(skips or {}), gathered, dst=0)  # skipped samples of every rank
-        if self.rank != 0:
-            return
-        dp = self.topology.dp
-        loss, lm, aux, tokens, rows, images = totals.tolist()
-        m = self.model
-        frozen_sam = not any(p.requires_grad for p in m.encoder.sam_model.parameters())
-        record = self._step_record(loss / dp, lm / dp, aux / dp, tokens, rows, images, dt,
-                                   m.encoder.config, m.decoder.config, frozen_sam)  # fmt: skip
-        merged = sum((Counter(g) for g in gathered or []), Counter())
-        if merged:
-            record["skipped"] = dict(merged)
-        counts = self.model.decoder.expert_counts()  # (n_moe_layers, E) of rank 0's last micro-batch
-        if counts is not None:
-            record.update(expert_load_fields(counts))
-        self.logger.log(record)
-
-    def _run_eval(self, eval_hook) -> None:
-        """Rank 0 evaluates its replica (identical on every rank); the others wait."""
-        if self.rank == 0:
-            model = self.model
-            model.eval()
-            with torch.no_grad():
-                metrics = eval_hook(model, self.step)
-            model.train()
-            self.logger.log({"event": "eval", "step": self.step, **metrics})
+            exported = export_encoder_if_requested(model, self.run, out, step=step)
+            logger.log({"event": "export", "step": step, "model": str(out / "model"),
+                        "encoder_export": str(exported) if exported else None})  # fmt: skip
         dist.barrier()
 
 
 __all__ = [
-    "DataParallelTrainer",
+    "DataParallelEngine",
     "data_parallel_ds_config",
     "prepare_data_parallel",
     "run_data_parallel_training",

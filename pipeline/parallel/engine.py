@@ -14,9 +14,9 @@ in token chunks (`parallel.loss_chunk_tokens`, pipeline/loss.py).
 
 `build_engine` wraps `deepspeed.initialize` and applies two documented adjustments to the
 engine instance (DeepSpeed 0.19, ../shared/spec/engine_notes.md):
-- a step guard around `_take_model_step`: every rank learns (one all-reduce) whether the last
-  stage saw a non-finite loss; if so the update, the LR schedule step and the step count are
-  skipped on all ranks and the gradients are dropped;
+- a step guard around `_take_model_step`: every rank learns (one all-reduce) whether any rank
+  saw a non-finite loss; if so the update, the LR schedule step and the step count are
+  skipped on all ranks and the gradients are dropped (`install_step_guard`);
 - the rotary `inv_freq` buffers are restored to fp32 after DeepSpeed casts the module to
   bf16 (a bf16 inverse frequency shifts RoPE angles by whole radians at position 8k).
 Units are initialised with seed `train.seed + unit index`, so a random init does not depend
@@ -256,20 +256,26 @@ def _drop_gradients(engine) -> None:
         engine.zero_grad()
 
 
-def install_step_guard(engine, local_ok: Callable[[], bool], on_skip: Callable[[], None]) -> None:
-    """Skip the optimizer step on every rank when any rank reports a non-finite step."""
+def install_step_guard(
+    engine, local_figures: Callable[[], torch.Tensor], on_reduced: Callable[[torch.Tensor], None]
+) -> None:
+    """Skip the optimizer step on every rank when any rank reports a non-finite step.
+
+    `local_figures()` is this rank's vector [non-finite flag (0 or 1), *figures]; one all-reduce
+    sums it over all ranks (the step's global figures ride along), `on_reduced(sums)` receives
+    the sums, and the update runs only when the summed flag is 0."""
     import torch.distributed as dist
 
     original = engine._take_model_step
 
     def guarded_step(lr_kwargs=None):
-        flag = torch.tensor([1 if local_ok() else 0], dtype=torch.int32, device=engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if int(flag.item()) == 1:
+        figures = local_figures().to(device=engine.device, dtype=torch.float64)
+        dist.all_reduce(figures)
+        on_reduced(figures)
+        if float(figures[0]) == 0.0:
             original(lr_kwargs)
         else:
             _drop_gradients(engine)
-            on_skip()
 
     engine._take_model_step = guarded_step
 

@@ -18,12 +18,14 @@ micro-batches; the first stage feeds them to the model, the last stage uses them
 sample counts and checks that the labels that travelled through the pipeline are the ones it
 read (a divergence raises instead of training on misaligned targets).
 
-Each optimizer step is one `engine.train_batch()` (micro-batches = gradient accumulation,
-1F1B schedule). Progress records carry the keys of `pipeline.train.loop.LocalTrainer` and are
-written by one rank, the last stage of data-parallel rank 0 (where the loss lives). A step whose
-loss is NaN/Inf is skipped on every rank and counted; `train.max_bad_steps` in a row stop the
-run with the last good checkpoint intact. Checkpoints: every `train.save_every` steps, at the
-end, and on SIGTERM (agreed by all ranks at the next step boundary); see
+The run is `pipeline.train.trainer.Trainer` (the loop of every path) over `PipelineEngine`, whose
+optimizer step is one `engine.train_batch()` (micro-batches = gradient accumulation, 1F1B
+schedule). Log records carry the Trainer's keys plus the 1F1B bubble and are written by one
+rank, the last stage of data-parallel rank 0 (where the loss lives). A step whose loss is
+NaN/Inf is skipped on every rank by the step guard (`pipeline.parallel.engine_base`) and
+counted; `train.max_bad_steps` in a row stop the run with the last good checkpoint intact.
+Checkpoints: every `train.save_every` steps, at the end, and on SIGTERM or at the time box
+(`train.max_minutes`; agreed by all ranks at the next step boundary); see
 `pipeline.parallel.checkpoints`. With `train.resume` the newest complete checkpoint is loaded
 and training continues with exactly the next batch.
 """
@@ -34,6 +36,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,19 +45,15 @@ from pipeline.config import RunConfig
 from pipeline.model import compile_blocks
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import validate_training_config
-from pipeline.parallel.engine import (
-    build_engine,
-    build_pipeline_module,
-    install_step_guard,
-    run_model_configs,
-    run_partition,
-)
-from pipeline.parallel.engine_loop import EngineResult, EngineTrainer, expert_load_fields
+from pipeline.parallel.engine import build_engine, build_pipeline_module, run_model_configs, run_partition
+from pipeline.parallel.engine_base import DeepSpeedEngineBase, EngineResult, StepView, rank_logger, seed_rank
+from pipeline.parallel.memory import step_flops
 from pipeline.parallel.stages import unit_key_to_model_key
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.stage1.options import encoder_sources, validate_model_options
 from pipeline.stage1.parts import encoder_part_of
 from pipeline.train.logging import NullLogger, RunLogger
+from pipeline.train.trainer import StepStats, Trainer, expert_load_fields
 from pipeline.units import UNIT_KINDS
 
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
@@ -62,21 +61,24 @@ ENCODER_PREFIX = "encoder."
 
 
 class _StageBatches:
-    """The engine's data iterator on the first / last stage: yields (stage-0 inputs | None, labels)."""
+    """The engine's data iterator on the first / last stage over the Trainer's batches: yields
+    (stage-0 inputs | None, labels), records what it read and how long it waited."""
 
-    def __init__(self, loader, *, first: bool) -> None:
-        self.loader, self.first = loader, first
-        self.iterator = iter(loader)
+    def __init__(self, source, *, first: bool) -> None:
+        self.source, self.first = source, first
         self.records: list[tuple[int, int, int, torch.Tensor]] = []  # tokens, rows, image tokens, labels
+        self.wait_s = 0.0
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batch = next(self.iterator)
+        start = time.perf_counter()
+        batch = next(self.source)
+        self.wait_s += time.perf_counter() - start
         inputs = batch.model_inputs() if self.first else None
         images = int(batch.image_positions.numel())
-        self.records.append((batch.num_tokens, batch.input_ids.shape[0], images, batch.labels.long()))
+        self.records.append((batch.num_tokens, batch.num_documents, images, batch.labels.long()))
         return inputs, batch.labels
 
 
@@ -167,12 +169,13 @@ def run_pipeline_training(
     eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
     logger: RunLogger | NullLogger | None = None,
     final_checkpoint: bool = True,
-    on_step: Callable[[EngineTrainer], None] | None = None,
+    on_step: Callable[[StepView], None] | None = None,
 ) -> EngineResult:
-    """Train `run` on this rank's pipeline stage; returns what this rank saw (see PipelineTrainer).
+    """Train `run` on this rank's pipeline stage with `pipeline.train.trainer.Trainer` over a
+    `PipelineEngine`; returns what this rank saw.
 
     final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay.
-    on_step(trainer) runs on every rank after each step (benchmarks: profiling, engine timings)."""
+    on_step(view) runs on every rank after each good step (benchmarks: profiling, engine timings)."""
     env = dist_env()
     topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
     device = init_distributed()
@@ -182,100 +185,94 @@ def run_pipeline_training(
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
-    trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device)
-    trainer.setup(model_dict, resume_from, loader_factory, logger)
+    seed_rank(run.train)
+    engine = PipelineEngine(run, topology, split, configs, tokenizer, device, model_dict=model_dict,
+                            resume_from=resume_from)  # fmt: skip
+    logger = rank_logger(run, logger, engine.is_logging_rank)
+    if run.parallel.compile_layers:  # what the logging (last) stage compiled
+        logger.log({"event": "compile", "stage": engine.stage, "backend": run.parallel.compile_backend,
+                    "regions": engine.compiled_regions})  # fmt: skip
+    loader = loader_factory(engine.dp_rank, topology.dp) if (engine.first or engine.last) else None
+    hook = None if on_step is None else (lambda t: on_step(engine.view(t.step)))
+    trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook, on_step=hook)
     try:
-        return trainer.train(eval_hook, final_checkpoint=final_checkpoint, on_step=on_step)
+        trainer.resume()
+        return engine.result(trainer.train(final_checkpoint=final_checkpoint))
     finally:
-        trainer.logger.close()
+        logger.close()
 
 
-class PipelineTrainer(EngineTrainer):
-    """The per-rank state of a pipeline run: engine, data iterator, counters, checkpoints
-    (the loop itself: `engine_loop.EngineTrainer.train`)."""
+class PipelineEngine(DeepSpeedEngineBase):
+    """The `Engine` of a pipeline run: this rank's stage in DeepSpeed's pipeline engine; the last
+    stage of data-parallel rank 0 logs (where the loss lives). Weights: `model.init_from`, then the
+    stage-1 encoder sources (skipped when `resume_from`: the checkpoint's weights are loaded)."""
 
-    def __init__(self, run, topology, split, configs, tokenizer, device) -> None:
-        super().__init__(run, device)
-        self.topology, self.split, self.configs = topology, split, configs
-        self.tokenizer = tokenizer
+    kind = ckpt_io.KIND
+
+    def __init__(self, run, topology, split, configs, tokenizer, device, *, model_dict: dict,
+                 resume_from: Path | None = None) -> None:  # fmt: skip
+        enc, dec, _ = configs
+        flops = lambda tokens, images: step_flops(enc, dec, int(tokens), run.data.seq_len,  # noqa: E731
+                                                  images / tokens, run.model.freeze_sam).total  # fmt: skip
+        super().__init__(run, topology, tokenizer, device, flops)
+        self.split, self.configs, self.parts = split, configs, split.parts
         self.module = build_pipeline_module(run, topology, configs)
-        self.rank = torch.distributed.get_rank()
-        self.stage, self.dp_rank = topology.stage(self.rank), topology.dp_rank(self.rank)
+        self.stage = topology.stage(self.rank)
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
+        self.is_logging_rank = self.rank == topology.logging_rank()
         self.batches: _StageBatches | None = None
         self.loaded_encoder_parts: dict[str, list[str]] = {}
         self.compiled_regions: dict[str, int] = {}  # blocks compiled per kind (parallel.compile_layers)
-
-    # ------------------------------------------------------------------ setup
-    def setup(
-        self, model_dict: dict, resume_from: Path | None, loader_factory: LoaderFactory, logger
-    ) -> None:
-        run = self.run
         if resume_from is None and run.model.init_from:
             self.module.load_model_state(ckpt_io.load_init_state(run.model.init_from))
         if resume_from is None:
-            self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, self.configs[0])
+            self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, configs[0])
         if run.parallel.compile_layers:  # on the stage's device, before DeepSpeed wraps it
             self.compiled_regions = dict.fromkeys(UNIT_KINDS, 0)
             for unit in self.module.units():
                 for kind, n in compile_blocks(unit.model, [unit.unit], run.parallel.compile_backend).items():
                     self.compiled_regions[kind] = self.compiled_regions.get(kind, 0) + n
-        self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, self.topology)
-        install_step_guard(self.engine, self._local_step_ok, self._mark_skipped)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, topology)
+        self._install_guard()
         self.meta = {
             "format": ckpt_io.PIPELINE_FORMAT,
-            "pp": self.topology.pp,
-            "dp": self.topology.dp,
-            "parts": self.split.parts,
-            "units": [u.name for u in self.split.units],
+            "pp": topology.pp,
+            "dp": topology.dp,
+            "parts": split.parts,
+            "units": [u.name for u in split.units],
             "model": model_dict,
             "run": ckpt_io.run_config_dict(run),
         }
-        is_logger = self.rank == self.topology.logging_rank()
-        if logger is None:
-            cfg = ckpt_io.run_config_dict(run)
-            logger = RunLogger(run.train.out_dir, run.logger, cfg, run.name) if is_logger else NullLogger()
-        self.logger = logger if is_logger else NullLogger()
-        if run.parallel.compile_layers:  # what the logging (last) stage compiled
-            self.logger.log({"event": "compile", "stage": self.stage, "backend": run.parallel.compile_backend,
-                             "regions": self.compiled_regions})  # fmt: skip
-        loader = loader_factory(self.dp_rank, self.topology.dp) if (self.first or self.last) else None
-        if resume_from is not None:
-            self._resume(resume_from, loader)
-        if loader is not None:
-            self.batches = _StageBatches(loader, first=self.first)
+
+    # ------------------------------------------------------------------ step
+    def step(self, batches) -> StepStats:
+        """One `engine.train_batch()` (the micro-batches of gradient accumulation, 1F1B). The loss
+        and the lm / aux losses are DeepSpeed's (averaged over micro-batches and data-parallel
+        ranks, broadcast to every stage); the counts come from the last stages via the guard."""
+        if batches is not None and (self.batches is None or self.batches.source is not batches):
+            self.batches = _StageBatches(batches, first=self.first)
             self.engine.set_dataiterator(self.batches)
-
-    # ------------------------------------------------------------------ step guard
-    def _local_step_ok(self) -> bool:
-        if not self.last:
-            return True
-        total = self.engine.total_loss
-        return total is None or bool(torch.isfinite(torch.as_tensor(total)).all())
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        rank_state = self._rank_state(self.batches.loader if self.batches is not None else None)
-        return ckpt_io.save_engine_checkpoint(
-            self.engine,
-            out_dir=self.run.train.out_dir,
-            step=self.step,
-            rank=self.rank,
-            rank_state=rank_state,
-            meta=self.meta,
-            tokenizer=self.tokenizer,
-            keep_last=self.run.train.keep_last,
-        )
-
-    # ------------------------------------------------------------------ loop
-    def _step(self) -> tuple[float, float, float]:
-        t0 = time.perf_counter()
         self.module.reset_step_records()
         if self.batches is not None:
             self.batches.records.clear()
+            self.batches.wait_s = 0.0
         loss = float(self.engine.train_batch())
         self._check_labels()
-        return loss, time.perf_counter() - t0, loss  # the logged loss
+        extra = self.engine.get_additional_losses() or {}
+        lm = float(extra["lm_loss"]) if "lm_loss" in extra else loss
+        aux = float(extra["aux_loss"]) if "aux_loss" in extra else 0.0
+        return self._stats((loss, lm, aux), self.batches.wait_s if self.batches is not None else 0.0)
+
+    def _local_figures(self) -> torch.Tensor:
+        """At the optimizer step: the last stage's non-finite flag and counts (once per pipeline)."""
+        bad, counts = False, [0.0, 0.0, 0.0]
+        if self.last:
+            total = self.engine.total_loss
+            bad = total is not None and not bool(torch.isfinite(torch.as_tensor(total)).all())
+            records = self.batches.records if self.batches is not None else []
+            counts = [float(sum(r[i] for r in records)) for i in range(3)]
+        self._set_local(bad, torch.zeros(3), counts)
+        return self._local
 
     def _check_labels(self) -> None:
         if not self.last or self.batches is None:
@@ -289,33 +286,20 @@ class PipelineTrainer(EngineTrainer):
                 "stage of a pipeline must read identical data (key sharding on the data-parallel rank)"
             )
 
-    # ------------------------------------------------------------------ logging
-    def _log_step(self, loss: float, dt: float) -> None:
+    # ------------------------------------------------------------------ logging and eval
+    def extras(self) -> dict[str, Any]:
+        """The 1F1B bubble, the logging rank's skipped samples, the expert load of data-parallel
+        rank 0's pipeline (gathered from its stages)."""
         counts = self._gather_expert_counts()
-        if not self.last:
-            return
-        records = self.batches.records if self.batches is not None else []
-        local = torch.tensor(
-            [sum(r[0] for r in records), sum(r[1] for r in records), sum(r[2] for r in records)],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        if self.topology.dp > 1:
-            torch.distributed.all_reduce(local, group=self.engine.grid.get_data_parallel_group())
-        tokens, rows, images = local.tolist()
-        extra = self.engine.get_additional_losses() or {}
-        lm = float(extra["lm_loss"]) if "lm_loss" in extra else loss
-        aux = float(extra["aux_loss"]) if "aux_loss" in extra else 0.0
-        enc, dec, _ = self.configs
-        record = self._step_record(loss, lm, aux, tokens, rows, images, dt, enc, dec,
-                                   self.run.model.freeze_sam)  # fmt: skip
-        record["bubble"] = self.topology.bubble_fraction
-        skips = getattr(self.batches.loader, "skip_counts", None) if self.batches is not None else None
+        if not self.is_logging_rank:
+            return {}
+        record: dict[str, Any] = {"bubble": self.topology.bubble_fraction}
+        skips = getattr(self._loader, "skip_counts", None)
         if skips:
             record["skipped"] = dict(skips)
         if counts:
             record.update(expert_load_fields(torch.stack([counts[i] for i in sorted(counts)])))
-        self.logger.log(record)
+        return record
 
     def _gather_expert_counts(self) -> dict[int, torch.Tensor]:
         """Expert counts of every MoE layer of data-parallel rank 0's pipeline, on the logging rank."""
@@ -323,30 +307,21 @@ class PipelineTrainer(EngineTrainer):
             return {}
         local = {i: c.cpu() for i, c in self.module.expert_counts().items()}
         gathered = [None] * self.topology.pp if self.last else None
-        torch.distributed.gather_object(
-            local,
-            gathered,
-            dst=self.topology.logging_rank(),
-            group=self.engine.grid.get_pipe_parallel_group(),
-        )
-        if not self.last:
-            return {}
+        torch.distributed.gather_object(local, gathered, dst=self.topology.logging_rank(),
+                                        group=self.engine.grid.get_pipe_parallel_group())  # fmt: skip
         merged: dict[int, torch.Tensor] = {}
-        for part in gathered:
+        for part in gathered or []:
             merged.update(part or {})
         return merged
 
-    def _run_eval(self, eval_hook) -> None:
+    def evaluate(self, hook, step: int) -> dict | None:
         """Gather data-parallel rank 0's stages into one DeepSeekOCR on the logging rank and evaluate."""
+        metrics = None
         if self.dp_rank == 0:
             state = {k: v.detach().cpu() for k, v in self.module.model_state_dict().items()}
             gathered = [None] * self.topology.pp if self.last else None
-            torch.distributed.gather_object(
-                state,
-                gathered,
-                dst=self.topology.logging_rank(),
-                group=self.engine.grid.get_pipe_parallel_group(),
-            )
+            torch.distributed.gather_object(state, gathered, dst=self.topology.logging_rank(),
+                                            group=self.engine.grid.get_pipe_parallel_group())  # fmt: skip
             if self.last:
                 from pipeline.parallel.consolidate import model_from_state
 
@@ -356,7 +331,10 @@ class PipelineTrainer(EngineTrainer):
                 model = model_from_state(full, self.configs).to(self.device)
                 model.eval()
                 with torch.no_grad():
-                    metrics = eval_hook(model, self.step)
-                self.logger.log({"event": "eval", "step": self.step, **metrics})
+                    metrics = hook(model, step)
                 del model
         torch.distributed.barrier()
+        return metrics
+
+
+__all__ = ["PipelineEngine", "init_distributed", "prepare", "run_pipeline_training"]

@@ -7,7 +7,7 @@ whose loss is made NaN]}.
 - "dp": `run_data_parallel_training` with the job's model builder (`build_run_model`: init_from,
   then the stage-1 options); writes `<result>.rank<N>.json` (steps, losses, bad steps, ...).
 - "pipeline_init": builds this rank's pipeline stage and loads its weights exactly as a pipeline
-  run does (`PipelineTrainer.setup`: init_from, then encoder_init / sam_init / clip_init), trains
+  run does (`PipelineEngine`: init_from, then encoder_init / sam_init / clip_init), trains
   nothing, and saves the stage's DeepSeekOCR-keyed state dict to `<result>.rank<N>.pt`.
 """
 
@@ -57,16 +57,15 @@ def main(spec_path: str) -> None:
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     if spec["mode"] == "pipeline_init":
-        from pipeline.parallel.trainer import PipelineTrainer, init_distributed, prepare
+        from pipeline.parallel.trainer import PipelineEngine, init_distributed, prepare
 
         topology, split, configs, model_dict, _ = prepare(run, tokenizer, int(spec["world_size"]))
         device = init_distributed()
-        trainer = PipelineTrainer(run, topology, split, configs, tokenizer, device)
-        trainer.setup(model_dict, None, loader_factory, None)
+        engine = PipelineEngine(run, topology, split, configs, tokenizer, device, model_dict=model_dict)
         torch.save(
-            trainer.module.model_state_dict(), f"{spec['result']}.rank{torch.distributed.get_rank()}.pt"
+            engine.module.model_state_dict(), f"{spec['result']}.rank{torch.distributed.get_rank()}.pt"
         )
-        out = {"stage": trainer.stage, "loaded": trainer.loaded_encoder_parts}
+        out = {"stage": engine.stage, "loaded": engine.loaded_encoder_parts}
     else:
         from pipeline.parallel.data_parallel import run_data_parallel_training
         from pipeline.train.job import build_run_model

@@ -93,7 +93,7 @@ def debug_model_and_shards(work: Path):
 
 
 def rank_outcome(train) -> dict:
-    """Worker side: run `train()` (an `EngineResult`) into a JSON-able dict; a RuntimeError (e.g.
+    """Worker side: run `train()` (an `engine_base.EngineResult`) into a JSON-able dict; a RuntimeError (e.g.
     too many non-finite losses) becomes {"error": message}, which the test reads."""
     import dataclasses
 

@@ -46,7 +46,7 @@ def _poison(nan_steps: set[int]) -> None:
 
 
 class LayerBackwardCounter:
-    """on_step hook: how often each decoder layer's weights got a gradient in step 2 (hooks on
+    """on_step hook (an `engine_base.StepView`): how often each decoder layer's weights got a gradient in step 2 (hooks on
     input_layernorm.weight, which every router of the layer and above depends on): the number of
     backward walks through the layer, one per micro-batch when each stage back-propagates once."""
 

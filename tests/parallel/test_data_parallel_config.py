@@ -17,7 +17,7 @@ from pipeline.data.testing import write_ocr_shards
 from pipeline.model import build_model
 from pipeline.parallel import data_parallel, trainer
 from pipeline.parallel.data_parallel import data_parallel_ds_config, prepare_data_parallel
-from pipeline.parallel.engine_loop import EngineResult
+from pipeline.parallel.engine_base import EngineResult
 from pipeline.parallel.topology import Topology
 from pipeline.stage1.export import export_encoder
 from pipeline.stage1.options import encoder_sources

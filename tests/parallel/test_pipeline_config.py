@@ -174,7 +174,7 @@ def test_stage1_init_sources_are_checked_before_building(tmp_path, tok, field):
 
 
 def test_expert_load_fields_measure_the_busiest_expert_against_the_mean():
-    from pipeline.parallel.engine_loop import expert_load_fields
+    from pipeline.train.trainer import expert_load_fields
 
     fields = expert_load_fields(torch.tensor([[3, 1], [2, 2], [0, 0]]))  # skewed, balanced, idle layer
     assert fields["expert_counts"] == [[3, 1], [2, 2], [0, 0]]
