@@ -74,13 +74,6 @@ def render_page(rng: random.Random, size: int, noise: int) -> tuple[bytes, str]:
     return out.getvalue(), "\n".join(lines)
 
 
-def per_call_ms(fn, items) -> float:
-    start = time.perf_counter()
-    for item in items:
-        fn(item)
-    return 1000 * (time.perf_counter() - start) / len(items)
-
-
 def end_to_end(shard: str, tokenizer, mode: str, samples: int, seq_len: int) -> tuple[float, float]:
     """Samples/s and packing efficiency of StreamingLoader with `mode` fixed, in this process."""
     source = SourceSpec("bench", shard, modes=mode, prompt="free_ocr")
@@ -93,76 +86,3 @@ def end_to_end(shard: str, tokenizer, mode: str, samples: int, seq_len: int) -> 
         next(stream)
     elapsed = time.perf_counter() - start
     return (loader.packing_stats.docs - docs0) / elapsed, loader.packing_efficiency
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default=",".join(PAPER_MODES))
-    parser.add_argument("--samples", type=int, default=48, help="samples per mode (end to end)")
-    parser.add_argument("--pages", type=int, default=16, help="distinct synthetic pages")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--noise", type=int, default=0, help="scan-like noise amplitude (0 = clean render)")
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--target", type=float, default=30.0, help="Base-mode target, samples/s per core")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # per-core numbers: PIL is single-threaded too
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    prompt = PROMPTS["free_ocr"]
-
-    rng = random.Random(0)
-    pages = [render_page(rng, args.size, args.noise) for _ in range(args.pages)]
-    tokenizer = build_tokenizer([text for _, text in pages] * 4, vocab_size=2000)
-    with tempfile.TemporaryDirectory() as tmp:
-        members = []
-        for i, (png, text) in enumerate(pages):
-            members += sample_members(f"page{i:04d}", text, png)
-        shard = str(write_tar(Path(tmp) / "bench-000000.tar", members))
-
-        images = [load_rgb(png) for png, _ in pages]
-        decode_ms = per_call_ms(load_rgb, [png for png, _ in pages])
-        png_kb = sum(len(png) for png, _ in pages) / len(pages) / 1024
-        print(
-            f"{args.pages} pages {args.size}x{args.size} PNG, {png_kb:.0f} KiB each, noise={args.noise}; "
-            f"rows of {args.seq_len}; torch threads=1; host load avg {os.getloadavg()[0]:.2f}"
-        )
-        header = (
-            f"{'mode':<8}{'tokens':>8}{'decode ms':>11}{'transform ms':>14}{'tokenize ms':>13}"
-            f"{'samples/s/core':>16}{'packing':>9}"
-        )
-        print(header)
-        print("-" * len(header))
-        rates = {}
-        for mode in modes:
-            views = [process_image(image, mode) for image in images]
-            transform_ms = per_call_ms(lambda im, m=mode: process_image(im, m), images)
-            pairs = list(zip(views, (text for _, text in pages)))
-            tokenize_ms = per_call_ms(lambda p: build_example(tokenizer, prompt, p[1], [p[0]]), pairs)
-            tokens = np.mean([len(build_example(tokenizer, prompt, t, [v])) for v, t in pairs])
-            rate, efficiency = end_to_end(shard, tokenizer, mode, args.samples, args.seq_len)
-            rates[mode] = rate
-            print(
-                f"{mode:<8}{tokens:>8.0f}{decode_ms:>11.1f}{transform_ms:>14.1f}{tokenize_ms:>13.2f}"
-                f"{rate:>16.1f}{efficiency:>9.3f}"
-            )
-    image = images[0]
-    pixels_ms = per_call_ms(to_pixels, [image] * 10)
-    host_ms = per_call_ms(lambda im: normalize_pixels(to_pixels(im)), [image] * 10)
-    print(
-        f"one 1024x1024 view: uint8 to_pixels {pixels_ms:.1f} ms (the loader's cost); "
-        f"+ float32 normalisation on the host {host_ms:.1f} ms (done on the device instead)"
-    )
-    lines = LineSampler(
-        seed=0, min_len=1, max_len=12, image_size=(256, 64), langs=("en", "ru", "ar", "fa"), bundled_only=True
-    )
-    per_call_ms(lines.__getitem__, range(20))  # warms the font cache
-    lines_ms = per_call_ms(lines.__getitem__, range(1000, 1200))
-    print(
-        f"synthetic text lines (LineSampler 256x64, the embedded default's data): {lines_ms:.2f} ms per line"
-    )
-    if "base" in rates:
-        verdict = "meets" if rates["base"] >= args.target else "misses"
-        print(f"Base: {rates['base']:.1f} samples/s per core {verdict} the target of {args.target:.0f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,25 +7,19 @@ SDPA call per block); the peer is transformers' `DeepseekOcr2SamVisionEncoder` w
 relative-position bias materialised as an additive mask), loaded with the same weights, so
 the outputs are compared too. Both in bf16, batch 16, views of 1024 and 640 pixels.
 
-Used by bench/suite.py (`dsocr-bench --only sam`); standalone:
-    python bench/bench_sam.py [--sizes 1024,640] [--batch 16] [--compile]
+Used by bench/suite.py (`dsocr-bench --only sam`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.measure import median, peak_memory_gib, reset_peak_memory, sam_forward_flops, time_calls  # noqa: E402
-from deepencoder.config import SamConfig, encoder_config  # noqa: E402
-from deepencoder.sam import SamEncoder  # noqa: E402
+from bench.measure import median, peak_memory_gib, reset_peak_memory, sam_forward_flops, time_calls
+from deepencoder.config import SamConfig, encoder_config
+from deepencoder.sam import SamEncoder
 
 # transformers DeepseekOcr2SamVisionEncoder key prefixes -> ours (the rest is renamed per block)
 _PEER_PREFIXES = {
@@ -142,29 +136,3 @@ def _timed(model: nn.Module, x: torch.Tensor, device: torch.device, warmup: int,
     with torch.no_grad():
         t = median(time_calls(lambda: _forward(model, x), device, warmup, iters))
     return {"images_per_s": x.shape[0] / t, "ms": 1e3 * t, "peak_gib": peak_memory_gib(device)}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1024,640")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd blocks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    cfg = encoder_config("full").sam
-    sizes = [int(s) for s in args.sizes.split(",")]
-    results = measure_sam(
-        cfg, sizes, args.batch, device, warmup=3, iters=args.iters, compile_ours=args.compile
-    )
-    for side, res in results.items():
-        line = f"{side:>5} px: ours {res['ours']['images_per_s']:8.1f} img/s, peer {res['peer']['images_per_s']:8.1f}"
-        if "ours_compiled" in res:
-            line += f", ours+compile {res['ours_compiled']['images_per_s']:8.1f}"
-        print(f"{line}  (ratio {res['ours']['images_per_s'] / res['peer']['images_per_s']:.2f}x, "
-              f"max rel diff {res['max_rel_diff']:.1e})")  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

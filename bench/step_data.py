@@ -1,21 +1,16 @@
-"""Inputs of the full training-step benchmark: packed Base-mode page rows, copied off the critical path.
+"""Inputs of the full training-step benchmark: packed Base-mode page rows.
 
 `make_batches` builds what the loader yields in stage 2 (architecture.md section 3-4): documents
 = BOS + `<image>` placeholders of one page view + a prompt + the page text + EOS (loss on the
 text and EOS), packed best-fit into rows of `seq_len` by the real packer and collate
 (`pipeline.data.packing`, which computes the image layout and every count on the host). Pages
 are rendered text pages (bench/bench_data.py) run through the real mode transform; text ids are
-random (the vocabulary of the full model has no tokenizer here). `Prefetcher` pins batches in a
-background thread and copies the next batch to the device on a side stream while the current
-step runs.
+random (the vocabulary of the full model has no tokenizer here).
 """
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
-from collections.abc import Iterator
 
 import torch
 
@@ -108,80 +103,3 @@ def flop_inputs(batch: PackedBatch) -> tuple[list[int], list[int]]:
     for row in batch.doc_ids:
         lengths += [int(c) for c in torch.bincount(row[row >= 0]) if c > 0]
     return sides, lengths
-
-
-class Prefetcher:
-    """Endless iterator of device PackedBatches over `batches` (cycled).
-
-    A daemon thread pins batches into a small queue; on CUDA the copy of batch k+1
-    is issued on a side stream right after batch k is handed out, and the compute stream waits
-    on its event only when k+1 is taken, so neither staging nor the host-to-device copy sits
-    on the step's critical path. `wait_s` accumulates the time the consumer blocked on the queue.
-    """
-
-    def __init__(
-        self,
-        batches: list[PackedBatch],
-        device: torch.device,
-        depth: int = 2,
-    ) -> None:
-        if not batches:
-            raise ValueError("Prefetcher needs at least one batch")
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.wait_s = 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-
-        def work() -> None:
-            k = 0
-            while not self._stop.is_set():
-                staged = batches[k % len(batches)]
-                staged = staged.pin_memory() if self.cuda else staged
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(staged, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                k += 1
-
-        self._thread = threading.Thread(target=work, name="bench-prefetch", daemon=True)
-        self._thread.start()
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._pending: tuple[PackedBatch, torch.cuda.Event | None] | None = None
-
-    def _take(self) -> PackedBatch:
-        import time
-
-        start = time.perf_counter()
-        staged = self._queue.get()
-        self.wait_s += time.perf_counter() - start
-        return staged
-
-    def _issue(self) -> tuple[PackedBatch, torch.cuda.Event | None]:
-        staged = self._take()
-        if not self.cuda:
-            return staged, None
-        with torch.cuda.stream(self._stream):
-            moved = staged.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return moved, event
-
-    def __iter__(self) -> Iterator[PackedBatch]:
-        return self
-
-    def __next__(self) -> PackedBatch:
-        batch, event = self._pending if self._pending is not None else self._issue()
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for t in (*(getattr(batch, n) for n in PackedBatch.TENSORS), *batch.pixels):
-                t.record_stream(current)  # the allocator must not recycle them before the step ends
-        self._pending = self._issue()
-        return batch
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

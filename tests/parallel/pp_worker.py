@@ -1,11 +1,11 @@
 """One rank of a CPU pipeline-training test run (launched N times by tests/parallel/harness.py).
 
 Reads a JSON spec: {"run": RunConfig overrides, "shards": [...], "alphabet": str, "seq_len": int,
-"result": path prefix, "nan_steps": [engine steps whose loss is made NaN], "probe": optional
-bench.pipeline_probe.StepProbe kwargs, "count_layer_backward": optional bool} and trains with
+"result": path prefix, "nan_steps": [engine steps whose loss is made NaN], "count_layer_backward":
+optional bool} and trains with
 `run_pipeline_training`; every rank writes `<result>.rank<N>.json` with what it saw, including
 "dynamo_graphs": the graphs torch.compile captured in this process (parallel.compile_layers),
-the probe's report and the backward walks per decoder layer in step 2 when asked.
+and the backward walks per decoder layer in step 2 when asked.
 """
 
 from __future__ import annotations
@@ -92,10 +92,6 @@ def main(spec_path: str) -> None:
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     hooks: list = []
-    if "probe" in spec:  # bench/pipeline_probe.py: engine instruction timings, one profiled step
-        from bench.pipeline_probe import StepProbe
-
-        hooks.append(StepProbe(out_dir=Path(run.train.out_dir), **spec["probe"]))
     if spec.get("count_layer_backward"):
         hooks.append(LayerBackwardCounter())
     train = lambda: run_pipeline_training(  # noqa: E731
@@ -103,10 +99,7 @@ def main(spec_path: str) -> None:
     )
     out = rank_outcome(train)
     for hook in hooks:
-        if isinstance(hook, LayerBackwardCounter):
-            out["layer_backward_calls"] = hook.counts
-        else:
-            out["probe"] = hook.report()
+        out["layer_backward_calls"] = hook.counts
     out["dynamo_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     write_rank_result(spec, out)
 
