@@ -1,51 +1,31 @@
 """Data-path throughput: decode + mode transform + tokenize + pack, samples/s per CPU core.
 
-Preprocessing must not starve the GPUs: target >= 30 samples/s per
-core for Base mode on 1024x1024 PNG pages. The script renders synthetic text pages
-(1024x1024 PNG, ~40 lines of words, answer = the rendered text), writes them into a
-webdataset shard in a temporary directory, and for each mode runs the real loader
-(`pipeline.data.StreamingLoader`, one process, torch limited to one thread) with that
-mode fixed, packing into rows of `--seq-len`. It prints a table with the per-stage
-costs measured separately on the same pages and the end-to-end rate.
+Preprocessing must not starve the GPUs: target >= 30 samples/s per core for Base mode on
+1024x1024 PNG pages. `render_page` draws synthetic text pages (~40 lines of words, answer = the
+rendered text); `end_to_end` runs the real loader (`pipeline.data.StreamingLoader`, one process)
+over a shard of them with one mode fixed. `dsocr-bench --only data` (bench/suite.py) writes the
+shard and runs it per mode with torch limited to one thread.
 
-    python bench/bench_data.py                      # all modes, 48 samples each
-    python bench/bench_data.py --modes base --samples 200 --noise 8
-
-Measured 2026-11-21 on an idle 16-core Intel Xeon host (the device machine), 96 samples
-per mode, clean pages (113 KiB PNG), samples/s per core end to end:
-tiny 62.0, small 54.9, base 62.8, large 28.0, gundam 21.4 (decode 8.0 ms; transform
-base 7.4 ms, gundam 37 ms). Noisy scan-like pages (--noise 8, 985 KiB PNG): base 40.5,
-gundam 16.8. With DataLoader workers (StreamingLoader num_workers=W), base: 57 (W=1),
-216 (4), 364 (8), 487 (14) samples/s in total; gundam: 20, 70, 127, 187.
-On the shared 2-core development machine under load the same script gives ~3x less.
-These numbers predate uint8 views: the transform then also normalised to float32 on the host
-(~3 ms more per 1024 px view, see the script's last line); the model now does that on its device.
+Measured 2026-11-21 on an idle 16-core Intel Xeon host (the device machine) with the standalone
+script this module was until 2026-12-03, 96 samples per mode, clean pages (113 KiB PNG),
+samples/s per core end to end: tiny 62.0, small 54.9, base 62.8, large 28.0, gundam 21.4
+(decode 8.0 ms; transform base 7.4 ms, gundam 37 ms). Noisy scan-like pages (985 KiB PNG): base
+40.5, gundam 16.8. With DataLoader workers (StreamingLoader num_workers=W), base: 57 (W=1), 216
+(4), 364 (8), 487 (14) samples/s in total; gundam: 20, 70, 127, 187. These numbers predate uint8
+views: the transform then also normalised to float32 on the host (~3 ms more per 1024 px view);
+the model now does that on its device.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
 import random
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_tools.images import load_rgb  # noqa: E402
-from data_tools.synth.render import LineSampler  # noqa: E402
-from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader  # noqa: E402
-from pipeline.data.testing import sample_members, write_tar  # noqa: E402
-from pipeline.processing import PAPER_MODES, normalize_pixels, process_image, to_pixels  # noqa: E402
-from pipeline.prompts import PROMPTS, build_example  # noqa: E402
-from pipeline.tokenizer import build_tokenizer  # noqa: E402
+from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader
 
 _TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bench.measure import median, peak_memory_gib, reset_peak_memory, sam_forward_flops, time_calls
-from deepencoder.config import SamConfig, encoder_config
+from deepencoder.config import SamConfig
 from deepencoder.sam import SamEncoder
 
 # transformers DeepseekOcr2SamVisionEncoder key prefixes -> ours (the rest is renamed per block)

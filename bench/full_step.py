@@ -14,24 +14,26 @@ constant LR, SAM frozen. Variants:
 - "peer": `PeerOCR` in a LocalEngine + Trainer built the same way: transformers' DeepSeek-OCR-2
   SAM encoder (frozen) and DeepseekOcr2TextModel ('grouped_mm' experts, SDPA, packed rows from
   position_ids) + an lm_head; the CLIP + projector stay ours (transformers has no DeepSeek-OCR-1
-  CLIP fed with SAM features; the peer shares our model's encoder). Only the model differs.
+  CLIP fed with SAM features: the peer has a copy of our encoder). Only the model differs; it starts
+  from our initial weights (SAM, CLIP + projector, text model, lm_head), so the first losses agree.
 
 Each variant: `warmup` trainer steps, then `steps` timed trainer steps (a device sync at each end;
 the loop's overlap of step k+1 with step k's read-back counts), tokens/s over real (non-padding)
 tokens, MFU from counted FLOPs (bench/measure.py) over the measured matmul peak, peak memory of
-the timed steps, then one more step with the host syncs counted (torch's sync debug mode, CUDA
-only) and the SAM forward calls counted (1 per view size = no recomputation).
+the timed steps, the loss of the first step, then one more step with the host syncs counted
+(torch's sync debug mode, CUDA only) and the SAM forward calls counted (1 per view size = no
+recomputation).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
 from pipeline.config import OptimConfig, ParallelConfig, TrainConfig
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.model import ModelOutput
+from pipeline.model import DeepSeekOCR, ModelOutput
 from pipeline.processing import normalize_pixels
 from pipeline.train.local_engine import LocalEngine, local_trainer, model_flops
 from pipeline.train.trainer import Trainer
@@ -95,9 +97,26 @@ class PeerOCR(nn.Module):
             flat = [self.encoder.clip_project(f).flatten(0, 1) for f in feats]  # (N*g*g, H) each
             special = torch.stack([self.encoder.image_newline, self.encoder.view_seperator])  # (2, H)
             embeds = scatter_images(embeds, torch.cat([*flat, special.to(flat[0].dtype)]), b)
-        hidden = self.body(inputs_embeds=embeds, position_ids=b.position_ids, use_cache=False).last_hidden_state
-        loss = label_loss(self.lm_head(hidden), b)
+        hidden = self.body(inputs_embeds=embeds, position_ids=b.position_ids, use_cache=False)
+        loss = label_loss(self.lm_head(hidden.last_hidden_state), b)
         return ModelOutput(loss, loss, torch.zeros((), device=loss.device), None, b.num_label_tokens, None)
+
+
+def build_peer(model: DeepSeekOCR, device: torch.device) -> PeerOCR:
+    """The peer of `model` with its weights copied in (SAM, CLIP + projector, text model, lm_head),
+    fp32 masters as ours, in train mode."""
+    from bench.bench_decoder import oracle_model
+    from bench.bench_sam import build_peer as build_peer_sam
+
+    dtype, dec_cfg = torch.float32, model.decoder.config
+    text = model.decoder.state_dict()
+    body = oracle_model(dec_cfg, device, dtype)
+    body.load_state_dict({k: v for k, v in text.items() if k != "lm_head.weight"}, strict=True)
+    head = nn.Linear(dec_cfg.hidden_size, dec_cfg.vocab_size, bias=False, device=device, dtype=dtype)
+    head.weight.data.copy_(text["lm_head.weight"])
+    encoder = copy.deepcopy(model.encoder)
+    sam = build_peer_sam(encoder.config.sam, encoder.sam_model, device, dtype)
+    return PeerOCR(encoder, sam, body, head).train()
 
 
 @dataclass
@@ -120,11 +139,17 @@ class FullStepSettings:
 
     def __post_init__(self) -> None:
         if self.compile_backend not in COMPILE_BACKENDS:
-            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, not {self.compile_backend!r}"
+            )
         if self.rows < 1 or self.steps < 1 or self.warmup < 1:
-            raise ValueError(f"rows, steps and warmup must be >= 1, got {self.rows}, {self.steps}, {self.warmup}")
+            raise ValueError(
+                f"rows, steps, warmup must be >= 1, got {self.rows}, {self.steps}, {self.warmup}"
+            )
         if self.steps % self.rows or self.warmup % self.rows:
-            raise ValueError(f"steps ({self.steps}) and warmup ({self.warmup}) must be multiples of rows ({self.rows})")
+            raise ValueError(
+                f"steps ({self.steps}) and warmup ({self.warmup}) must be multiples of rows={self.rows}"
+            )
 
 
 def build_inputs(s: FullStepSettings) -> tuple[list[PackedBatch], int, int]:
@@ -171,7 +196,7 @@ def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.M
             train.max_steps = trainer.step + steps
             return trainer.train(final_checkpoint=False)
 
-        run(s.warmup)
+        first_loss = run(s.warmup).losses[0]
         sync(device)
         reset_peak_memory(device)
         start = time.perf_counter()
@@ -190,21 +215,18 @@ def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.M
             syncs = count_host_syncs(lambda: run(1), device)
         finally:
             handle.remove()
-        del trainer
     tokens = sum(b.num_tokens for b in batches) / len(batches)
     flops = sum(flops_fn(b)["total"] for b in batches) / len(batches)
     last = batches[(s.warmup + s.steps) % len(batches)]
     return {"variant": name, "step_ms": 1e3 * step_s, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
             "tflops_per_step": flops / 1e12, "mfu": flops / step_s / (peak_tflops * 1e12) if peak_tflops > 0 else None,
-            "peak_gib": peak, "loss": sum(timed.losses) / max(len(timed.losses), 1), "bad_steps": timed.bad_steps,
-            "host_syncs": syncs, "sam_calls_per_step": calls[0], "sam_graph": graph[0],
+            "peak_gib": peak, "first_loss": first_loss, "loss": sum(timed.losses) / max(len(timed.losses), 1),
+            "bad_steps": timed.bad_steps, "host_syncs": syncs, "sam_calls_per_step": calls[0], "sam_graph": graph[0],
             "view_groups_per_step": sum(1 for p in last.pixels if p.shape[0])}  # fmt: skip
 
 
 def measure_full_step(s: FullStepSettings, device: torch.device, peak_tflops: float) -> dict:
     """Run the variants of the module docstring (peer first); their figures and the ratios ours / peer."""
-    from bench.bench_decoder import oracle_model
-    from bench.bench_sam import build_peer as build_peer_sam
     from pipeline.model import build_model
 
     batches, vocab, image_token_id = build_inputs(s)
@@ -223,25 +245,23 @@ def measure_full_step(s: FullStepSettings, device: torch.device, peak_tflops: fl
 
     def attempt(key: str, make, sam: nn.Module) -> None:
         try:
-            result["variants"][key] = measure_variant(VARIANTS[key], make, sam, batches, s, device, peak_tflops, flops_fn)
+            figures = measure_variant(VARIANTS[key], make, sam, batches, s, device, peak_tflops, flops_fn)
+            result["variants"][key] = figures
         except Exception as error:  # reported in the table, the other variants still run
             result["errors"][key] = f"{type(error).__name__}: {error}"[:300]
         free(device)
 
     if s.peer:
-        dtype = torch.float32  # fp32 masters under bf16 autocast, as ours
-        body = oracle_model(dec_cfg, device, dtype)
-        head = nn.Linear(dec_cfg.hidden_size, vocab, bias=False, device=device, dtype=dtype)
-        sam = build_peer_sam(enc_cfg.sam, model.encoder.sam_model, device, dtype)
-        peer = PeerOCR(model.encoder, sam, body, head).train()
+        peer = build_peer(model, device)
         attempt("peer", lambda train: build_trainer(peer, batches, s, device, train, compile_layers=False,
-                                                    flops_of=model), sam)  # fmt: skip
-        del body, head, sam, peer
+                                                    flops_of=model), peer.sam)  # fmt: skip
+        del peer
         free(device)
-    ours = lambda compiled: lambda train: build_trainer(model, batches, s, device, train, compile_layers=compiled)  # noqa: E731
-    attempt("trainer", ours(False), model.encoder.sam_model)
-    if s.compile:
-        attempt("trainer_compiled", ours(True), model.encoder.sam_model)
+    for key, compiled in (("trainer", False), ("trainer_compiled", True)):
+        if compiled and not s.compile:
+            continue
+        make = lambda train, c=compiled: build_trainer(model, batches, s, device, train, compile_layers=c)  # noqa: E731
+        attempt(key, make, model.encoder.sam_model)
     peer_tps = result["variants"].get("peer", {}).get("tokens_per_s")
     for key in ("trainer", "trainer_compiled"):
         if peer_tps and key in result["variants"]:

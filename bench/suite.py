@@ -1,13 +1,12 @@
 """`dsocr-bench`: every benchmark row in one run, peers measured in the same process.
 
 Rows: (a) decoder training step, (b) frozen SAM + compressor forward, (c) full-model training
-step, (d) data loading per CPU core, (e) pipeline scaling on 4 GPUs (bench/pipeline_rows.py).
-Each section runs inside its own try/except: a failure becomes a FAILED row with the error, the
-run goes on. Optional extras (compiled peers) are skipped when the time budget runs low; the
-wall time of every section is printed and kept. bench_results.json and PERFORMANCE.md (the
-README fragment) are (re)written to --out after every section; with --profile the gzip'd
-Chrome traces of the full step and profile_summary.txt go there too. `BenchSettings.quick` uses
-the debug presets on CPU and takes the GPU run's code paths (compiled variants with aot_eager).
+step through the project's Trainer (bench/full_step.py), (d) data loading per CPU core. Each
+section runs inside its own try/except: a failure becomes a FAILED row with the error, the run
+goes on. Optional extras (compiled peers) are skipped when the time budget runs low; the wall
+time of every section is printed and kept. bench_results.json and PERFORMANCE.md (the README
+fragment) are (re)written to --out after every section. `BenchSettings.quick` uses the debug
+presets on CPU and takes the GPU run's code paths (compiled variants with aot_eager).
 """
 
 from __future__ import annotations
@@ -21,19 +20,15 @@ from pathlib import Path
 
 import torch
 
-from bench.full_step import FullStepSettings, free, measure_full_step
+from bench.full_step import VARIANTS, FullStepSettings, free, measure_full_step
 from bench.measure import machine_info, matmul_peak_tflops
-from bench.pipeline_rows import GPUS_NEEDED, DataPrep, PipelineSettings, visible_gpus
-from bench.pipeline_rows import SECTION as PIPELINE_SECTION
-from bench.pipeline_rows import pipeline_rows as run_pipeline
 from bench.report import Row, Target, failed_row, render_text, skipped_row, write_result
 from pipeline.processing import PAPER_MODES
 
-SECTIONS = ("decoder", "sam", "full", "data", "pipeline")  # table order, issue 13's (a)-(e)
+SECTIONS = ("decoder", "sam", "full", "data")  # table order, issue 13's (a)-(d)
 # run order: the full step (the headline, its compile the most expensive) gets the time budget first;
-# data and pipeline read its result
-RUN_ORDER = ("full", "decoder", "sam", "data", "pipeline")
-DEADLINE_MARGIN_S, MIN_PIPELINE_S = 20.0, 90.0  # writing the results; less than this runs no layout
+# data reads its result
+RUN_ORDER = ("full", "decoder", "sam", "data")
 # transformers DeepSeek-OCR-2 image processor settings that produce the same views as our modes
 PEER_PROCESSOR = {
     "tiny": {"crop_to_patches": False, "tile_size": 512},
@@ -54,24 +49,18 @@ FOOTNOTES = [
     "same initial weights, same loss and AdamW; tokens/s over batch x seq.",
     "SAM peer: transformers DeepseekOcr2SamVisionEncoder (downsample_channels [512, 1024], SDPA), our weights "
     "copied in; forward under no_grad (SAM is frozen in stage 2); 'max rel diff' compares the two outputs.",
-    "Full step: bf16 parameters, AdamW, grad clip 1.0, one packed row per step; tokens/s counts real "
-    "(non-padding) tokens. 'LocalTrainer' = pipeline/train/loop.py as is (no autocast: the parameters are "
-    "already bf16) with pipeline/train/optim.py's AdamW; 'sync-free' = bench/full_step.py "
-    "(host-precomputed counts, prefetch on a side stream, fused AdamW with on-device non-finite skip); peer = "
-    "the same harness with transformers' SAM and text model swapped in (CLIP + projector stay ours). "
-    "'syncs' = synchronising CUDA calls in one step (torch sync debug mode); 'SAM calls' = SAM forwards "
-    "per step vs view-size groups (equal = no recomputation; 'no graph' = frozen SAM kept out of autograd).",
+    "Full step: every variant is trained by the project's loop, pipeline/train/trainer.py Trainer over "
+    "pipeline/train/local_engine.py LocalEngine (parallel.dtype=bf16: fp32 master weights, bf16 autocast; "
+    "fused AdamW, grad clip 1.0, constant LR, frozen SAM, one packed row per step); 'trainer' = DeepSeekOCR "
+    "eager, 'trainer + compile' = parallel.compile_layers (regional compilation); peer = the same Trainer "
+    "and engine with transformers' SAM and text model swapped in (CLIP + projector ours), started from our "
+    "initial weights. tokens/s counts real (non-padding) tokens. 'syncs' = synchronising CUDA calls in one "
+    "step (torch sync debug mode); 'SAM calls' = SAM forwards per step vs view-size groups (equal = no "
+    "recomputation; 'no graph' = frozen SAM kept out of autograd).",
     "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
     "transform to uint8 views, tokenize, pack; the model normalises the views on its device) on rendered "
     "1024 px text pages; peer = PNG decode + transformers DeepseekOcr2ImageProcessor with the same view "
     "sizes (images only: no tokenizing or packing; normalised float32 views).",
-    "Profile (--profile): one step of 'LocalTrainer' and of the fastest sync-free variant under torch.profiler, "
-    "saved beside the JSON as trace_full_step_*.json.gz (Chrome trace, ui.perfetto.dev) and profile_summary.txt "
-    "(top kernels by GPU time, host syncs in the step, operator table).",
-    "Pipeline: bench/pipeline_gpu.sh (DeepSpeed pipeline engine, bf16 + ZeRO-1, Base + Gundam pages and "
-    "text rows) run as a subprocess on 4 GPUs, one row per configuration PP:PARTITION:CHECKPOINTING:"
-    "GLOBAL_BATCH (partition paper = the paper's stage split, on = gradient checkpointing); ratio = per-GPU "
-    "tokens/s over the best 1-GPU full step of this run (scaling efficiency per GPU).",
 ]
 
 
@@ -81,11 +70,8 @@ class BenchSettings:
     quick: bool = False
     only: tuple[str, ...] = SECTIONS
     out: Path = Path("dsocr-bench-out")
-    profile: bool = False
     budget_s: float = 330.0
     command: str = "dsocr-bench"
-    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
-    deadline_s: float | None = None  # end the whole run by then (the pipeline rows' limit shrinks)
     # derived from `quick` in __post_init__
     decoder_preset: str = field(init=False)
     seq_len: int = field(init=False)
@@ -105,8 +91,6 @@ class BenchSettings:
             raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but CUDA is not available: use --device cpu --quick")
-        if self.deadline_s is not None and not self.deadline_s > 0:
-            raise ValueError(f"--deadline-s must be positive, got {self.deadline_s}")
         unknown = set(self.only) - set(SECTIONS)
         if unknown or not self.only:
             raise ValueError(f"--only takes a comma list of {','.join(SECTIONS)}, got {','.join(self.only)}")
@@ -123,7 +107,7 @@ class BenchSettings:
         if gpu_full:
             self.full = FullStepSettings(compile=self.compile, compile_backend=self.compile_backend)
         else:
-            # the GPU run's variants: peer, LocalTrainer, sync-free, sync-free + compile, profile
+            # the GPU run's variants: peer, trainer, trainer + compile
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
                                          text_range=(20, 60), rows=2, steps=2, warmup=2, compile=True,
                                          compile_backend=self.compile_backend)  # fmt: skip
@@ -141,10 +125,6 @@ class Run:
         self.rows: list[Row] = []
         self.details: dict = {}
         self.section_wall_s: dict[str, float] = {}
-        self.pipeline_prep: DataPrep | None = None
-        if "pipeline" in s.only and not s.quick and visible_gpus() >= GPUS_NEEDED:
-            # the pipeline rows' synthetic shards (CPU) are written while the single-GPU rows run
-            self.pipeline_prep = DataPrep(s.pipeline.data_dir)
         self.peak_tflops, self.peak_note = matmul_peak_tflops(self.device, s.quick)
 
     def time_left(self) -> float:
@@ -288,23 +268,25 @@ def sam_rows(run: Run) -> list[Row]:
 
 def full_rows(run: Run) -> list[Row]:
     s = run.s
-    profile_dir = s.out if s.profile else None
     settings = s.full
     if settings.compile and run.time_left() < 120:
         settings = dataclasses.replace(settings, compile=False)  # compiling takes ~1-2 min: budget
-    res = measure_full_step(settings, run.device, run.peak_tflops, profile_dir)
+    res = measure_full_step(settings, run.device, run.peak_tflops)
     run.details["full"] = res
     f = s.full
     section = f"full step ({f.encoder}+{f.decoder}, {f.mode} pages in 1x{f.seq_len} rows, bf16)"
-    target = Target("value", 35000, "one H200") if not s.quick else Target()
+    targets = {"trainer": Target(), "trainer_compiled": Target()}
+    if not s.quick:
+        targets = {"trainer": Target("ratio", 1.45, "vs peer"),
+                   "trainer_compiled": Target("ratio", 2.0, "vs peer; stretch 65,000 tokens/s, MFU >= 40%")}  # fmt: skip
     peer = res["variants"].get("peer")
     peer_tps = peer["tokens_per_s"] if peer else None
     peer_name = (
         "transformers SAM + decoder" if peer else ("peer failed: " + res["errors"].get("peer", "not run"))
     )
     rows = []
-    for key, name in (("local_trainer", "LocalTrainer (today)"), ("sync_free", "sync-free step"),
-                      ("sync_free_compiled", "sync-free + compile")):  # fmt: skip
+    for key in ("trainer", "trainer_compiled"):
+        name, target = VARIANTS[key], targets[key]
         if key in res["errors"]:
             rows.append(
                 Row(section, name, "tokens/s", target=target, status="failed", reason=res["errors"][key])
@@ -317,22 +299,19 @@ def full_rows(run: Run) -> list[Row]:
         if peer and peer["mfu"] is not None:
             notes += f" (peer {100 * peer['mfu']:.1f}%)"
         notes += f"; {v['step_ms']:.0f} ms/step; {v['tflops_per_step']:.1f} TFLOP/step"
-        if v.get("host_syncs") is not None:
+        notes += f"; first loss {v['first_loss']:.4f}" + (f" (peer {peer['first_loss']:.4f})" if peer else "")
+        if v["host_syncs"] is not None:
             notes += f"; syncs {v['host_syncs']}" + (f" (peer {peer['host_syncs']})" if peer else "")
-        if "sam_calls_per_step" in v:
-            graph = "graph!" if v["sam_graph"] else "no graph"
-            notes += f"; SAM calls {v['sam_calls_per_step']}/{v['view_groups_per_step']} groups, {graph}"
-        if v.get("data_wait_ms_per_step") is not None:
-            notes += f"; data wait {v['data_wait_ms_per_step']:.1f} ms/step"
-        if v.get("peak_gib") is not None:
-            notes += f"; peak {v['peak_gib']:.1f} GiB"
-        if "profile" in v:
-            notes += f"; profiled: {v['profile']['trace']}, {v['profile']['host_syncs']} syncs in the trace"
+        graph = "graph!" if v["sam_graph"] else "no graph"
+        notes += f"; SAM calls {v['sam_calls_per_step']}/{v['view_groups_per_step']} groups, {graph}"
+        if v["peak_gib"] is not None:
+            notes += f"; peak {v['peak_gib']:.1f} GiB" + (f" (peer {peer['peak_gib']:.1f})" if peer else "")
         rows.append(
             Row(section, name, "tokens/s", v["tokens_per_s"], peer_tps, peer_name, target, notes, extra=v)
         )
     if s.full.compile and not settings.compile:
-        rows.append(skipped_row(section, "sync-free + compile", "tokens/s", "time budget", target))
+        rows.append(skipped_row(section, VARIANTS["trainer_compiled"], "tokens/s", "time budget",
+                                targets["trainer_compiled"]))  # fmt: skip
     if rows:
         rows[-1].notes += f"; {res['docs_per_row']:.1f} pages/row, packing {res['packing']:.3f}"
     return rows
@@ -396,25 +375,6 @@ def _peer_processor_rate(mode: str, pngs: list[bytes], samples: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-# ----------------------------------------------------------------------------- (e) pipeline
-
-
-def pipeline_rows(run: Run) -> list[Row]:
-    """bench/pipeline_gpu.sh (PP=4 x DP=1, then PP=2 x DP=2) as a subprocess: bench/pipeline_rows.py."""
-    single = run.details.get("full", {}).get("variants", {})
-    best = max((v["tokens_per_s"] for k, v in single.items() if k != "peer"), default=None)
-    settings = run.s.pipeline
-    if run.s.deadline_s is not None:  # the whole run must end by then: the pipeline gets what is left
-        left = run.s.deadline_s - (time.perf_counter() - run.start) - DEADLINE_MARGIN_S
-        if left < MIN_PIPELINE_S:
-            why = f"{left + DEADLINE_MARGIN_S:.0f} s left before --deadline-s {run.s.deadline_s:g}"
-            return [skipped_row(PIPELINE_SECTION, ", ".join(settings.configs), "tokens/s/GPU", why)]
-        settings = dataclasses.replace(settings, timeout_s=min(settings.timeout_s, left))
-    rows, details = run_pipeline(settings, run.s.out, best, run.pipeline_prep, run.s.quick)
-    run.details["pipeline"] = {**details, "timeout_s": settings.timeout_s}
-    return rows
-
-
 # ----------------------------------------------------------------------------- the run
 
 ROWS = {
@@ -422,12 +382,11 @@ ROWS = {
     "sam": ("frozen SAM + compressor fwd", "images/s", sam_rows),
     "full": ("full step", "tokens/s", full_rows),
     "data": ("data loading", "samples/s/core", data_rows),
-    "pipeline": (PIPELINE_SECTION, "tokens/s/GPU", pipeline_rows),
 }
 
 
 def _result(run: Run, by_section: dict[str, list[Row]], machine: dict) -> dict:
-    rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(e)
+    rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(d)
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": run.s.command,
@@ -455,13 +414,10 @@ def run_suite(s: BenchSettings) -> dict:
         else "CPU"
     )
     print(f"dsocr-bench: {where}, quick={s.quick}, sections {','.join(s.only)}; "
-          f"measured bf16 matmul peak {run.peak_tflops:.1f} TFLOP/s"
-          + ("; pipeline data being written in the background" if run.pipeline_prep else ""), flush=True)  # fmt: skip
+          f"measured bf16 matmul peak {run.peak_tflops:.1f} TFLOP/s", flush=True)  # fmt: skip
     by_section: dict[str, list[Row]] = {}
     for section in RUN_ORDER:
         if section in s.only:
-            if section == "data" and run.pipeline_prep is not None:
-                run.pipeline_prep.wait()  # per-core figures: nothing else busy on the CPU
             title, unit, fn = ROWS[section]
             before, t0 = len(run.rows), time.perf_counter()
             run.guarded(title, "all variants", unit, Target(), lambda fn=fn: fn(run))
@@ -470,8 +426,6 @@ def run_suite(s: BenchSettings) -> dict:
             print(f"[dsocr-bench] {section}: {run.section_wall_s[section]:.0f} s "
                   f"(run {time.perf_counter() - run.start:.0f} s)", flush=True)  # fmt: skip
             write_result(_result(run, by_section, machine), s.out)
-    if run.pipeline_prep is not None:
-        run.pipeline_prep.wait()
     result = _result(run, by_section, machine)
     run.rows = [Row.from_dict(r) for r in result["rows"]]
     json_path, md_path = write_result(result, s.out)

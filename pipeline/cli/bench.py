@@ -1,20 +1,16 @@
 """`dsocr-bench`: the performance table, peers measured in the same run (bench/suite.py).
 
-    dsocr-bench --out $OUT --profile               # GPU machine: every row, 4 GPUs add the pipeline rows
-    dsocr-bench --device cpu --quick --profile --out /tmp/b  # CPU smoke run of the same code paths
-    dsocr-bench --only sam,full                    # a subset of decoder,sam,full,data,pipeline
-    dsocr-bench --render DIR/bench_results.json    # rewrite PERFORMANCE.md from a result JSON
+    dsocr-bench --out $OUT                          # GPU machine: every row, on the first visible GPU
+    dsocr-bench --device cpu --quick --out /tmp/b   # CPU smoke run of the same code paths
+    dsocr-bench --only sam,full                     # a subset of decoder,sam,full,data
+    dsocr-bench --render DIR/bench_results.json     # rewrite PERFORMANCE.md from a result JSON
 
 Prints one table (ours, the peer measured in the same run, ratio, target) and the wall time per
 section, and writes DIR/bench_results.json and DIR/PERFORMANCE.md (the README performance
-fragment; `--fragment PATH` copies it); `--profile` adds the gzip'd Chrome traces of one full
-training step (trace_full_step_*.json.gz, open in ui.perfetto.dev) and profile_summary.txt (top
-kernels, host syncs, operator table). Single-GPU rows run on the first visible GPU; with 4 GPUs
-visible the pipeline rows run bench/pipeline_gpu.sh on the first four, one row per configuration
-(`--pipeline-configs 4:balanced:off:16 ...`, `--pipeline-steps`, `--pipeline-timeout-s`;
-`--deadline-s` ends the whole run in time by shrinking the pipeline's limit). A
-failing row is reported in the table and the run goes on; `--strict` then exits 1. The benchmark
-code is the `bench` package (installed with the project).
+fragment; `--fragment PATH` copies it). The full-step rows train the project's Trainer over
+LocalEngine, eager and compiled, against the transformers peer in the same Trainer
+(bench/full_step.py). A failing row is reported in the table and the run goes on; `--strict`
+then exits 1. The benchmark code is the `bench` package (installed with the project).
 """
 
 from __future__ import annotations
@@ -50,36 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    parser.add_argument("--quick", action="store_true", help="debug presets, small sizes (the CPU smoke run)")
+    parser.add_argument("--only", default=None, help="comma list of decoder,sam,full,data (default: all)")
     parser.add_argument(
-        "--quick", action="store_true", help="debug presets, small sizes (the CPU smoke test)"
+        "--out", type=Path, default=Path("dsocr-bench-out"), help="output directory (default: %(default)s)"
     )
-    parser.add_argument("--only", default=None, help="comma list of decoder,sam,full,data,pipeline")
-    parser.add_argument("--out", type=Path, default=Path("dsocr-bench-out"), help="output directory")
-    parser.add_argument("--profile", action="store_true", help="save torch profiler traces of the full step")
-    parser.add_argument(
-        "--budget-s", type=float, default=330.0, help="skip optional extras past this many seconds"
-    )
-    parser.add_argument("--pipeline-steps", type=int, default=12, help="training steps per pipeline layout")
-    parser.add_argument(
-        "--pipeline-timeout-s",
-        type=float,
-        default=300.0,
-        help="time limit of the pipeline script (both layouts)",
-    )
-    parser.add_argument(
-        "--pipeline-configs",
-        nargs="+",
-        default=None,
-        metavar="CONFIG",
-        help="bench/pipeline_gpu.sh configurations PP:PARTITION:CHECKPOINTING:GLOBAL_BATCH[:LOSS_CHUNK], "
-        "one row each (default: 4:paper:on:16 2:paper:on:16)",
-    )
-    parser.add_argument(
-        "--deadline-s",
-        type=float,
-        default=None,
-        help="end the whole run within this many seconds (the pipeline rows get the time left)",
-    )
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="skip optional extras (compiled peers) past this many seconds (default: %(default)s)")  # fmt: skip
     parser.add_argument("--fragment", type=Path, default=None, help="also write PERFORMANCE.md to this path")
     parser.add_argument(
         "--render", type=Path, default=None, help="only re-render PERFORMANCE.md from this JSON"
@@ -104,13 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else suite.SECTIONS
     command = "dsocr-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        from bench.pipeline_rows import PipelineSettings
-
-        pipeline = PipelineSettings(steps=args.pipeline_steps, timeout_s=args.pipeline_timeout_s,
-                                    configs=tuple(args.pipeline_configs or ()))  # fmt: skip
         settings = suite.BenchSettings(device=device, quick=args.quick, only=only, out=args.out,
-                                       profile=args.profile, budget_s=args.budget_s, command=command.strip(),
-                                       pipeline=pipeline, deadline_s=args.deadline_s)  # fmt: skip
+                                       budget_s=args.budget_s, command=command.strip())  # fmt: skip
     except ValueError as error:
         print(f"dsocr-bench: {error}", file=sys.stderr)
         return 2
