@@ -22,7 +22,6 @@ import io
 import random
 import time
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data import LoaderConfig, SourceSpec, StreamingLoader
@@ -35,7 +34,7 @@ _TEXT = (
 WORDS = tuple(_TEXT.split(" "))
 
 
-def render_page(rng: random.Random, size: int, noise: int) -> tuple[bytes, str]:
+def render_page(rng: random.Random, size: int) -> tuple[bytes, str]:
     """A white page with ~40 lines of random words; returns (PNG bytes, its text)."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
@@ -45,10 +44,6 @@ def render_page(rng: random.Random, size: int, noise: int) -> tuple[bytes, str]:
         line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 13)))
         draw.text((40, top), line, fill="black", font=font)
         lines.append(line)
-    if noise:
-        pixels = np.asarray(image, dtype=np.int16)
-        jitter = np.random.default_rng(rng.randrange(2**32)).integers(-noise, noise + 1, pixels.shape[:2])
-        image = Image.fromarray(np.clip(pixels - np.abs(jitter)[..., None], 0, 255).astype(np.uint8))
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue(), "\n".join(lines)

@@ -12,12 +12,12 @@ Used by bench/suite.py (`dsocr-bench --only sam`).
 
 from __future__ import annotations
 
-import gc
+import statistics
 
 import torch
 from torch import nn
 
-from bench.measure import median, peak_memory_gib, reset_peak_memory, sam_forward_flops, time_calls
+from bench.measure import free, peak_memory_gib, reset_peak_memory, sam_forward_flops, time_calls
 from deepencoder.config import SamConfig
 from deepencoder.sam import SamEncoder
 
@@ -80,12 +80,6 @@ def build_peer(cfg: SamConfig, ours: SamEncoder, device: torch.device, dtype: to
     return peer.to(dtype).eval().requires_grad_(False)
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def measure_sam(
     cfg: SamConfig,
     sizes: list[int],
@@ -111,9 +105,9 @@ def measure_sam(
             a, b = _forward(ours, x).float(), _forward(peer, x).float()
         results[side]["max_rel_diff"] = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
         x = a = b = None
-        _free(device)
+        free(device)
     peer = None
-    _free(device)
+    free(device)
     if compile_ours:
         for block in ours.blocks:
             block.compile(dynamic=False, backend=compile_backend)
@@ -121,7 +115,7 @@ def measure_sam(
             x = torch.randn(batch, cfg.in_chans, side, side, device=device, dtype=dtype)
             results[side]["ours_compiled"] = _timed(ours, x, device, warmup + 1, iters)
     ours = x = None
-    _free(device)
+    free(device)
     return results
 
 
@@ -134,5 +128,5 @@ def _timed(model: nn.Module, x: torch.Tensor, device: torch.device, warmup: int,
     """images/s, ms per batch and peak memory of the frozen forward (no_grad, as stage 2 runs it)."""
     reset_peak_memory(device)
     with torch.no_grad():
-        t = median(time_calls(lambda: _forward(model, x), device, warmup, iters))
+        t = statistics.median(time_calls(lambda: _forward(model, x), device, warmup, iters))
     return {"images_per_s": x.shape[0] / t, "ms": 1e3 * t, "peak_gib": peak_memory_gib(device)}

@@ -28,7 +28,6 @@ recomputation).
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import tempfile
 import time
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.measure import count_host_syncs, full_step_flops, peak_memory_gib, reset_peak_memory, sync
+from bench.measure import count_host_syncs, free, full_step_flops, peak_memory_gib, reset_peak_memory, sync
 from bench.step_data import flop_inputs
 from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
@@ -54,12 +53,6 @@ LR, GRAD_CLIP = 3e-5, 1.0
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 RELEASE_IMAGE_TOKEN_ID = 128815  # `<image>` in the released tokenizer (architecture.md section 4)
 VARIANTS = {"trainer": "trainer", "trainer_compiled": "trainer + compile", "peer": "peer"}
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def label_loss(logits: torch.Tensor, b: PackedBatch) -> torch.Tensor:

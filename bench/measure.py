@@ -20,9 +20,9 @@ the augmented-q/k channels of our SAM attention are not: they are an implementat
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
-import statistics
 import subprocess
 import time
 import warnings
@@ -41,6 +41,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Seconds per call of fn(), each call bracketed by device syncs (after `warmup` calls)."""
     for _ in range(warmup):
@@ -53,10 +59,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
         sync(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def median(times: Sequence[float]) -> float:
-    return statistics.median(times)
 
 
 def matmul_peak_tflops(device: torch.device, quick: bool) -> tuple[float, str]:

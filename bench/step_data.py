@@ -26,7 +26,7 @@ def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
 
     rng = random.Random(seed)
     size = max(get_mode(mode).base_size, 256)
-    return [process_image(load_rgb(render_page(rng, size, 0)[0]), mode) for _ in range(count)]
+    return [process_image(load_rgb(render_page(rng, size)[0]), mode) for _ in range(count)]
 
 
 def make_documents(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.full_step import VARIANTS, FullStepSettings, free, measure_full_step
-from bench.measure import machine_info, matmul_peak_tflops
+from bench.full_step import VARIANTS, FullStepSettings, measure_full_step
+from bench.measure import free, machine_info, matmul_peak_tflops, peak_memory_gib, reset_peak_memory
 from bench.report import Row, Target, failed_row, render_text, skipped_row, write_result
 from pipeline.processing import PAPER_MODES
 
@@ -77,7 +77,6 @@ class BenchSettings:
     seq_len: int = field(init=False)
     steps: int = field(init=False)
     warmup: int = field(init=False)
-    compile: bool = field(init=False)
     compile_backend: str = field(init=False)
     sam_sizes: tuple[int, ...] = field(init=False)
     sam_batch: int = field(init=False)
@@ -101,15 +100,14 @@ class BenchSettings:
         self.steps, self.warmup = (10, 3) if gpu_full else (3, 1)
         # every compiled variant runs everywhere; off CUDA with aot_eager (graphs traced, forward and
         # backward, no kernels generated), so the CPU smoke run takes the GPU run's code paths
-        self.compile = True
         self.compile_backend = "inductor" if self.device == "cuda" else "aot_eager"
         self.sam_sizes, self.sam_batch = ((1024, 640), 16) if gpu_full else ((128, 64), 2)
         if gpu_full:
-            self.full = FullStepSettings(compile=self.compile, compile_backend=self.compile_backend)
+            self.full = FullStepSettings(compile_backend=self.compile_backend)
         else:
             # the GPU run's variants: peer, trainer, trainer + compile
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
-                                         text_range=(20, 60), rows=2, steps=2, warmup=2, compile=True,
+                                         text_range=(20, 60), rows=2, steps=2, warmup=2,
                                          compile_backend=self.compile_backend)  # fmt: skip
         self.data_modes = PAPER_MODES if gpu_full else ("tiny", "base")
         self.data_samples, self.data_pages = (48, 16) if gpu_full else (6, 2)
@@ -171,18 +169,16 @@ def decoder_rows(run: Run) -> list[Row]:
     labels = torch.roll(ids, -1, dims=1)
 
     def timed(model) -> dict:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         times, loss = time_training(model, ids, labels, s.steps, s.warmup, device)
         step = sorted(times)[len(times) // 2]
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        return {"tokens_per_s": s.seq_len / step, "ms": 1e3 * step, "first_loss": loss, "peak_gib": mem}
+        return {"tokens_per_s": s.seq_len / step, "ms": 1e3 * step, "first_loss": loss,
+                "peak_gib": peak_memory_gib(device)}  # fmt: skip
 
     res = {"ours": timed(OursWrapped(ours.train()))}
-    if s.compile:
-        ours.load_state_dict(init)
-        ours.compile_layers(backend=s.compile_backend)
-        res["ours_compiled"] = timed(OursWrapped(ours))
+    ours.load_state_dict(init)
+    ours.compile_layers(backend=s.compile_backend)
+    res["ours_compiled"] = timed(OursWrapped(ours))
     ours = None
     free(device)
     body = oracle_model(cfg, device, dtype)
@@ -190,7 +186,7 @@ def decoder_rows(run: Run) -> list[Row]:
     peer = OracleWithHead(body, cfg.vocab_size, cfg.hidden_size, device, dtype).train()
     peer.lm_head.weight.data.copy_(init["lm_head.weight"])
     res["peer"] = timed(peer)
-    if s.compile and run.time_left() > 200:
+    if run.time_left() > 200:
         body.load_state_dict({k: v for k, v in init.items() if k != "lm_head.weight"}, strict=True)
         peer.lm_head.weight.data.copy_(init["lm_head.weight"])
         for layer in body.layers:
@@ -211,23 +207,16 @@ def decoder_rows(run: Run) -> list[Row]:
             section, name, "tokens/s", o["tokens_per_s"], p["tokens_per_s"], peer_name, tgt, notes, extra=o
         )
 
-    rows = [row("ours eager", "ours", "peer", "transformers eager", target)]
-    if "ours_compiled" in res:
-        rows.append(row("ours + compile_layers", "ours_compiled", "peer", "transformers eager", target))
-        if "peer_compiled" in res:
-            rows.append(
-                row(
-                    "ours + compile_layers",
-                    "ours_compiled",
-                    "peer_compiled",
-                    "transformers + compile",
-                    Target(),
-                )
-            )
-        else:
-            rows.append(
-                skipped_row(section, "ours + compile vs transformers + compile", "tokens/s", "time budget")
-            )
+    rows = [row("ours eager", "ours", "peer", "transformers eager", target),
+            row("ours + compile_layers", "ours_compiled", "peer", "transformers eager", target)]  # fmt: skip
+    if "peer_compiled" in res:
+        rows.append(
+            row("ours + compile_layers", "ours_compiled", "peer_compiled", "transformers + compile", Target())
+        )
+    else:
+        rows.append(
+            skipped_row(section, "ours + compile vs transformers + compile", "tokens/s", "time budget")
+        )
     return rows
 
 
@@ -242,7 +231,7 @@ def sam_rows(run: Run) -> list[Row]:
     cfg = encoder_config("full" if not s.quick else "debug").sam
     iters, warmup = (10, 3) if not s.quick else (2, 1)
     res = measure_sam(cfg, list(s.sam_sizes), s.sam_batch, run.device, warmup=warmup, iters=iters,
-                      compile_ours=s.compile and run.time_left() > 150, compile_backend=s.compile_backend)  # fmt: skip
+                      compile_ours=run.time_left() > 150, compile_backend=s.compile_backend)  # fmt: skip
     run.details["sam"] = {str(k): v for k, v in res.items()}
     target = Target("ratio", 2.0, "vs transformers") if not s.quick else Target()
     rows = []
@@ -337,7 +326,7 @@ def data_rows(run: Run) -> list[Row]:
     torch.set_num_threads(1)
     try:
         rng = random.Random(0)
-        pages = [render_page(rng, 1024, 0) for _ in range(s.data_pages)]
+        pages = [render_page(rng, 1024) for _ in range(s.data_pages)]
         tokenizer = build_tokenizer([text for _, text in pages] * 4, vocab_size=2000)
         rows = []
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""The model packages stay single-device PyTorch and independent of each other (STYLE.md)."""
+"""The model packages stay single-device PyTorch and independent of each other; pipeline/ never
+imports bench/ (STYLE.md)."""
 
 import ast
 from pathlib import Path
@@ -52,3 +53,11 @@ def test_data_tools_stands_alone():
     for path in sorted((ROOT / "data_tools").rglob("*.py")):
         for name in imported_modules(path):
             assert name.split(".")[0] not in {"pipeline", "deepencoder", "decoder"}, f"{path}: {name}"
+
+
+@pytest.mark.unit
+def test_pipeline_does_not_import_bench():
+    """bench/ measures pipeline/ (dsocr-bench is bench.cli); the dependency never points back."""
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for name in imported_modules(path):
+            assert name.split(".")[0] != "bench", f"{path}: {name}"

@@ -10,7 +10,7 @@ section, and writes DIR/bench_results.json and DIR/PERFORMANCE.md (the README pe
 fragment; `--fragment PATH` copies it). The full-step rows train the project's Trainer over
 LocalEngine, eager and compiled, against the transformers peer in the same Trainer
 (bench/full_step.py). A failing row is reported in the table and the run goes on; `--strict`
-then exits 1. The benchmark code is the `bench` package (installed with the project).
+then exits 1. `dsocr-bench` is `python -m bench.cli`.
 """
 
 from __future__ import annotations
@@ -21,21 +21,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 
-def _import_bench():
-    """The installed `bench` package; an editable install made before bench/ was packaged does not
-    map it, so fall back to the source checkout this file sits in."""
-    try:
-        import bench.suite as suite
-    except ModuleNotFoundError as error:
-        root = Path(__file__).resolve().parents[2]
-        if error.name != "bench" or not (root / "bench" / "suite.py").exists():
-            raise
-        sys.path.insert(0, str(root))
-        import bench.suite as suite
-    import bench.report as report
-
-    return suite, report
+from bench import report, suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,15 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    suite, report = _import_bench()
     if args.render is not None:
         result = report.load_result(args.render)
         target = args.fragment or args.render.with_name("PERFORMANCE.md")
         target.write_text(report.render_markdown(result))
         print(f"wrote {target}")
         return 0
-
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else suite.SECTIONS
