@@ -1,146 +1,83 @@
-"""The full-step benchmark on CPU through the GPU run's code paths: the sync-free step's fused AdamW
-with its on-device non-finite skip (the H200 failure "output with shape [] doesn't match the
-broadcast shape [1]"), every variant of measure_full_step incl. the peer and the compiled one,
-and the profile artifacts (gzip'd Chrome trace + summary) with the trace summary on a hand-made
-trace."""
+"""The full-step benchmark on CPU through the GPU run's code paths: the peer computes our model's
+loss from the copied weights, every variant of measure_full_step (trainer, trainer + compile,
+peer) trains through pipeline.train's Trainer over LocalEngine, and bench.step_memory's chunked
+loss equals the full-logits loss."""
 
 from __future__ import annotations
 
-import copy
-import gzip
-import json
+import math
 
 import pytest
 import torch
-from torch import nn
 
-from bench.full_step import (
-    BETAS,
-    LR,
-    WEIGHT_DECAY,
-    FullStepSettings,
-    SyncFreeStep,
-    measure_full_step,
-    nonfinite_flag,
-)
-from bench.profiling import STEP_ANNOTATION, summarize_trace
-from pipeline.train.optim import param_groups
+from bench import step_memory
+from bench.full_step import FullStepSettings, build_inputs, build_peer, measure_full_step
+from pipeline.model import build_model
+
+DEBUG = dict(encoder="debug", decoder="debug", mode="debug", seq_len=192, text_range=(20, 40))
 
 
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(8, 4)
-        self.norm = nn.LayerNorm(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x)).square().mean()
-
-
-@pytest.mark.unit
-def test_nonfinite_flag_is_the_0dim_float_that_fused_adamw_subtracts_from_its_steps():
-    for value, flag in ((1.5, 0.0), (float("nan"), 1.0), (float("inf"), 1.0)):
-        f = nonfinite_flag(torch.tensor(value, dtype=torch.bfloat16))
-        assert f.shape == () and f.dtype == torch.float32 and float(f) == flag
-    # what torch does with found_inf after the fused kernel: steps (0-dim) -= found_inf
-    steps = [torch.zeros(())]
-    torch._foreach_sub_(steps, [nonfinite_flag(torch.tensor(float("nan")))])
-    assert float(steps[0]) == -1.0
-    with pytest.raises(RuntimeError, match=r"output with shape \[\] doesn't match the broadcast shape \[1\]"):
-        torch._foreach_sub_([torch.zeros(())], [torch.ones(1)])  # the shape the H200 run used
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sync_free_step_equals_adamw_and_skips_a_nonfinite_step(dtype):
+def _debug_model(vocab: int, image_token_id: int):
     torch.manual_seed(0)
-    model = _Tiny().to(dtype)
-    reference = copy.deepcopy(model)
-    step = SyncFreeStep(model, lambda x: model(x), torch.device("cpu"))
-    assert all(g["fused"] for g in step.optimizer.param_groups)  # the GPU run's optimizer on CPU
-    ref_opt = torch.optim.AdamW(param_groups(reference, WEIGHT_DECAY), lr=LR, betas=BETAS, foreach=False)
-    for _ in range(3):
-        x = torch.randn(5, 8, dtype=dtype)
-        loss = step(x)
-        ref_opt.zero_grad()
-        ref_loss = reference(x)
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-        ref_opt.step()
-        assert torch.equal(loss, ref_loss.detach())
-    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
-    for p, r in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, r, **tol)
-    before = [p.detach().clone() for p in model.parameters()]
-    x = torch.full((5, 8), float("nan"), dtype=dtype)
-    assert not torch.isfinite(step(x))
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # update skipped on device
-    assert {float(s["step"]) for s in step.optimizer.state.values()} == {3.0}  # and the step count
-    step(torch.randn(5, 8, dtype=dtype))
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert {float(s["step"]) for s in step.optimizer.state.values()} == {4.0}
+    with torch.device("meta"):
+        model = build_model("debug", "debug", vocab, image_token_id=image_token_id)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.encoder.freeze_sam()
+    return model
+
+
+@pytest.mark.parity
+def test_peer_computes_our_loss_from_the_copied_weights():
+    (batch,), vocab, image_token_id = build_inputs(FullStepSettings(**DEBUG, rows=1, steps=1, warmup=1))
+    assert batch.image_positions.numel() > 0  # the SAM -> CLIP -> projector path is in the loss
+    model = _debug_model(vocab, image_token_id)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.mul_(40)  # sharp logits: the loss depends on every weight
+    peer = build_peer(model, torch.device("cpu"))
+    with torch.no_grad():
+        ours, theirs = model.train()(batch).lm_loss, peer(batch).loss
+    assert abs(float(ours) - math.log(vocab)) > 1.0  # far from the uniform loss any weights give
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.unit
+def test_settings_reject_uneven_steps():
+    with pytest.raises(ValueError, match="multiples of rows"):
+        FullStepSettings(rows=2, steps=3, warmup=2)
+    with pytest.raises(ValueError, match="compile_backend"):
+        FullStepSettings(compile_backend="cudagraphs")
 
 
 @pytest.mark.slow
-def test_full_step_variants_and_profile_artifacts_on_cpu(tmp_path):
-    settings = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=192, text_range=(20, 40),
-                                rows=1, steps=1, warmup=1, compile=True, compile_backend="aot_eager")  # fmt: skip
-    res = measure_full_step(settings, torch.device("cpu"), peak_tflops=1.0, profile_dir=tmp_path)
+def test_every_variant_trains_through_the_trainer_on_cpu():
+    settings = FullStepSettings(**DEBUG, rows=1, steps=2, warmup=2, compile_backend="aot_eager")
+    torch._dynamo.reset()
+    res = measure_full_step(settings, torch.device("cpu"), peak_tflops=1.0)
     assert res["errors"] == {}
-    assert set(res["variants"]) == {"peer", "local_trainer", "sync_free", "sync_free_compiled"}
+    assert set(res["variants"]) == {"peer", "trainer", "trainer_compiled"}
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) > 0  # compile_layers compiled
+    peer = res["variants"]["peer"]
     for key, v in res["variants"].items():
-        assert v["tokens_per_s"] > 0 and v["tokens_per_step"] == res["variants"]["peer"]["tokens_per_step"], (
-            key
-        )
-    for key in ("peer", "sync_free", "sync_free_compiled"):
-        v = res["variants"][key]
-        assert v["sam_calls_per_step"] == v["view_groups_per_step"] and v["sam_graph"] is False, key
-    # profiled: today's loop and the fastest variant, each a gzip'd Chrome trace, one summary file
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["profile_summary.txt", "trace_full_step_localtrainer.json.gz",
-                     "trace_full_step_sync_free_compiled.json.gz"]  # fmt: skip
-    for variant in ("local_trainer", "sync_free_compiled"):
-        prof = res["variants"][variant]["profile"]
-        with gzip.open(tmp_path / prof["trace"], "rt") as f:
-            trace = json.load(f)
-        assert any(e.get("name") == STEP_ANNOTATION for e in trace["traceEvents"])
-        assert prof["top"] and prof["host_syncs"] == 0 and "table" not in prof  # the table went to the file
-    summary = (tmp_path / "profile_summary.txt").read_text()
-    assert "=== LocalTrainer:" in summary and "=== sync-free + compile:" in summary and "aten::" in summary
-
-
-def _x(name: str, cat: str, ts: float, dur: float) -> dict:
-    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+        assert v["tokens_per_s"] > 0 and v["tokens_per_step"] == peer["tokens_per_step"], key
+        assert math.isfinite(v["loss"]) and math.isfinite(v["first_loss"]) and v["bad_steps"] == 0, key
+        assert v["mfu"] == pytest.approx(v["tflops_per_step"] * 1e12 / (v["step_ms"] / 1e3) / 1e12), key
+        # the frozen SAM runs once per view size and stays out of autograd
+        assert v["sam_calls_per_step"] == v["view_groups_per_step"] == 1 and v["sam_graph"] is False, key
+        assert v["host_syncs"] is None and v["peak_gib"] is None, key  # CUDA-only figures
+    assert set(res["ratios"]) == {"trainer", "trainer_compiled"}
+    for key, ratio in res["ratios"].items():
+        assert ratio == pytest.approx(res["variants"][key]["tokens_per_s"] / peer["tokens_per_s"])
+    # the peer starts from our weights: the first losses (same batch, bf16 autocast) agree up to
+    # our MoE aux loss (alpha 0.001); the compiled variant goes on from the eager one's weights
+    assert abs(res["variants"]["trainer"]["first_loss"] - peer["first_loss"]) < 0.01
+    assert res["variants"]["trainer_compiled"]["first_loss"] < res["variants"]["trainer"]["first_loss"]
 
 
 @pytest.mark.unit
-def test_trace_summary_counts_kernels_and_only_the_steps_host_syncs():
-    events = [
-        {"ph": "M", "name": "process_name", "args": {"name": "python"}},
-        _x("cudaStreamSynchronize", "cuda_runtime", 5, 1),  # before the step: not counted
-        _x(STEP_ANNOTATION, "gpu_user_annotation", 0, 10_000),  # the GPU-side copy is not the step
-        _x(STEP_ANNOTATION, "user_annotation", 10, 1000),
-        _x("cudaLaunchKernel", "cuda_runtime", 20, 2),
-        _x("cudaStreamSynchronize", "cuda_runtime", 30, 50),  # .item()
-        _x("cudaMemcpyAsync", "cuda_runtime", 29, 1),  # asynchronous: not a sync
-        _x("cudaMemcpy", "cuda_runtime", 100, 5),  # synchronous copy
-        _x("cudaDeviceSynchronize", "cuda_runtime", 2000, 5),  # after the step (the profiler's own)
-        _x("gemm_a", "kernel", 40, 300),
-        _x("gemm_a", "kernel", 400, 300),
-        _x("elementwise", "kernel", 800, 100),
-        _x("Memcpy HtoD", "gpu_memcpy", 900, 300),
-        _x("aten::mm", "cpu_op", 15, 100),
-    ]
-    s = summarize_trace({"traceEvents": events}, top=2)
-    assert s["step_ms"] == 1.0 and s["kernel_launches"] == 4 and s["gpu_busy_ms"] == 1.0
-    assert s["host_syncs"] == 2 and s["host_syncs_by_call"] == {"cudaStreamSynchronize": 1, "cudaMemcpy": 1}
-    assert s["top"] == [
-        {"name": "gemm_a", "calls": 2, "total_ms": 0.6, "share": 0.6},
-        {"name": "Memcpy HtoD", "calls": 1, "total_ms": 0.3, "share": 0.3},
-    ]
-    cpu = summarize_trace(
-        {"traceEvents": [e for e in events if e.get("cat") != "kernel" and e.get("cat") != "gpu_memcpy"]}
-    )
-    assert (
-        cpu["gpu_busy_ms"] is None and cpu["top"][0]["name"] == "aten::mm" and cpu["top"][0]["share"] is None
-    )
+def test_step_memory_chunked_loss_equals_full_logits_on_cpu():
+    out = step_memory.measure("debug", "debug", 192, [64, 0], torch.device("cpu"))
+    chunked, full = out["variants"]["64"], out["variants"]["0"]
+    assert out["tokens"] > 0 and out["images"] > 0
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-4) and math.isfinite(full["loss"])
+    assert chunked["peak_gib"] is None and chunked["host_syncs"] is None  # CUDA-only figures

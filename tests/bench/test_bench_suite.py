@@ -1,6 +1,6 @@
 """dsocr-bench on CPU: table structure, ratios from the two measured figures, failure rows, the README
-fragment round trip, counted FLOPs against torch's FlopCounterMode, and the sync-free step's loss
-against DeepSeekOCR.forward. No timing assertion anywhere."""
+fragment round trip, the full-step rows through the CLI, counted FLOPs against torch's
+FlopCounterMode and the FLOP inputs of a packed batch. No timing assertion anywhere."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import suite
+from bench.cli import main as bench_main
 from bench.measure import clip_train_flops, decoder_train_flops, sam_forward_flops
 from bench.report import Row, Target, load_result, render_markdown, render_text
 from bench.step_data import flop_inputs, make_batches, make_documents
@@ -20,7 +21,6 @@ from deepencoder.clip import ClipVisionModel
 from deepencoder.config import SamConfig, encoder_config
 from deepencoder.sam import SamEncoder
 from pipeline.batch import ImageViews
-from pipeline.cli.bench import main as bench_main
 from pipeline.processing import num_placeholders
 
 
@@ -72,12 +72,9 @@ def test_a_failing_section_becomes_a_failed_row(tmp_path, monkeypatch):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setitem(suite.ROWS, "sam", ("frozen SAM", "images/s", boom))
-    result = suite.run_suite(
-        suite.BenchSettings(device="cpu", quick=True, only=("sam", "pipeline"), out=tmp_path)
-    )
-    statuses = {r["section"]: (r["status"], r["reason"]) for r in result["rows"]}
-    assert statuses["frozen SAM"] == ("failed", "RuntimeError: CUDA out of memory (simulated)")
-    assert statuses["pipeline scaling (4 GPUs, full, 1x8192 rows)"][0] == "skipped"
+    result = suite.run_suite(suite.BenchSettings(device="cpu", quick=True, only=("sam",), out=tmp_path))
+    statuses = [(r["section"], r["status"], r["reason"]) for r in result["rows"]]
+    assert statuses == [("frozen SAM", "failed", "RuntimeError: CUDA out of memory (simulated)")]
     assert "FAILED" in (tmp_path / "PERFORMANCE.md").read_text()
 
 
@@ -92,8 +89,34 @@ def test_cli_render_and_bad_arguments(tmp_path, capsys):
     path.write_text(json.dumps(result))
     assert bench_main(["--render", str(path)]) == 0
     assert "| a | b | tokens/s | 3.00 | 2.00 (p) | 1.50x |" in (tmp_path / "PERFORMANCE.md").read_text()
-    assert bench_main(["--device", "cpu", "--quick", "--only", "decoder,nope", "--out", str(tmp_path)]) == 2
-    assert "--only" in capsys.readouterr().err
+    for only in ("decoder,nope", "pipeline"):  # the pipeline rows went with bench/pipeline_gpu.sh
+        assert bench_main(["--device", "cpu", "--quick", "--only", only, "--out", str(tmp_path)]) == 2
+        assert "--only takes a comma list of decoder,sam,full,data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--profile"])  # removed with bench/profiling.py
+    assert "unrecognized arguments: --profile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_full_step_rows_through_the_cli(tmp_path):
+    assert (
+        bench_main(["--device", "cpu", "--quick", "--only", "full", "--out", str(tmp_path), "--strict"]) == 0
+    )
+    result = load_result(tmp_path / "bench_results.json")
+    full = result["details"]["full"]
+    assert full["errors"] == {} and set(full["variants"]) == {"peer", "trainer", "trainer_compiled"}
+    rows = result["rows"]
+    assert [r["name"] for r in rows] == ["trainer", "trainer + compile"]
+    for row, key in zip(rows, ("trainer", "trainer_compiled")):
+        assert row["status"] == "ok" and row["unit"] == "tokens/s"
+        assert row["section"] == "full step (debug+debug, debug pages in 1x256 rows, bf16)"
+        assert row["ours"] == full["variants"][key]["tokens_per_s"] > 0
+        assert row["peer"] == full["variants"]["peer"]["tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(full["ratios"][key])
+        assert f"first loss {full['variants'][key]['first_loss']:.4f}" in row["notes"]
+    assert "pages/row, packing" in rows[-1]["notes"]
+    md = (tmp_path / "PERFORMANCE.md").read_text()
+    assert "| trainer + compile | tokens/s |" in md and "Trainer over pipeline/train/local_engine.py" in md
 
 
 # ----------------------------------------------------------------------------- counted FLOPs
@@ -142,7 +165,7 @@ def test_decoder_flops_add_up_over_documents():
     assert whole < decoder_train_flops(cfg, [4000])  # packing removes cross-document attention
 
 
-# ----------------------------------------------------------------------------- the sync-free step
+# ----------------------------------------------------------------------------- full-step inputs
 
 
 def _debug_batches(rows: int):
