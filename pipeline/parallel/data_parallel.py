@@ -59,7 +59,6 @@ from pipeline.parallel.engine_base import (
     N_LOSSES,
     DeepSpeedEngineBase,
     EngineResult,
-    StepView,
     rank_logger,
     seed_rank,
 )
@@ -137,9 +136,7 @@ def run_data_parallel_training(
     model_factory: Callable[[], DeepSeekOCR],
     eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
     logger: RunLogger | NullLogger | None = None,
-    final_checkpoint: bool = True,
     export: bool = True,
-    on_step: Callable[[StepView], None] | None = None,
 ) -> EngineResult:
     """Train `run` on this rank's replica with `pipeline.train.trainer.Trainer`; returns what this
     rank saw.
@@ -157,11 +154,10 @@ def run_data_parallel_training(
     engine = DataParallelEngine(run, topology, tokenizer, model, device)
     logger = rank_logger(run, logger, engine.is_logging_rank)
     loader = loader_factory(engine.dp_rank, topology.dp)
-    hook = None if on_step is None else (lambda t: on_step(engine.view(t.step)))
-    trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook, on_step=hook)
+    trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook)
     try:
         trainer.resume()
-        result = trainer.train(final_checkpoint=final_checkpoint)
+        result = trainer.train()
         if export and not result.stopped_by_signal:
             engine.export(trainer.step, logger)
         return engine.result(result)

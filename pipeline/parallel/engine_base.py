@@ -48,8 +48,8 @@ class EngineResult(TrainResult):
 
 @dataclass
 class StepView:
-    """What an `on_step(view)` hook of a DeepSpeed run sees after each good step (benchmarks:
-    profiling, engine timings; tests): the count of good steps and this rank's engine parts."""
+    """What an `on_step(view)` hook of a pipeline run sees after each good step (tests: the backward
+    walks per decoder layer): the count of good steps and this rank's engine parts."""
 
     step: int
     rank: int

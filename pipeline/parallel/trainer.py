@@ -168,14 +168,13 @@ def run_pipeline_training(
     loader_factory: LoaderFactory,
     eval_hook: Callable[[torch.nn.Module, int], dict] | None = None,
     logger: RunLogger | NullLogger | None = None,
-    final_checkpoint: bool = True,
     on_step: Callable[[StepView], None] | None = None,
 ) -> EngineResult:
     """Train `run` on this rank's pipeline stage with `pipeline.train.trainer.Trainer` over a
     `PipelineEngine`; returns what this rank saw.
 
-    final_checkpoint=False skips the save at the end (benchmarks); periodic and SIGTERM saves stay.
-    on_step(view) runs on every rank after each good step (benchmarks: profiling, engine timings)."""
+    on_step(view) runs on every rank after each good step (tests/parallel/pp_worker.py counts the
+    backward walks through each decoder layer with it)."""
     env = dist_env()
     topology, split, configs, model_dict, resume_from = prepare(run, tokenizer, env.world_size)
     device = init_distributed()
@@ -197,7 +196,7 @@ def run_pipeline_training(
     trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook, on_step=hook)
     try:
         trainer.resume()
-        return engine.result(trainer.train(final_checkpoint=final_checkpoint))
+        return engine.result(trainer.train())
     finally:
         logger.close()
 
