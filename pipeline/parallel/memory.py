@@ -69,7 +69,8 @@ GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # Share of image-placeholder tokens the "balanced" partition is computed for: 8192-token rows
 # of pages with 2-3k characters each (Base 273 / Gundam ~900 vision tokens) plus text-only rows
-# (the stage-2 benchmark's mix, bench/pipeline_gpu.py) have 10-20%.
+# (the mix of the 2026-11-21 stage-2 pipeline benchmark, README "Stage-2 pipeline on 4 GPUs")
+# have 10-20%.
 BALANCE_VISION_FRACTION = 0.15
 
 

@@ -168,7 +168,7 @@ def test_step_flops_counts_backward_only_for_trained_parts():
     assert (text.sam, text.clip, text.total) == (0, 0, frozen.decoder)
 
 
-# Peaks measured on 4 x H200 with bench/pipeline_gpu.sh (README "Stage-2 pipeline on 4 GPUs":
+# Peaks measured on 4 x H200 with bench/pipeline_gpu.sh, since removed (README "Stage-2 pipeline on 4 GPUs":
 # PP 4 x DP 1, global batch 16, paper split, checkpointing, loss over the whole row), GiB.
 MEASURED_PAPER_PP4_DP1 = (0.9, 11.5, 27.0, 41.3)
 
