@@ -162,6 +162,19 @@ def build_inputs(s: FullStepSettings) -> tuple[list[PackedBatch], int, int]:
     return batches[: s.rows], vocab, image_token_id
 
 
+def build_ours(s: FullStepSettings, vocab: int, image_token_id: int, device: torch.device) -> DeepSeekOCR:
+    """Our model for the presets on `device` (meta build, `init_weights` under seed 0), SAM frozen."""
+    from pipeline.model import build_model
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = build_model(s.encoder, s.decoder, vocab, image_token_id=image_token_id)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.encoder.freeze_sam()
+    return model
+
+
 def build_trainer(model: nn.Module, batches: list[PackedBatch], s: FullStepSettings, device: torch.device,
                   train: TrainConfig, *, compile_layers: bool, flops_of: nn.Module | None = None) -> Trainer:  # fmt: skip
     """`local_trainer` for our model; for the peer (no DeepSeekOCR layout for `model_flops`) the
@@ -220,15 +233,8 @@ def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.M
 
 def measure_full_step(s: FullStepSettings, device: torch.device, peak_tflops: float) -> dict:
     """Run the variants of the module docstring (peer first); their figures and the ratios ours / peer."""
-    from pipeline.model import build_model
-
     batches, vocab, image_token_id = build_inputs(s)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = build_model(s.encoder, s.decoder, vocab, image_token_id=image_token_id)
-    model.to_empty(device=device)
-    model.init_weights()
-    model.encoder.freeze_sam()
+    model = build_ours(s, vocab, image_token_id, device)
     enc_cfg, dec_cfg = model.encoder.config, model.decoder.config
     flops_fn = lambda b: full_step_flops(enc_cfg, dec_cfg, *flop_inputs(b))  # noqa: E731
     result: dict = {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__},

@@ -20,28 +20,18 @@ from pathlib import Path
 
 import torch
 
-from bench.full_step import RELEASE_IMAGE_TOKEN_ID
+from bench.full_step import FullStepSettings, build_inputs, build_ours
 from bench.measure import host_sync_sites, peak_memory_gib, reset_peak_memory, sync
-from bench.step_data import make_batches, make_documents, render_views
-from decoder import decoder_config
-from pipeline.model import build_model
 
 
 def measure(encoder: str, decoder: str, seq_len: int, chunks: list[int], device: torch.device) -> dict:
-    vocab = decoder_config(decoder).vocab_size
-    image_id = RELEASE_IMAGE_TOKEN_ID if vocab > RELEASE_IMAGE_TOKEN_ID else vocab - 1
-    views = render_views("base" if encoder == "full" else "debug", 4)
-    docs = make_documents(views, 64, text_range=(600, 1300) if seq_len > 2048 else (20, 60),
-                          vocab_size=vocab, image_token_id=image_id)  # fmt: skip
-    batch = make_batches(docs, seq_len, 1, pad_id=1, image_token_id=image_id)[0].to(device)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = build_model(encoder, decoder, vocab, image_token_id=image_id)
-    model.to_empty(device=device)
-    model.init_weights()
+    s = FullStepSettings(encoder, decoder, "base" if encoder == "full" else "debug", seq_len, rows=1, steps=1,
+                         warmup=1, text_range=(600, 1300) if seq_len > 2048 else (20, 60))  # fmt: skip
+    (batch,), vocab, image_id = build_inputs(s)
+    batch = batch.to(device)
+    model = build_ours(s, vocab, image_id, device).train()
     for p in model.parameters():  # buffers stay fp32 (RoPE's inv_freq)
         p.data = p.data.to(torch.bfloat16)
-    model.train().encoder.freeze_sam()
     out: dict = {"encoder": encoder, "decoder": decoder, "seq_len": seq_len, "tokens": batch.num_tokens,
                  "label_tokens": batch.num_label_tokens, "images": batch.num_images, "variants": {}}  # fmt: skip
 

@@ -11,27 +11,17 @@ import pytest
 import torch
 
 from bench import step_memory
-from bench.full_step import FullStepSettings, build_inputs, build_peer, measure_full_step
-from pipeline.model import build_model
+from bench.full_step import FullStepSettings, build_inputs, build_ours, build_peer, measure_full_step
 
 DEBUG = dict(encoder="debug", decoder="debug", mode="debug", seq_len=192, text_range=(20, 40))
 
 
-def _debug_model(vocab: int, image_token_id: int):
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = build_model("debug", "debug", vocab, image_token_id=image_token_id)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.encoder.freeze_sam()
-    return model
-
-
 @pytest.mark.parity
 def test_peer_computes_our_loss_from_the_copied_weights():
-    (batch,), vocab, image_token_id = build_inputs(FullStepSettings(**DEBUG, rows=1, steps=1, warmup=1))
+    settings = FullStepSettings(**DEBUG, rows=1, steps=1, warmup=1)
+    (batch,), vocab, image_token_id = build_inputs(settings)
     assert batch.image_positions.numel() > 0  # the SAM -> CLIP -> projector path is in the loss
-    model = _debug_model(vocab, image_token_id)
+    model = build_ours(settings, vocab, image_token_id, torch.device("cpu"))
     with torch.no_grad():
         model.decoder.lm_head.weight.mul_(40)  # sharp logits: the loss depends on every weight
     peer = build_peer(model, torch.device("cpu"))
