@@ -55,11 +55,15 @@ def main() -> None:
         if dist_env().world_size > 1:
             from pipeline.finetune.distributed import run_finetune_dp
 
-            run_finetune_dp(run, resolved)
+            job = run_finetune_dp(run, resolved)
         else:
             from pipeline.finetune.job import run_finetune
 
-            run_finetune(run, resolved)
+            job = run_finetune(run, resolved)
+        if job is not None and job.preempted:
+            from pipeline.train.trainer import exit_preempted
+
+            exit_preempted()
 
     _run()
 

@@ -60,7 +60,8 @@ def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
 
 
 def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult | None:
-    """The data-parallel fine-tune of this rank; rank 0 returns the result, the others None."""
+    """The data-parallel fine-tune of this rank; rank 0 returns the result, the others None (all
+    return one, preempted, after a SIGTERM)."""
     env = dist_env()
     topology = validate_finetune_dp(run, env.world_size)
     rank = env.rank
@@ -86,10 +87,8 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
     result = trainer.train()
     job = None
     if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
-        logger.close()
-        if rank == 0:
-            job = FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None)
-        return job
+        logger.close()  # every rank reports it, so every rank exits as preempted
+        return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None, preempted=True)
     check_replicas_agree(engine.model)
     if rank == 0:
         after = evaluate_sets(run, prep, out, "after")

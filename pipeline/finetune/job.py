@@ -70,6 +70,7 @@ class FinetuneResult:
     added_chars: list[str]
     adapter_dir: Path | None
     merged_dir: Path | None
+    preempted: bool = False  # SIGTERM stopped it after a checkpoint: resume with the same command
 
     def cer(self, name: str) -> float | None:
         report = self.reports.get(name)
@@ -364,7 +365,7 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     result = trainer.train()
     if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
         logger.close()
-        return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None)
+        return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None, preempted=True)
     after = evaluate_sets(run, prep, out, "after")
     for name, report in after.items():
         logger.log(

@@ -76,3 +76,30 @@ def test_lora_finetune_learns_a_new_script_with_replay(tmp_path, capsys, keep_th
         torch.testing.assert_close(
             merged.decoder(ids).logits, adapted.decoder(ids).logits, atol=1e-4, rtol=1e-4
         )
+
+
+def test_sigterm_saves_and_reports_preempted(tmp_path, monkeypatch, keep_threads):
+    """The scheduler's SIGTERM during fine-tuning step 1: the step's checkpoint is written, no
+    'after' evaluation runs, and the result says preempted (dsocr-finetune then exits 143)."""
+    import os
+    import signal
+
+    from pipeline.train import local_engine
+
+    run = demo_run(tmp_path / "ft")
+    run.finetune.demo.base_steps, run.train.max_steps = 2, 4
+    real, feeds = local_engine.DeviceBatches.__next__, []
+
+    def take(self):  # the demo base trains first (its own feed); SIGTERM comes in fine-tuning step 1
+        if self not in feeds:
+            feeds.append(self)
+            if len(feeds) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(local_engine.DeviceBatches, "__next__", take)
+    result = run_finetune(run)
+    assert result.preempted and result.steps < 4
+    saved = sorted(p.name for p in (tmp_path / "ft" / "checkpoints").glob("step_*"))
+    assert saved == [f"step_{result.steps:08d}"]
+    assert "target_after" not in result.reports and result.merged_dir is None
