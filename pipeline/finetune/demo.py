@@ -4,7 +4,7 @@ The base model of the CPU default reads Latin fixed-pitch lines (data_tools/synt
 trained by `dsocr-train`). The fine-tune target is the same kind of line in another language
 of data_tools' word lists ("ru": Cyrillic, DejaVu Sans Mono covers it), rendered with the same
 font, pitch, colours and jitter, so the only new thing to learn is the script. The replay and
-original-capability sets are the Latin lines themselves (`pipeline.train.job.prepare_synth_lines`).
+original-capability sets are the Latin lines themselves (`pipeline.train.synth_lines.prepare_synth_lines`).
 """
 
 from __future__ import annotations

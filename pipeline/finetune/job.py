@@ -42,10 +42,11 @@ from pipeline.model import DeepSeekOCR
 from pipeline.processing import mode_weights
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer
-from pipeline.train.job import eval_config, prepare_synth_lines, resolve_device, run_eval, run_job
+from pipeline.train.job import eval_config, resolve_device, run_eval, run_job
 from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
 from pipeline.train.run_dir import first_logged_loss, record_config
+from pipeline.train.synth_lines import prepare_synth_lines
 from pipeline.training_info import TRAINING_INFO, TrainingInfo, mode_mix
 
 log = logging.getLogger(__name__)

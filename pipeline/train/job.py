@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +21,8 @@ from decoder import DecoderModel
 from deepencoder import DeepEncoder
 from pipeline.checkpoint_io import export_release, load_any
 from pipeline.config import RunConfig
-from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.profile import apply_to_run
-from pipeline.data.shards import expand_shards
 from pipeline.eval.data import EvalSample, read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport
@@ -36,6 +34,7 @@ from pipeline.stage1.options import apply_model_options, export_encoder_if_reque
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer, build_char_tokenizer, build_tokenizer, load_tokenizer
 from pipeline.train.checkpoint import latest_checkpoint
+from pipeline.train.data_kinds import data_kind, loader_config
 from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
 from pipeline.train.run_dir import first_logged_loss, record_config
@@ -73,94 +72,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class SynthSet:
-    """One rendered set of `data.kind=synth_lines`: its train / held-out configs."""
-
-    name: str
-    train: object  # data_tools.synth.reading.ReadingLinesConfig
-    val: object
-    mode: str  # pipeline.processing.MODES key the set is trained and evaluated in
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Generation budget that fits the set's longest reference (characters + newlines)."""
-        return self.train.lines * (self.train.max_chars + 1) + 8
-
-
-def synth_sets(run: RunConfig) -> list[SynthSet]:
-    """The sets `data.synth` asks for: Latin lines always; paragraphs and Persian lines when counted."""
-    from data_tools.synth.reading import ReadingLinesConfig
-
-    syn = run.data.synth
-    lines = dict(width=syn.image_size, min_chars=syn.min_chars, max_chars=syn.max_chars)
-    wanted = [("lines", syn.num_train, {**lines}, syn.mode)]
-    if syn.paragraphs:
-        wanted.append(("paragraphs", syn.paragraphs, dict(width=syn.paragraph_size or syn.image_size, min_chars=1,
-                       max_chars=syn.paragraph_chars, lines=syn.paragraph_lines), syn.paragraph_mode or syn.mode))  # fmt: skip
-    if syn.persian:
-        wanted.append(("persian", syn.persian, {**lines, "lang": "fa"}, syn.mode))
-    sets = []
-    for k, (name, n, kwargs, mode) in enumerate(wanted):
-        # the Latin lines keep the sources and seeds of the embedded default
-        tag = "reading-lines" if name == "lines" else f"reading-{name}"
-        train = ReadingLinesConfig(n=n, seed=syn.seed + 104_729 * k, source=f"{tag}-train", **kwargs)
-        val = ReadingLinesConfig(
-            n=syn.num_val, seed=syn.seed + 104_729 * k + 7919, source=f"{tag}-val", **kwargs
-        )
-        sets.append(SynthSet(name, train, val, mode))
-    return sets
-
-
-def _render(cfg, out: Path, prefix: str, workers: int, render: bool = True) -> str:
-    """Render one reading set into shards under `out` (reused when its manifest matches);
-    render=False only checks that they are there (ranks that read what rank 0 rendered)."""
-    from data_tools.shards import ShardWriterConfig
-    from data_tools.synth.reading import write_reading_lines
-
-    manifest = out / "manifest.json"
-    if not (manifest.exists() and json.loads(manifest.read_text()).get("reading_lines") == vars(cfg)):
-        if not render:
-            raise ValueError(
-                f"no complete shards of {cfg.source} in {out}: the rendering rank writes them first"
-            )
-        write_reading_lines(
-            cfg, ShardWriterConfig(str(out), prefix=prefix, max_count=5000, overwrite=True), workers
-        )
-    return str(out / f"{prefix}-*.tar")
-
-
-def prepare_synth_sets(run: RunConfig, data_dir: Path, render: bool = True) -> dict[str, tuple[str, str]]:
-    """Render every synth set's train/val shards; {set name: (train pattern, val pattern)}."""
-    workers = run.data.synth.workers
-    patterns = {}
-    for synth in synth_sets(run):
-        sub = data_dir if synth.name == "lines" else data_dir / synth.name
-        patterns[synth.name] = (_render(synth.train, sub / "train", "train", workers, render),
-                                _render(synth.val, sub / "val", "val", workers, render))  # fmt: skip
-    return patterns
-
-
-def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
-    """The Latin reading lines' train/val shards (the embedded default's data)."""
-    lines = synth_sets(run)[0]
-    workers = run.data.synth.workers
-    return _render(lines.train, data_dir / "train", "train", workers), _render(
-        lines.val, data_dir / "val", "val", workers
-    )
-
-
-def lang_alphabet(lang: str) -> str:
-    """Every character the synthetic text of `lang` can produce (word list, letters, digits, punctuation)."""
-    from data_tools.synth import wordlists
-    from data_tools.synth.fonts import script_of_lang
-
-    script = script_of_lang(lang)
-    chars = set("".join(wordlists.WORDS[lang])) | set(wordlists.LETTERS[script]) | set(wordlists.DIGITS)
-    chars |= set(wordlists.LOCAL_DIGITS.get(script, "")) | set("".join(wordlists.PUNCT[script]))
-    return "".join(sorted(chars - {"\n"}))
-
-
 def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
     spec = run.data.tokenizer
     if spec == "char":
@@ -170,28 +81,6 @@ def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_
     return load_tokenizer(spec)
 
 
-def loader_config(run: RunConfig, train_shards: dict[str, str] | None) -> LoaderConfig:
-    """The StreamingLoader of the job; synth sets are mixed in proportion to their sizes, the
-    lines alone for the first `data.synth.lines_first` samples."""
-    batch = run.parallel.micro_batch
-    if run.data.kind == "synth_lines":
-        sets = {s.name: s for s in synth_sets(run)}
-        sources = [SourceSpec(f"reading-{name}", pattern, weight=float(sets[name].train.n), prompt="free_ocr",
-                              modes=sets[name].mode,
-                              start_after=0 if name == "lines" else run.data.synth.lines_first)
-                   for name, pattern in train_shards.items()]  # fmt: skip
-        return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=batch,
-                            packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
-    if run.data.kind == "webdataset":
-        return from_run_config(run.data, batch_size=batch, seed=run.train.seed)
-    if run.data.kind == "real_lines":
-        from pipeline.train.real_lines import real_sources
-
-        return LoaderConfig(sources=real_sources(run, train_shards), seq_len=run.data.seq_len, batch_size=batch,
-                            packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
-    raise ValueError(f"data.kind must be 'synth_lines', 'webdataset' or 'real_lines', got {run.data.kind!r}")
-
-
 # ----------------------------------------------------------------------------- model
 def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
     m = run.model
@@ -199,8 +88,12 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
         check_init_from(m, tokenizer)  # the configured size, or a ValueError naming both
         model, _ = load_any(m.init_from)
     else:
-        enc, dec = model_configs(m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-        model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens)
+        enc, dec = model_configs(
+            m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id
+        )
+        model = DeepSeekOCR(
+            DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens
+        )
     model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
     applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
     print(f"[job] {applied.summary()}", flush=True)
@@ -224,19 +117,14 @@ class SavedScores:
 
 
 def eval_config(run: RunConfig) -> EvalRunConfig:
-    mode = run.data.synth.mode if run.data.kind == "synth_lines" else run.eval.mode
-    return EvalRunConfig(mode=mode, prompt="free_ocr", batch_size=run.eval.batch_size,
+    return EvalRunConfig(mode=data_kind(run).eval_mode(run), prompt="free_ocr", batch_size=run.eval.batch_size,
                          max_new_tokens=run.eval.max_new_tokens, no_repeat_ngram_size=run.eval.no_repeat_ngram_size,
                          no_repeat_window=run.eval.no_repeat_window)  # fmt: skip
 
 
 def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
-    """eval_config in synth set `name`'s mode, with a generation budget that fits its longest reference."""
-    cfg = eval_config(run)
-    if run.data.kind != "synth_lines":  # the other sets of real_lines share the eval settings
-        return cfg
-    synth = next(s for s in synth_sets(run) if s.name == name)
-    return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
+    """The evaluation settings of the held-out set `name` (the data kind's choice)."""
+    return data_kind(run).set_eval(run, name, eval_config(run))
 
 
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:
@@ -288,44 +176,23 @@ class JobData:
 def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobData:
     """Shards, held-out samples and the tokenizer; identical on every rank of a job.
 
-    data.kind=synth_lines renders its shards into the run directory; in a multi-process job one
-    rank renders (render=True) and the others, after a barrier, read them (render=False)."""
-    train_shards, val_shards = None, {}
-    alphabet = DEMO_ALPHABET
-    if run.data.kind == "synth_lines":
-        patterns = prepare_synth_sets(run, out / "data", render)
-        train_shards = {name: train for name, (train, _) in patterns.items()}
-        val_shards = {name: val for name, (_, val) in patterns.items()}
-        alphabet += "".join(lang_alphabet(s.train.lang) for s in synth_sets(run) if s.train.lang != "en")
-    elif run.data.kind == "real_lines":
-        from pipeline.train.real_lines import prepare_real_lines
-
-        real = prepare_real_lines(run, out / "data", render)
-        train_shards, val_shards, alphabet = real.train, real.val, alphabet + real.alphabet
-    elif run.data.val_shards:
-        val_shards = {"val": run.data.val_shards}
+    A kind that renders its shards into the run directory (synth_lines, real_lines) does so on
+    one rank of a multi-process job (render=True); the others, after a barrier, read them
+    (render=False)."""
+    kind = data_kind(run).prepare(run, out / "data", render)
+    val_shards = kind.val
     val_sets = {
         name: read_eval_set(pattern, limit=run.eval.num_samples) for name, pattern in val_shards.items()
     }
     corpus = [s.reference for samples in val_sets.values() for s in samples]
-    tokenizer = build_tokenizer_for(run, corpus, alphabet)
-    return JobData(train_shards, val_sets, tokenizer)
+    tokenizer = build_tokenizer_for(run, corpus, DEMO_ALPHABET + kind.alphabet)
+    return JobData(kind.train, val_sets, tokenizer)
 
 
 def validate_data_paths(run: RunConfig) -> None:
-    """ValueError naming the field when a configured shard pattern matches no file (before any
+    """ValueError naming the field when the data kind's configured paths are wrong (before any
     model is built; the typed schemas check every other field when the config is composed)."""
-    if run.data.kind != "webdataset":
-        return
-    patterns = [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(run.data.sources)]
-    if run.data.val_shards:
-        patterns.append(("data.val_shards", run.data.val_shards))
-    for field_name, pattern in patterns:
-        try:
-            expand_shards(pattern)
-        except ValueError as err:
-            raise ValueError(f"{field_name}={pattern!r}: {err}; fix the path or the pattern") from err
-    from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)  # prompts, modes
+    data_kind(run).check_paths(run)
 
 
 def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
@@ -359,7 +226,7 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> bool:
     from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
     from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
-    if run.data.kind in ("synth_lines", "real_lines"):  # rank 0 renders the shards once, the others read them
+    if data_kind(run).renders:  # rank 0 renders the shards once, the others read them
         init_distributed()
         if rank == 0:
             data = prepare_job_data(run, out)
@@ -412,7 +279,7 @@ def run_job(run: RunConfig) -> JobResult:
     data = prepare_job_data(run, out)
     tokenizer, val_samples = data.tokenizer, data.val_samples
     tokenizer.save(out / "tokenizer")
-    if run.data.kind == "webdataset":  # row length, eval budget and mode from the data, before any eval
+    if data_kind(run).derives_from_data():  # row length, eval budget and mode, before any eval
         apply_to_run(run, tokenizer, loader_config(run, None), [s.reference for s in val_samples], "job")
     train_data = loader_config(run, data.train_shards)
     loader = StreamingLoader(train_data, tokenizer, dp_rank=0, dp_world=1)

@@ -95,7 +95,7 @@ def test_paragraph_and_persian_sets_are_trained_and_evaluated_separately_within_
     assert any(r.get("event") == "time_limit" for r in records)
     # the character tokenizer covers every Persian character the generator can produce
     from pipeline.tokenizer import load_tokenizer
-    from pipeline.train.job import lang_alphabet
+    from pipeline.train.synth_lines import lang_alphabet
 
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     unk = tokenizer.encode("\uffff")[0]
@@ -130,7 +130,8 @@ def test_lines_first_holds_back_the_other_sets(tmp_path):
 
 @pytest.mark.config
 def test_paragraphs_can_have_their_own_page_size_and_mode(tmp_path):
-    from pipeline.train.job import loader_config, set_eval_config, synth_sets
+    from pipeline.train.job import loader_config, set_eval_config
+    from pipeline.train.synth_lines import synth_sets
 
     run = compose_run(tmp_path / "run", "data.synth.paragraphs=60", "data.synth.persian=30",
                       "data.synth.paragraph_size=1024", "data.synth.paragraph_mode=base")  # fmt: skip
@@ -167,3 +168,26 @@ def test_continued_job_resumes_and_keeps_the_untrained_reports(tmp_path, device)
     assert second.other_sets["paragraphs"][0] == first.other_sets["paragraphs"][0]
     records = [json.loads(line) for line in (second.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resume" and r["step"] == 4 for r in records)
+
+
+def test_each_data_kind_checks_its_paths_before_any_build(tmp_path):
+    """The job asks the data kind, never branches on it: an unknown kind and a real_lines run
+    without its corpus are refused by validate_data_paths, naming the field."""
+    from dataclasses import replace
+
+    from pipeline.config import RunConfig, SourceConfig
+    from pipeline.train.data_kinds import KINDS, data_kind
+    from pipeline.train.job import validate_data_paths
+
+    run = RunConfig()
+    assert data_kind(run) is KINDS["synth_lines"]  # the embedded default is one kind among three
+    validate_data_paths(run)
+    with pytest.raises(ValueError, match="data.real_root"):
+        validate_data_paths(replace(run, data=replace(run.data, kind="real_lines")))
+    source = SourceConfig(name="mine", shards=str(tmp_path / "none-*.tar"))
+    missing = replace(run.data, kind="webdataset", sources=[source])
+    with pytest.raises(ValueError, match=r"data.sources\[0\].shards="):
+        validate_data_paths(replace(run, data=missing))
+    run.data.kind = "csv"  # past the schema (a config edited after composition)
+    with pytest.raises(ValueError, match="data.kind must be one of synth_lines, real_lines, webdataset"):
+        data_kind(run)

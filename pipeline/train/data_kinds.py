@@ -1,0 +1,172 @@
+"""The data kinds a job trains on (`data.kind`), each one data source behind the same interface,
+so the job (pipeline/train/job.py) never branches on which one it has:
+
+- `synth_lines`: the embedded default, reading lines (and optional paragraph / Persian sets)
+  rendered into the run directory (pipeline/train/synth_lines.py);
+- `real_lines`: synthetic scans, then PAGE-XML / ALTO line ground truth mixed in
+  (pipeline/train/real_lines.py);
+- `webdataset`: the user's shards (`data.sources`, `data.val_shards`); row length, evaluation
+  budget and mode follow from the shards' manifests (pipeline/data/profile.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import DATA_KINDS, RunConfig
+from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
+from pipeline.data.shards import expand_shards
+from pipeline.eval.runner import EvalRunConfig
+
+
+@dataclass(frozen=True)
+class KindData:
+    """What a kind's `prepare` leaves: train shards per set (None: `data.sources` as configured),
+    held-out shards per set (the first one drives evaluation during training), and the
+    characters its texts can contain beyond the demo alphabet (for `data.tokenizer=char`)."""
+
+    train: dict[str, str] | None
+    val: dict[str, str]
+    alphabet: str = ""
+
+
+class DataKind(Protocol):
+    renders: bool  # writes its shards into the run directory (one rank renders, the others wait)
+
+    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData: ...
+
+    def sources(self, run: RunConfig, train: dict[str, str] | None) -> list[SourceSpec] | None:
+        """The loader's sources; None: `data.sources` through `from_run_config`."""
+
+    def eval_mode(self, run: RunConfig) -> str: ...
+
+    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
+        """The evaluation settings of held-out set `name` (beyond the first)."""
+
+    def derives_from_data(self) -> bool:
+        """Whether row length, evaluation budget and mode follow from the shards' manifests."""
+
+    def check_paths(self, run: RunConfig) -> None:
+        """ValueError naming the field of a configured path that is missing (before any build)."""
+
+
+class SynthLines:
+    renders = True
+
+    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
+        from pipeline.train.synth_lines import lang_alphabet, prepare_synth_sets, synth_sets
+
+        patterns = prepare_synth_sets(run, data_dir, render)
+        extra = "".join(lang_alphabet(s.train.lang) for s in synth_sets(run) if s.train.lang != "en")
+        return KindData({n: train for n, (train, _) in patterns.items()},
+                        {n: val for n, (_, val) in patterns.items()}, extra)  # fmt: skip
+
+    def sources(self, run: RunConfig, train: dict[str, str] | None) -> list[SourceSpec]:
+        from pipeline.train.synth_lines import synth_sources
+
+        return synth_sources(run, train or {})
+
+    def eval_mode(self, run: RunConfig) -> str:
+        return run.data.synth.mode
+
+    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
+        """The set's own mode and a generation budget that fits its longest reference."""
+        from pipeline.train.synth_lines import synth_sets
+
+        synth = next(s for s in synth_sets(run) if s.name == name)
+        return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
+
+    def derives_from_data(self) -> bool:
+        return False
+
+    def check_paths(self, run: RunConfig) -> None:
+        pass  # its shards are made in the run directory
+
+
+class RealLines:
+    renders = True
+
+    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
+        from pipeline.train.real_lines import prepare_real_lines
+
+        real = prepare_real_lines(run, data_dir, render)
+        return KindData(real.train, real.val, real.alphabet)
+
+    def sources(self, run: RunConfig, train: dict[str, str] | None) -> list[SourceSpec]:
+        from pipeline.train.real_lines import real_sources
+
+        return real_sources(run, train or {})
+
+    def eval_mode(self, run: RunConfig) -> str:
+        return run.eval.mode
+
+    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
+        return cfg  # the synthetic held-out lines share the real ones' settings
+
+    def derives_from_data(self) -> bool:
+        return False
+
+    def check_paths(self, run: RunConfig) -> None:
+        from pipeline.train.real_lines import check_real_config
+
+        check_real_config(run)
+
+
+class Webdataset:
+    renders = False
+
+    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
+        return KindData(None, {"val": run.data.val_shards} if run.data.val_shards else {})
+
+    def sources(self, run: RunConfig, train: dict[str, str] | None) -> None:
+        return None
+
+    def eval_mode(self, run: RunConfig) -> str:
+        return run.eval.mode
+
+    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
+        return cfg
+
+    def derives_from_data(self) -> bool:
+        return True
+
+    def check_paths(self, run: RunConfig) -> None:
+        patterns = [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(run.data.sources)]
+        if run.data.val_shards:
+            patterns.append(("data.val_shards", run.data.val_shards))
+        for field_name, pattern in patterns:
+            try:
+                expand_shards(pattern)
+            except ValueError as err:
+                raise ValueError(f"{field_name}={pattern!r}: {err}; fix the path or the pattern") from err
+        from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)  # prompts, modes
+
+
+KINDS: dict[str, DataKind] = {
+    "synth_lines": SynthLines(),
+    "real_lines": RealLines(),
+    "webdataset": Webdataset(),
+}
+assert set(KINDS) == set(DATA_KINDS), "pipeline.config.DATA_KINDS and the kinds here must agree"
+
+
+def data_kind(run: RunConfig) -> DataKind:
+    kind = KINDS.get(run.data.kind)
+    if kind is None:
+        raise ValueError(f"data.kind must be one of {', '.join(KINDS)}, got {run.data.kind!r}")
+    return kind
+
+
+def loader_config(run: RunConfig, train: dict[str, str] | None) -> LoaderConfig:
+    """The job's StreamingLoader settings over the kind's sources."""
+    batch = run.parallel.micro_batch
+    sources = data_kind(run).sources(run, train)
+    if sources is None:
+        return from_run_config(run.data, batch_size=batch, seed=run.train.seed)
+    return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=batch, packing=run.data.pack,
+                        seed=run.train.seed, num_workers=run.data.num_workers)  # fmt: skip
+
+
+__all__ = ["KINDS", "DataKind", "KindData", "data_kind", "loader_config"]
