@@ -44,13 +44,12 @@ from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
 from pipeline.config import OptimConfig, ParallelConfig, TrainConfig
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.model import DeepSeekOCR, ModelOutput
+from pipeline.model import COMPILE_BACKENDS, DeepSeekOCR, ModelOutput
 from pipeline.processing import normalize_pixels
 from pipeline.train.local_engine import LocalEngine, local_trainer, model_flops
 from pipeline.train.trainer import Trainer
 
 LR, GRAD_CLIP = 3e-5, 1.0
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 RELEASE_IMAGE_TOKEN_ID = 128815  # `<image>` in the released tokenizer (architecture.md section 4)
 VARIANTS = {"trainer": "trainer", "trainer_compiled": "trainer + compile", "peer": "peer"}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from pipeline.config import DATA_KINDS, RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
@@ -32,27 +31,31 @@ class KindData:
     alphabet: str = ""
 
 
-class DataKind(Protocol):
-    renders: bool  # writes its shards into the run directory (one rank renders, the others wait)
+class DataKind:
+    """The defaults of a kind; each kind overrides what it does differently."""
 
-    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData: ...
+    renders = False  # writes its shards into the run directory (one rank renders, the others wait)
+    derives_from_data = False  # row length, evaluation budget and mode follow from the shards' manifests
+
+    def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
+        raise NotImplementedError
 
     def sources(self, run: RunConfig, train: dict[str, str] | None) -> list[SourceSpec] | None:
         """The loader's sources; None: `data.sources` through `from_run_config`."""
+        raise NotImplementedError
 
-    def eval_mode(self, run: RunConfig) -> str: ...
+    def eval_mode(self, run: RunConfig) -> str:
+        return run.eval.mode
 
     def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
         """The evaluation settings of held-out set `name` (beyond the first)."""
-
-    def derives_from_data(self) -> bool:
-        """Whether row length, evaluation budget and mode follow from the shards' manifests."""
+        return cfg
 
     def check_paths(self, run: RunConfig) -> None:
         """ValueError naming the field of a configured path that is missing (before any build)."""
 
 
-class SynthLines:
+class SynthLines(DataKind):
     renders = True
 
     def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
@@ -78,14 +81,10 @@ class SynthLines:
         synth = next(s for s in synth_sets(run) if s.name == name)
         return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
 
-    def derives_from_data(self) -> bool:
-        return False
 
-    def check_paths(self, run: RunConfig) -> None:
-        pass  # its shards are made in the run directory
+class RealLines(DataKind):
+    """Its synthetic held-out lines share the real ones' evaluation settings (the default)."""
 
-
-class RealLines:
     renders = True
 
     def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
@@ -99,38 +98,20 @@ class RealLines:
 
         return real_sources(run, train or {})
 
-    def eval_mode(self, run: RunConfig) -> str:
-        return run.eval.mode
-
-    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
-        return cfg  # the synthetic held-out lines share the real ones' settings
-
-    def derives_from_data(self) -> bool:
-        return False
-
     def check_paths(self, run: RunConfig) -> None:
         from pipeline.train.real_lines import check_real_config
 
         check_real_config(run)
 
 
-class Webdataset:
-    renders = False
+class Webdataset(DataKind):
+    derives_from_data = True
 
     def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
         return KindData(None, {"val": run.data.val_shards} if run.data.val_shards else {})
 
     def sources(self, run: RunConfig, train: dict[str, str] | None) -> None:
         return None
-
-    def eval_mode(self, run: RunConfig) -> str:
-        return run.eval.mode
-
-    def set_eval(self, run: RunConfig, name: str, cfg: EvalRunConfig) -> EvalRunConfig:
-        return cfg
-
-    def derives_from_data(self) -> bool:
-        return True
 
     def check_paths(self, run: RunConfig) -> None:
         patterns = [(f"data.sources[{i}].shards", s.shards) for i, s in enumerate(run.data.sources)]

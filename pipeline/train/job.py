@@ -279,7 +279,7 @@ def run_job(run: RunConfig) -> JobResult:
     data = prepare_job_data(run, out)
     tokenizer, val_samples = data.tokenizer, data.val_samples
     tokenizer.save(out / "tokenizer")
-    if data_kind(run).derives_from_data():  # row length, eval budget and mode, before any eval
+    if data_kind(run).derives_from_data:  # row length, eval budget and mode, before any eval
         apply_to_run(run, tokenizer, loader_config(run, None), [s.reference for s in val_samples], "job")
     train_data = loader_config(run, data.train_shards)
     loader = StreamingLoader(train_data, tokenizer, dp_rank=0, dp_world=1)

@@ -71,24 +71,23 @@ def _render(cfg, out: Path, prefix: str, workers: int, render: bool = True) -> s
     return str(out / f"{prefix}-*.tar")
 
 
+def _render_set(synth: SynthSet, data_dir: Path, workers: int, render: bool = True) -> tuple[str, str]:
+    """One set's (train pattern, val pattern) under `data_dir`."""
+    return (_render(synth.train, data_dir / "train", "train", workers, render),
+            _render(synth.val, data_dir / "val", "val", workers, render))  # fmt: skip
+
+
 def prepare_synth_sets(run: RunConfig, data_dir: Path, render: bool = True) -> dict[str, tuple[str, str]]:
     """Render every synth set's train/val shards; {set name: (train pattern, val pattern)}."""
     workers = run.data.synth.workers
-    patterns = {}
-    for synth in synth_sets(run):
-        sub = data_dir if synth.name == "lines" else data_dir / synth.name
-        patterns[synth.name] = (_render(synth.train, sub / "train", "train", workers, render),
-                                _render(synth.val, sub / "val", "val", workers, render))  # fmt: skip
-    return patterns
+    return {synth.name: _render_set(synth, data_dir if synth.name == "lines" else data_dir / synth.name,
+                                    workers, render)
+            for synth in synth_sets(run)}  # fmt: skip
 
 
 def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
     """The Latin reading lines' train/val shards (the embedded default's data)."""
-    lines = synth_sets(run)[0]
-    workers = run.data.synth.workers
-    return _render(lines.train, data_dir / "train", "train", workers), _render(
-        lines.val, data_dir / "val", "val", workers
-    )
+    return _render_set(synth_sets(run)[0], data_dir, run.data.synth.workers)
 
 
 def lang_alphabet(lang: str) -> str:
