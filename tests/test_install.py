@@ -62,12 +62,20 @@ def test_constraints_pin_every_dependency_inside_its_bounds():
     assert "deepseek-ocr-train" not in pins  # the project itself is not pinned
 
 
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"  # PyTorch's CPU build of torch
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    command = 'bash launch/install_system_deps.sh && pip install -e ".[dev]" -c constraints.txt && pytest -q'
+    command = f'bash launch/install_system_deps.sh && pip install -e ".[dev]" -c constraints.txt {CPU_INDEX} && pytest -q'
     assert command in [line.strip() for line in ci.splitlines()]
     assert f"```bash\n{command}\n```" in readme
+
+
+def test_quick_start_installs_the_cpu_build_of_torch_as_ci_does():
+    readme = (ROOT / "README.md").read_text()
+    assert f"```bash\npip install -e . {CPU_INDEX} && dsocr-train\n```" in readme
 
 
 def third_party_imports() -> set[str]:
