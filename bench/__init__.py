@@ -5,7 +5,7 @@ the same run.
 Modules: report (rows, targets, the table, PERFORMANCE.md), measure (timing, matmul peak,
 host-sync counting, counted FLOPs), bench_decoder / bench_sam / bench_data (the decoder step, the
 frozen SAM + compressor forward, the data path, each with its peer), step_data (packed page rows),
-full_step (the full model trained by pipeline.train's Trainer, eager and compiled, and the
-transformers peer in the same Trainer), step_memory (peak memory of one step, chunked loss vs full
-logits). bench/ imports pipeline/, never the other way round.
+full_step (the full model trained by pipeline.train's Trainer, eager and compiled, with its peak
+memory, host syncs and a full-logits step, and the transformers peer in the same Trainer).
+bench/ imports pipeline/, never the other way round.
 """

@@ -4,16 +4,8 @@ Preprocessing must not starve the GPUs: target >= 30 samples/s per core for Base
 1024x1024 PNG pages. `render_page` draws synthetic text pages (~40 lines of words, answer = the
 rendered text); `end_to_end` runs the real loader (`pipeline.data.StreamingLoader`, one process)
 over a shard of them with one mode fixed. `dsocr-bench --only data` (bench/suite.py) writes the
-shard and runs it per mode with torch limited to one thread.
-
-Measured 2026-11-21 on an idle 16-core Intel Xeon host (the device machine) with the standalone
-script this module was until 2026-12-03, 96 samples per mode, clean pages (113 KiB PNG),
-samples/s per core end to end: tiny 62.0, small 54.9, base 62.8, large 28.0, gundam 21.4
-(decode 8.0 ms; transform base 7.4 ms, gundam 37 ms). Noisy scan-like pages (985 KiB PNG): base
-40.5, gundam 16.8. With DataLoader workers (StreamingLoader num_workers=W), base: 57 (W=1), 216
-(4), 364 (8), 487 (14) samples/s in total; gundam: 20, 70, 127, 187. These numbers predate uint8
-views: the transform then also normalised to float32 on the host (~3 ms more per 1024 px view);
-the model now does that on its device.
+shard and runs it per mode with torch limited to one thread. Figures of the standalone script
+this module was until 2026-12-03 (DataLoader workers, noisy pages): README, "Component records".
 """
 
 from __future__ import annotations

@@ -5,23 +5,16 @@ DeepseekOcr2TextModel (grouped_mm experts, SDPA attention) with the same sizes, 
 weights, the same lm_head + cross-entropy loss and the same optimizer (torch AdamW, fused on
 CUDA), in one process on one device, one model at a time; bf16 parameters, batch 1 x 8192.
 
-Measured on one H200 (torch 2.11, transformers 5.17), full preset, 1 x 8192, median of 10 steps
-(the standalone script this module was until 2026-12-03):
-    ours eager            123.9 ms   66.1k tokens/s   MFU 34.5%   peak 42.1 GiB   1.30x
-    ours + compile        105.6 ms   77.6k tokens/s   MFU 40.5%   peak 39.9 GiB   1.53x
-    transformers eager    161.7 ms   50.7k tokens/s   MFU 26.5%   peak 43.4 GiB   1.00x
-    transformers + compile 109.7 ms  74.7k tokens/s   MFU 39.0%   peak 41.2 GiB   1.47x
-  Expert backends, ours eager: grouped_mm 123.9 ms, padded_bmm 236.8 ms (66.5 GiB), loop 545.9 ms.
+Figures of the standalone script this module was until 2026-12-03 (expert backends included):
+README, "Component records".
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
-from bench.measure import sync
+from bench.measure import time_calls
 from decoder import DecoderConfig, DecoderModel
 
 
@@ -89,20 +82,15 @@ def time_training(model, ids, labels, steps: int, warmup: int, device) -> tuple[
     """Per-step seconds of fwd + bwd + AdamW step, and the loss of the first (pre-update) step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
-    times, first_loss = [], None
-    for step in range(warmup + steps):
-        sync(device)
-        start = time.perf_counter()
+    losses = []
+
+    def step() -> None:
         logits, aux = model(ids)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
         (loss + aux).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        if first_loss is None:
-            first_loss = loss.item()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-        del logits, aux, loss
-    del opt
-    return times, first_loss
+        losses.append(loss.detach())
+
+    times = time_calls(step, device, warmup, steps)
+    return times, float(losses[0])

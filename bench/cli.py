@@ -7,7 +7,7 @@
 
 Prints one table (ours, the peer measured in the same run, ratio, target) and the wall time per
 section, and writes DIR/bench_results.json and DIR/PERFORMANCE.md (the README performance
-fragment; `--fragment PATH` copies it). The full-step rows train the project's Trainer over
+fragment; `--render` writes it beside the JSON). The full-step rows train the project's Trainer over
 LocalEngine, eager and compiled, against the transformers peer in the same Trainer
 (bench/full_step.py). A failing row is reported in the table and the run goes on; `--strict`
 then exits 1. `dsocr-bench` is `python -m bench.cli`.
@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip optional extras (compiled peers) past this many seconds (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--fragment", type=Path, default=None, help="also write PERFORMANCE.md to this path")
     parser.add_argument(
         "--render", type=Path, default=None, help="only re-render PERFORMANCE.md from this JSON"
     )
@@ -53,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.render is not None:
         result = report.load_result(args.render)
-        target = args.fragment or args.render.with_name("PERFORMANCE.md")
+        target = args.render.with_name("PERFORMANCE.md")
         target.write_text(report.render_markdown(result))
         print(f"wrote {target}")
         return 0
@@ -68,9 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsocr-bench: {error}", file=sys.stderr)
         return 2
     result = suite.run_suite(settings)
-    if args.fragment is not None:
-        args.fragment.write_text(report.render_markdown(result))
-        print(f"wrote {args.fragment}")
     failed = [r for r in result["rows"] if r["status"] == "failed"]
     return 1 if failed and args.strict else 0
 

@@ -20,9 +20,11 @@ constant LR, SAM frozen. Variants:
 Each variant: `warmup` trainer steps, then `steps` timed trainer steps (a device sync at each end;
 the loop's overlap of step k+1 with step k's read-back counts), tokens/s over real (non-padding)
 tokens, MFU from counted FLOPs (bench/measure.py) over the measured matmul peak, peak memory of
-the timed steps, the loss of the first step, then one more step with the host syncs counted
-(torch's sync debug mode, CUDA only) and the SAM forward calls counted (1 per view size = no
-recomputation).
+the timed steps, the loss of the first step, then one more step with the host syncs counted and
+located (torch's sync debug mode, CUDA only) and the SAM forward calls counted (1 per view size =
+no recomputation). The eager "trainer" takes one step more with full logits
+(`loss_chunk_tokens=0`: the (rows, seq_len, vocab) fp32 logits exist at once) for its peak
+memory next to the chunked loss head's, the default on every path.
 """
 
 from __future__ import annotations
@@ -38,15 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.measure import count_host_syncs, free, full_step_flops, peak_memory_gib, reset_peak_memory, sync
+from bench.measure import (
+    free,
+    full_step_flops,
+    host_sync_sites,
+    mfu,
+    peak_memory_gib,
+    reset_peak_memory,
+    sync,
+)
+from bench.report import error_text
 from bench.step_data import flop_inputs
 from deepencoder import DeepEncoder
 from pipeline.batch import PackedBatch
 from pipeline.config import OptimConfig, ParallelConfig, TrainConfig
 from pipeline.data.packing import IGNORE_INDEX
-from pipeline.model import COMPILE_BACKENDS, DeepSeekOCR, ModelOutput
+from pipeline.model import DeepSeekOCR, ModelOutput, validate_compile_options
 from pipeline.processing import normalize_pixels
-from pipeline.train.local_engine import LocalEngine, local_trainer, model_flops
+from pipeline.train.local_engine import LocalEngine, local_trainer
 from pipeline.train.trainer import Trainer
 
 LR, GRAD_CLIP = 3e-5, 1.0
@@ -61,35 +72,29 @@ def label_loss(logits: torch.Tensor, b: PackedBatch) -> torch.Tensor:
     return total / max(b.num_label_tokens, 1)
 
 
-def scatter_images(embeds: torch.Tensor, table: torch.Tensor, b: PackedBatch) -> torch.Tensor:
-    """(B, L, H) embeddings with the placeholders replaced by table[gather_index], in order."""
-    if b.image_positions.numel() == 0:
-        return embeds
-    bsz, length, hidden = embeds.shape
-    source = table[b.gather_index].to(embeds.dtype)  # (P, H)
-    flat = embeds.reshape(bsz * length, hidden).index_copy(0, b.image_positions, source)
-    return flat.view(bsz, length, hidden)
-
-
 class PeerOCR(nn.Module):
     """transformers SAM (frozen) -> our CLIP + projector -> transformers text model + lm_head.
-    forward(PackedBatch) -> ModelOutput (aux_loss 0: the transformers model returns none)."""
+    forward(PackedBatch) -> ModelOutput (aux_loss 0: the transformers model returns none). The image
+    table and the embedding merge are DeepSeekOCR's: they read only `encoder` and
+    `decoder.embed_tokens`, which the transformers text model has too."""
 
-    def __init__(self, encoder: DeepEncoder, sam: nn.Module, body: nn.Module, lm_head: nn.Linear) -> None:
+    image_table = DeepSeekOCR.image_table
+    merge = DeepSeekOCR.merge
+
+    def __init__(self, encoder: DeepEncoder, sam: nn.Module, decoder: nn.Module, lm_head: nn.Linear) -> None:
         super().__init__()
-        self.encoder, self.sam, self.body, self.lm_head = encoder, sam, body, lm_head
+        self.encoder, self.sam, self.decoder, self.lm_head = encoder, sam, decoder, lm_head
 
     def forward(self, b: PackedBatch) -> ModelOutput:
-        embeds = self.body.embed_tokens(b.input_ids)
+        table = None
         if b.image_positions.numel():
             dtype = self.lm_head.weight.dtype
             with torch.no_grad():
                 feats = [self.sam(pixel_values=normalize_pixels(p, dtype)).last_hidden_state
                          for p in b.pixels if p.shape[0]]  # fmt: skip
-            flat = [self.encoder.clip_project(f).flatten(0, 1) for f in feats]  # (N*g*g, H) each
-            special = torch.stack([self.encoder.image_newline, self.encoder.view_seperator])  # (2, H)
-            embeds = scatter_images(embeds, torch.cat([*flat, special.to(flat[0].dtype)]), b)
-        hidden = self.body(inputs_embeds=embeds, position_ids=b.position_ids, use_cache=False)
+            table = self.image_table([self.encoder.clip_project(f) for f in feats])
+        embeds = self.merge(b.input_ids, table, b.image_positions, b.gather_index)
+        hidden = self.decoder(inputs_embeds=embeds, position_ids=b.position_ids, use_cache=False)
         loss = label_loss(self.lm_head(hidden.last_hidden_state), b)
         return ModelOutput(loss, loss, torch.zeros((), device=loss.device), None, b.num_label_tokens, None)
 
@@ -127,13 +132,9 @@ class FullStepSettings:
     warmup: int = 4
     compile: bool = True
     compile_backend: str = "inductor"
-    peer: bool = True
 
     def __post_init__(self) -> None:
-        if self.compile_backend not in COMPILE_BACKENDS:
-            raise ValueError(
-                f"compile_backend must be one of {COMPILE_BACKENDS}, not {self.compile_backend!r}"
-            )
+        validate_compile_options(self.compile, self.compile_backend)
         if self.rows < 1 or self.steps < 1 or self.warmup < 1:
             raise ValueError(
                 f"rows, steps, warmup must be >= 1, got {self.rows}, {self.steps}, {self.warmup}"
@@ -175,26 +176,28 @@ def build_ours(s: FullStepSettings, vocab: int, image_token_id: int, device: tor
 
 
 def build_trainer(model: nn.Module, batches: list[PackedBatch], s: FullStepSettings, device: torch.device,
-                  train: TrainConfig, *, compile_layers: bool, flops_of: nn.Module | None = None) -> Trainer:  # fmt: skip
-    """`local_trainer` for our model; for the peer (no DeepSeekOCR layout for `model_flops`) the
-    same LocalEngine + Trainer with our model's FLOP count (same sizes)."""
+                  train: TrainConfig, *, compile_layers: bool) -> Trainer:  # fmt: skip
+    """`local_trainer` for our model; for the peer (no DeepSeekOCR layout for `model_flops`, which
+    only the Trainer's log records read) the same LocalEngine + Trainer without a FLOP count."""
     micro = batches[0].input_ids.shape[0]
     optim = OptimConfig(lr=LR, warmup_steps=0, schedule="constant", grad_clip=GRAD_CLIP)
     parallel = ParallelConfig(micro_batch=micro, global_batch=micro, dtype="bf16", compile_layers=compile_layers,
                               compile_backend=s.compile_backend)  # fmt: skip
-    if flops_of is None:
+    if isinstance(model, DeepSeekOCR):
         return local_trainer(model, itertools.cycle(batches), train=train, optim=optim, parallel=parallel,
                              seq_len=s.seq_len, device=device)  # fmt: skip
     engine = LocalEngine(model, optim, max_steps=train.max_steps, grad_accum=1, device=device, dtype=parallel.dtype,
-                         out_dir=train.out_dir, keep_last=1, flops=model_flops(flops_of, s.seq_len))  # fmt: skip
+                         out_dir=train.out_dir, keep_last=1)  # fmt: skip
     return Trainer(engine, train, itertools.cycle(batches))
 
 
 def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.Module, batches: list[PackedBatch],
-                    s: FullStepSettings, device: torch.device, peak_tflops: float, flops_fn) -> dict:  # fmt: skip
-    """warmup + timed steps of the trainer `make` builds, then one step with syncs and SAM calls counted."""
+                    s: FullStepSettings, device: torch.device, peak_tflops: float, flops_fn,
+                    full_logits_of: DeepSeekOCR | None = None) -> dict:  # fmt: skip
+    """warmup + timed steps of the trainer `make` builds, then one step with syncs and SAM calls
+    counted, and with `full_logits_of` (the model it trains) one step more with full logits."""
     with tempfile.TemporaryDirectory() as tmp:
-        train = TrainConfig(max_steps=s.warmup + s.steps + 1, log_every=10**9, out_dir=tmp, resume=False)
+        train = TrainConfig(max_steps=s.warmup + s.steps + 2, log_every=10**9, out_dir=tmp, resume=False)
         trainer = make(train)
 
         def run(steps: int):
@@ -217,21 +220,33 @@ def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.M
 
         handle = sam.register_forward_hook(hook)
         try:
-            syncs = count_host_syncs(lambda: run(1), device)
+            sites = host_sync_sites(lambda: run(1), device)
         finally:
             handle.remove()
+        peak_full_logits = None
+        if full_logits_of is not None:
+            chunk, full_logits_of.loss_chunk_tokens = full_logits_of.loss_chunk_tokens, 0
+            reset_peak_memory(device)
+            try:
+                run(1)
+            finally:
+                full_logits_of.loss_chunk_tokens = chunk
+            peak_full_logits = peak_memory_gib(device)
     tokens = sum(b.num_tokens for b in batches) / len(batches)
-    flops = sum(flops_fn(b)["total"] for b in batches) / len(batches)
+    flops = sum(flops_fn(b) for b in batches) / len(batches)
     last = batches[(s.warmup + s.steps) % len(batches)]
     return {"variant": name, "step_ms": 1e3 * step_s, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-            "tflops_per_step": flops / 1e12, "mfu": flops / step_s / (peak_tflops * 1e12) if peak_tflops > 0 else None,
-            "peak_gib": peak, "first_loss": first_loss, "loss": sum(timed.losses) / max(len(timed.losses), 1),
-            "bad_steps": timed.bad_steps, "host_syncs": syncs, "sam_calls_per_step": calls[0], "sam_graph": graph[0],
+            "tflops_per_step": flops / 1e12, "mfu": mfu(flops / step_s, peak_tflops), "peak_gib": peak,
+            "peak_gib_full_logits": peak_full_logits, "first_loss": first_loss,
+            "loss": sum(timed.losses) / max(len(timed.losses), 1), "bad_steps": timed.bad_steps,
+            "host_syncs": None if sites is None else sum(sites.values()),
+            "sync_sites": None if sites is None else dict(sites.most_common(8)),
+            "sam_calls_per_step": calls[0], "sam_graph": graph[0],
             "view_groups_per_step": sum(1 for p in last.pixels if p.shape[0])}  # fmt: skip
 
 
 def measure_full_step(s: FullStepSettings, device: torch.device, peak_tflops: float) -> dict:
-    """Run the variants of the module docstring (peer first); their figures and the ratios ours / peer."""
+    """Run the variants of the module docstring (peer first): their figures, and the error of any that failed."""
     batches, vocab, image_token_id = build_inputs(s)
     model = build_ours(s, vocab, image_token_id, device)
     enc_cfg, dec_cfg = model.encoder.config, model.decoder.config
@@ -239,31 +254,24 @@ def measure_full_step(s: FullStepSettings, device: torch.device, peak_tflops: fl
     result: dict = {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
                     "docs_per_row": sum(len(k) for b in batches for k in b.keys) / (len(batches) * s.micro_batch),
                     "packing": sum(b.num_tokens for b in batches) / (len(batches) * batches[0].input_ids.numel()),
-                    "variants": {}, "errors": {}, "ratios": {}}  # fmt: skip
+                    "variants": {}, "errors": {}}  # fmt: skip
 
-    def attempt(key: str, make, sam: nn.Module) -> None:
+    def attempt(key: str, make, sam: nn.Module, full_logits_of: DeepSeekOCR | None = None) -> None:
         try:
-            figures = measure_variant(VARIANTS[key], make, sam, batches, s, device, peak_tflops, flops_fn)
-            result["variants"][key] = figures
+            result["variants"][key] = measure_variant(VARIANTS[key], make, sam, batches, s, device, peak_tflops,
+                                                      flops_fn, full_logits_of)  # fmt: skip
         except Exception as error:  # reported in the table, the other variants still run
-            result["errors"][key] = f"{type(error).__name__}: {error}"[:300]
+            result["errors"][key] = error_text(error)
         free(device)
 
-    if s.peer:
-        peer = build_peer(model, device)
-        attempt("peer", lambda train: build_trainer(peer, batches, s, device, train, compile_layers=False,
-                                                    flops_of=model), peer.sam)  # fmt: skip
-        del peer
-        free(device)
+    peer = build_peer(model, device)
+    make_peer = lambda train, m=peer: build_trainer(m, batches, s, device, train, compile_layers=False)  # noqa: E731
+    attempt("peer", make_peer, peer.sam)
+    del peer, make_peer
+    free(device)
     for key, compiled in (("trainer", False), ("trainer_compiled", True)):
         if compiled and not s.compile:
             continue
         make = lambda train, c=compiled: build_trainer(model, batches, s, device, train, compile_layers=c)  # noqa: E731
-        attempt(key, make, model.encoder.sam_model)
-    peer_tps = result["variants"].get("peer", {}).get("tokens_per_s")
-    for key in ("trainer", "trainer_compiled"):
-        if peer_tps and key in result["variants"]:
-            result["ratios"][key] = result["variants"][key]["tokens_per_s"] / peer_tps
-    print("full step, trainer / peer (tokens/s, same run): " + (", ".join(
-        f"{VARIANTS[k]} {r:.2f}x" for k, r in result["ratios"].items()) or "no ratio (a variant failed)"), flush=True)  # fmt: skip
+        attempt(key, make, model.encoder.sam_model, None if compiled else model)
     return result

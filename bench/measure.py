@@ -15,7 +15,9 @@ the augmented-q/k channels of our SAM attention are not: they are an implementat
   14 x 14 on the zero-padded grid, or the whole grid in global blocks), the decomposed
   relative-position terms 2 * C * n * (h + w), neck and the two stride-2 compressor convs.
 - CLIP-L + projector, training (3 x fwd): per layer 2 * n * (4 W^2 + 2 W M) + 4 * W * n^2 with
-  n = g^2 + 1 tokens, and the projector 2 * g^2 * (C_clip + C_sam) * n_embed.
+  n = g^2 + 1 tokens, and the projector 2 * g^2 * (C_clip + C_sam) * n_embed: the count the
+  trainer's MFU uses too, `pipeline.parallel.memory.clip_flops_per_vision_token` (SAM and the
+  decoder are counted here because that one takes no window padding and one document per row).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import subprocess
 import time
 import warnings
 from collections import Counter
@@ -33,7 +34,9 @@ from pathlib import Path
 import torch
 
 from decoder import DecoderConfig
-from deepencoder.config import VIEW_STRIDE, ClipConfig, EncoderConfig, SamConfig
+from deepencoder.config import VIEW_STRIDE, EncoderConfig, SamConfig
+from pipeline.parallel.memory import clip_flops_per_vision_token
+from pipeline.train.logging import git_commit
 
 
 def sync(device: torch.device) -> None:
@@ -73,6 +76,11 @@ def matmul_peak_tflops(device: torch.device, quick: bool) -> tuple[float, str]:
     return best, f"best of 3 x {iters} bf16 matmuls {n}x{n}x{n}"
 
 
+def mfu(flops_per_s: float, peak_tflops: float) -> float | None:
+    """Model FLOP utilisation: counted FLOPs per second over the measured matmul peak."""
+    return flops_per_s / (peak_tflops * 1e12) if peak_tflops > 0 else None
+
+
 def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -82,15 +90,9 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronising CUDA calls made by fn() (torch's sync debug mode); None off CUDA."""
-    sites = host_sync_sites(fn, device)
-    return None if sites is None else sum(sites.values())
-
-
 def host_sync_sites(fn: Callable[[], object], device: torch.device) -> Counter | None:
-    """file:line -> synchronising CUDA calls made there by fn() (torch's sync debug mode); None
-    off CUDA (fn still runs)."""
+    """file:line -> synchronising CUDA calls made there by fn() (torch's sync debug mode; their sum
+    is the step's host syncs); None off CUDA (fn still runs)."""
     if device.type != "cuda":
         fn()
         return None
@@ -112,9 +114,7 @@ def host_sync_sites(fn: Callable[[], object], device: torch.device) -> Counter |
 
 def decoder_train_flops(cfg: DecoderConfig, doc_lengths: Sequence[int]) -> float:
     """Training FLOPs of the decoder over packed documents (see the module docstring)."""
-    tokens = sum(doc_lengths)
-    pairs = sum(n * n for n in doc_lengths)
-    return float(6 * cfg.activated_params() * tokens + 6 * cfg.num_layers * cfg.hidden_size * pairs)
+    return sum(cfg.matmul_flops_per_token(n) * n for n in doc_lengths)
 
 
 def sam_forward_flops(cfg: SamConfig, side: int) -> float:
@@ -142,42 +142,16 @@ def sam_forward_flops(cfg: SamConfig, side: int) -> float:
     return float(flops)
 
 
-def clip_train_flops(cfg: ClipConfig, grid: int, feature_dim: int, n_embed: int) -> float:
-    """Training FLOPs (3 x forward) of CLIP + projector for one view with a grid x grid SAM output."""
-    n, w = grid * grid + 1, cfg.width
-    per_layer = 2 * n * (4 * w * w + 2 * w * cfg.mlp_dim) + 4 * w * n * n
-    projector = 2 * grid * grid * feature_dim * n_embed
-    return float(3 * (cfg.layers * per_layer + projector))
-
-
 def full_step_flops(
     enc: EncoderConfig, dec: DecoderConfig, view_sides: Sequence[int], doc_lengths: Sequence[int]
-) -> dict[str, float]:
+) -> float:
     """Counted FLOPs of one full training step: frozen SAM fwd, CLIP + projector and decoder fwd + bwd."""
     sam = sum(sam_forward_flops(enc.sam, s) for s in view_sides)
-    clip = sum(clip_train_flops(enc.clip, s // VIEW_STRIDE, enc.feature_dim, enc.n_embed) for s in view_sides)
-    dec_flops = decoder_train_flops(dec, doc_lengths)
-    return {"sam": sam, "clip": clip, "decoder": dec_flops, "total": sam + clip + dec_flops}
+    clip = sum(3 * clip_flops_per_vision_token(enc, s) * (s // VIEW_STRIDE) ** 2 for s in view_sides)
+    return sam + clip + decoder_train_flops(dec, doc_lengths)
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def _git_commit() -> str:
-    """HEAD of the checkout, or $DSOCR_GIT_COMMIT where the code is a copy without .git (GPU machine)."""
-    if os.environ.get("DSOCR_GIT_COMMIT"):
-        return os.environ["DSOCR_GIT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 def _cpu_name() -> str:
@@ -203,7 +177,8 @@ def machine_info(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else "-",
         "python": platform.python_version(),
-        "git": _git_commit(),
+        # the device machine runs a copy of the tree without .git: its caller passes the commit
+        "git": os.environ.get("DSOCR_GIT_COMMIT") or (git_commit() or "?")[:7],
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

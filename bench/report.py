@@ -91,14 +91,33 @@ class Row:
         return cls(**data)
 
 
-def failed_row(section: str, name: str, unit: str, error: BaseException, target: Target | None = None) -> Row:
+def error_text(error: BaseException) -> str:
+    """One line, at most 300 characters, for the table: what a failed measurement raised."""
+    return f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+
+
+def failed_row(
+    section: str, name: str, unit: str, error: BaseException | str, target: Target | None = None
+) -> Row:
     """The row that replaces a measurement that raised: the table shows the error, the run goes on."""
-    message = f"{type(error).__name__}: {error}".replace("\n", " ")
-    return Row(section, name, unit, target=target or Target(), status="failed", reason=message[:300])
+    reason = error if isinstance(error, str) else error_text(error)
+    return Row(section, name, unit, target=target or Target(), status="failed", reason=reason)
 
 
 def skipped_row(section: str, name: str, unit: str, reason: str, target: Target | None = None) -> Row:
     return Row(section, name, unit, target=target or Target(), status="skipped", reason=reason)
+
+
+def with_peer(label: str, ours: float | None, peer: float | None, spec: str, unit: str = "") -> str:
+    """'label ours unit (peer p unit)' for the notes; '' when ours is not known (CUDA-only figures)."""
+    if ours is None:
+        return ""
+    text = f"{label} {ours:{spec}}{unit}".strip()
+    return text + (f" (peer {peer:{spec}}{unit})" if peer is not None else "")
+
+
+def join_notes(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def fmt_number(x: float | None) -> str:
@@ -148,6 +167,12 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def wall_time(result: dict) -> str:
+    """'132 s (full 72 s, decoder 21 s, ...)': the run's wall time, then each section's."""
+    sections = ", ".join(f"{k} {v:.0f} s" for k, v in result.get("section_wall_s", {}).items())
+    return f"{result.get('wall_s', 0):.0f} s" + (f" ({sections})" if sections else "")
+
+
 def render_markdown(result: dict) -> str:
     """The README fragment: heading, machine, command, date, the table and the footnotes."""
     rows = [Row.from_dict(r) for r in result["rows"]]
@@ -164,12 +189,7 @@ def render_markdown(result: dict) -> str:
         f"CUDA {machine.get('cuda', '-')}, Python {machine.get('python', '?')}",
         f"- measured bf16 matmul peak: {fmt_number(result.get('peak_tflops'))} TFLOP/s "
         f"({result.get('peak_note', '')})",
-        f"- total wall time of the run: {result.get('wall_s', 0):.0f} s"
-        + (
-            " (" + ", ".join(f"{k} {v:.0f} s" for k, v in result["section_wall_s"].items()) + ")"
-            if result.get("section_wall_s")
-            else ""
-        ),  # fmt: skip
+        f"- total wall time of the run: {wall_time(result)}",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),

@@ -47,15 +47,11 @@ def make_documents(
         raise ValueError(f"text_range must be 0 < lo <= hi, got {text_range}")
     rng = random.Random(seed)
     special = {bos_id, eos_id, image_token_id}
-    ordinary = [i for i in range(min(vocab_size, 4096)) if i not in special] if vocab_size < 4096 else None
 
-    def token() -> int:
-        if ordinary is not None:
-            return rng.choice(ordinary)
-        while True:
-            t = rng.randrange(vocab_size)
-            if t not in special:
-                return t
+    def token() -> int:  # uniform over the ids that are not special
+        while (t := rng.randrange(vocab_size)) in special:
+            pass
+        return t
 
     docs = []
     for i in range(count):

@@ -21,8 +21,18 @@ from pathlib import Path
 import torch
 
 from bench.full_step import VARIANTS, FullStepSettings, measure_full_step
-from bench.measure import free, machine_info, matmul_peak_tflops, peak_memory_gib, reset_peak_memory
-from bench.report import Row, Target, failed_row, render_text, skipped_row, write_result
+from bench.measure import free, machine_info, matmul_peak_tflops, mfu, peak_memory_gib, reset_peak_memory
+from bench.report import (
+    Row,
+    Target,
+    failed_row,
+    join_notes,
+    render_text,
+    skipped_row,
+    wall_time,
+    with_peer,
+    write_result,
+)
 from pipeline.processing import PAPER_MODES
 
 SECTIONS = ("decoder", "sam", "full", "data")  # table order, issue 13's (a)-(d)
@@ -55,8 +65,10 @@ FOOTNOTES = [
     "eager, 'trainer + compile' = parallel.compile_layers (regional compilation); peer = the same Trainer "
     "and engine with transformers' SAM and text model swapped in (CLIP + projector ours), started from our "
     "initial weights. tokens/s counts real (non-padding) tokens. 'syncs' = synchronising CUDA calls in one "
-    "step (torch sync debug mode); 'SAM calls' = SAM forwards per step vs view-size groups (equal = no "
-    "recomputation; 'no graph' = frozen SAM kept out of autograd).",
+    "step (torch sync debug mode; where they happen: the JSON's details); 'SAM calls' = SAM forwards per "
+    "step vs view-size groups (equal = no recomputation; 'no graph' = frozen SAM kept out of autograd); "
+    "'peak' = peak memory of the timed steps (the chunked loss head, parallel.loss_chunk_tokens), 'full "
+    "logits' = one more step of the eager trainer with loss_chunk_tokens=0.",
     "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
     "transform to uint8 views, tokenize, pack; the model normalises the views on its device) on rendered "
     "1024 px text pages; peer = PNG decode + transformers DeepseekOcr2ImageProcessor with the same view "
@@ -72,18 +84,9 @@ class BenchSettings:
     out: Path = Path("dsocr-bench-out")
     budget_s: float = 330.0
     command: str = "dsocr-bench"
-    # derived from `quick` in __post_init__
-    decoder_preset: str = field(init=False)
-    seq_len: int = field(init=False)
-    steps: int = field(init=False)
-    warmup: int = field(init=False)
+    # derived in __post_init__; each section takes its own sizes from `quick`
     compile_backend: str = field(init=False)
-    sam_sizes: tuple[int, ...] = field(init=False)
-    sam_batch: int = field(init=False)
     full: FullStepSettings = field(init=False)
-    data_modes: tuple[str, ...] = field(init=False)
-    data_samples: int = field(init=False)
-    data_pages: int = field(init=False)
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -94,33 +97,25 @@ class BenchSettings:
         if unknown or not self.only:
             raise ValueError(f"--only takes a comma list of {','.join(SECTIONS)}, got {','.join(self.only)}")
         self.out = Path(self.out)
-        gpu_full = not self.quick
-        self.decoder_preset = "full" if gpu_full else "debug"
-        self.seq_len = 8192 if gpu_full else 256
-        self.steps, self.warmup = (10, 3) if gpu_full else (3, 1)
         # every compiled variant runs everywhere; off CUDA with aot_eager (graphs traced, forward and
         # backward, no kernels generated), so the CPU smoke run takes the GPU run's code paths
         self.compile_backend = "inductor" if self.device == "cuda" else "aot_eager"
-        self.sam_sizes, self.sam_batch = ((1024, 640), 16) if gpu_full else ((128, 64), 2)
-        if gpu_full:
+        if not self.quick:
             self.full = FullStepSettings(compile_backend=self.compile_backend)
         else:
             # the GPU run's variants: peer, trainer, trainer + compile
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
                                          text_range=(20, 60), rows=2, steps=2, warmup=2,
                                          compile_backend=self.compile_backend)  # fmt: skip
-        self.data_modes = PAPER_MODES if gpu_full else ("tiny", "base")
-        self.data_samples, self.data_pages = (48, 16) if gpu_full else (6, 2)
 
 
 class Run:
-    """Shared state of one benchmark run: device, measured peak, clock, collected rows."""
+    """Shared state of one benchmark run: settings, device, measured peak, clock, details."""
 
     def __init__(self, s: BenchSettings) -> None:
         self.s = s
         self.device = torch.device(s.device)
         self.start = time.perf_counter()
-        self.rows: list[Row] = []
         self.details: dict = {}
         self.section_wall_s: dict[str, float] = {}
         self.peak_tflops, self.peak_note = matmul_peak_tflops(self.device, s.quick)
@@ -128,23 +123,23 @@ class Run:
     def time_left(self) -> float:
         return self.s.budget_s - (time.perf_counter() - self.start)
 
-    def guarded(self, section: str, name: str, unit: str, target: Target, fn) -> None:
-        """Run fn() -> list[Row]; on an exception append one FAILED row instead."""
+    def guarded(self, title: str, unit: str, fn) -> list[Row]:
+        """fn(self) -> list[Row]; on an exception one FAILED row instead (the other sections still run)."""
         t0 = time.perf_counter()
         try:
-            rows = fn()
-        except Exception as error:  # the table reports it, the other rows still run
-            rows = [failed_row(section, name, unit, error, target)]
+            rows = fn(self)
+        except Exception as error:
+            rows = [failed_row(title, "all variants", unit, error)]
         for row in rows:
             row.extra.setdefault("wall_s", round(time.perf_counter() - t0, 1))
-        self.rows += rows
         torch._dynamo.reset()  # compiled graphs of one section never count against the next one's cache
         free(self.device)
         print(render_text(rows), flush=True)
+        return rows
 
 
-def _mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float) -> float:
-    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 # ----------------------------------------------------------------------------- (a) decoder
@@ -155,8 +150,9 @@ def decoder_rows(run: Run) -> list[Row]:
     from decoder import DecoderModel, decoder_config
 
     s, device, dtype = run.s, run.device, torch.bfloat16
-    cfg = decoder_config(s.decoder_preset, max_position_embeddings=max(s.seq_len, 8192))
-    fpt = cfg.matmul_flops_per_token(s.seq_len, causal=True)
+    preset, seq_len, steps, warmup = ("debug", 256, 3, 1) if s.quick else ("full", 8192, 10, 3)
+    cfg = decoder_config(preset, max_position_embeddings=max(seq_len, 8192))
+    fpt = cfg.matmul_flops_per_token(seq_len, causal=True)
     torch.manual_seed(0)
     with torch.device("meta"):
         ours = DecoderModel(cfg)
@@ -165,15 +161,15 @@ def decoder_rows(run: Run) -> list[Row]:
     for p in ours.parameters():
         p.data = p.data.to(dtype)
     init = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
-    ids = torch.randint(0, cfg.vocab_size, (1, s.seq_len), device=device)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     labels = torch.roll(ids, -1, dims=1)
 
     def timed(model) -> dict:
         reset_peak_memory(device)
-        times, loss = time_training(model, ids, labels, s.steps, s.warmup, device)
+        times, loss = time_training(model, ids, labels, steps, warmup, device)
         step = sorted(times)[len(times) // 2]
-        return {"tokens_per_s": s.seq_len / step, "ms": 1e3 * step, "first_loss": loss,
-                "peak_gib": peak_memory_gib(device)}  # fmt: skip
+        return {"tokens_per_s": seq_len / step, "ms": 1e3 * step, "first_loss": loss,
+                "peak_gib": peak_memory_gib(device), "mfu": mfu(seq_len / step * fpt, run.peak_tflops)}  # fmt: skip
 
     res = {"ours": timed(OursWrapped(ours.train()))}
     ours.load_state_dict(init)
@@ -193,31 +189,27 @@ def decoder_rows(run: Run) -> list[Row]:
             layer.compile(backend=s.compile_backend)
         res["peer_compiled"] = timed(peer)
     run.details["decoder"] = res
-    section = f"decoder step ({s.decoder_preset}, 1x{s.seq_len}, bf16)"
+    section = f"decoder step ({preset}, 1x{seq_len}, bf16)"
     target = Target("ratio", 1.5, "vs transformers eager") if not s.quick else Target()
 
-    def row(name: str, key: str, peer_key: str, peer_name: str, tgt: Target) -> Row:
-        o, p = res[key], res[peer_key]
-        notes = (f"MFU {100 * _mfu(o['tokens_per_s'], fpt, run.peak_tflops):.1f}% vs "
-                 f"{100 * _mfu(p['tokens_per_s'], fpt, run.peak_tflops):.1f}%; {o['ms']:.1f} vs {p['ms']:.1f} ms/step; "
-                 f"first loss {o['first_loss']:.4f} vs {p['first_loss']:.4f}")  # fmt: skip
-        if o["peak_gib"] is not None:
-            notes += f"; peak {o['peak_gib']:.1f} vs {p['peak_gib']:.1f} GiB"
-        return Row(
-            section, name, "tokens/s", o["tokens_per_s"], p["tokens_per_s"], peer_name, tgt, notes, extra=o
-        )
+    def row(name: str, key: str) -> Row:
+        o, p = res[key], res["peer"]
+        notes = join_notes(with_peer("MFU", _pct(o["mfu"]), _pct(p["mfu"]), ".1f", "%"),
+                           with_peer("", o["ms"], p["ms"], ".1f", " ms/step"),
+                           with_peer("first loss", o["first_loss"], p["first_loss"], ".4f"),
+                           with_peer("peak", o["peak_gib"], p["peak_gib"], ".1f", " GiB"))  # fmt: skip
+        return Row(section, name, "tokens/s", o["tokens_per_s"], p["tokens_per_s"], "transformers eager", target,
+                   notes, extra=o)  # fmt: skip
 
-    rows = [row("ours eager", "ours", "peer", "transformers eager", target),
-            row("ours + compile_layers", "ours_compiled", "peer", "transformers eager", target)]  # fmt: skip
+    compiled = row("ours + compile_layers", "ours_compiled")
+    # the compiled peer is a second peer of the same figure: a note, not a row of its own
     if "peer_compiled" in res:
-        rows.append(
-            row("ours + compile_layers", "ours_compiled", "peer_compiled", "transformers + compile", Target())
-        )
+        p = res["peer_compiled"]
+        compiled.notes += (f"; vs transformers + compile {p['tokens_per_s']:,.0f} tokens/s: "
+                           f"{res['ours_compiled']['tokens_per_s'] / p['tokens_per_s']:.2f}x")  # fmt: skip
     else:
-        rows.append(
-            skipped_row(section, "ours + compile vs transformers + compile", "tokens/s", "time budget")
-        )
-    return rows
+        compiled.notes += "; transformers + compile skipped (time budget)"
+    return [row("ours eager", "ours"), compiled]
 
 
 # ----------------------------------------------------------------------------- (b) SAM
@@ -229,26 +221,26 @@ def sam_rows(run: Run) -> list[Row]:
 
     s = run.s
     cfg = encoder_config("full" if not s.quick else "debug").sam
-    iters, warmup = (10, 3) if not s.quick else (2, 1)
-    res = measure_sam(cfg, list(s.sam_sizes), s.sam_batch, run.device, warmup=warmup, iters=iters,
+    sizes, batch, iters, warmup = ([128, 64], 2, 2, 1) if s.quick else ([1024, 640], 16, 10, 3)
+    res = measure_sam(cfg, sizes, batch, run.device, warmup=warmup, iters=iters,
                       compile_ours=run.time_left() > 150, compile_backend=s.compile_backend)  # fmt: skip
     run.details["sam"] = {str(k): v for k, v in res.items()}
     target = Target("ratio", 2.0, "vs transformers") if not s.quick else Target()
     rows = []
     for side, r in res.items():
-        section = f"frozen SAM + compressor fwd ({side} px, batch {s.sam_batch}, bf16)"
-        peer = r["peer"]["images_per_s"]
+        section = f"frozen SAM + compressor fwd ({side} px, batch {batch}, bf16)"
+        peer = r["peer"]
         for key, name in (("ours", "ours eager"), ("ours_compiled", "ours + compiled blocks")):
             if key not in r:
                 continue
             o = r[key]
-            mfu = o["images_per_s"] * r["flops_per_image"] / (run.peak_tflops * 1e12)
-            notes = f"MFU {100 * mfu:.1f}%; {o['ms']:.1f} vs {r['peer']['ms']:.1f} ms/batch; max rel diff {r['max_rel_diff']:.1e}"
-            if o["peak_gib"] is not None:
-                notes += f"; peak {o['peak_gib']:.1f} vs {r['peer']['peak_gib']:.1f} GiB"
-            rows.append(
-                Row(section, name, "images/s", o["images_per_s"], peer, "transformers", target, notes)
-            )
+            notes = join_notes(with_peer("MFU", _pct(mfu(o["images_per_s"] * r["flops_per_image"], run.peak_tflops)),
+                                         None, ".1f", "%"),
+                               with_peer("", o["ms"], peer["ms"], ".1f", " ms/batch"),
+                               f"max rel diff {r['max_rel_diff']:.1e}",
+                               with_peer("peak", o["peak_gib"], peer["peak_gib"], ".1f", " GiB"))  # fmt: skip
+            rows.append(Row(section, name, "images/s", o["images_per_s"], peer["images_per_s"], "transformers",
+                            target, notes))  # fmt: skip
     return rows
 
 
@@ -268,36 +260,29 @@ def full_rows(run: Run) -> list[Row]:
     if not s.quick:
         targets = {"trainer": Target("ratio", 1.45, "vs peer"),
                    "trainer_compiled": Target("ratio", 2.0, "vs peer; stretch 65,000 tokens/s, MFU >= 40%")}  # fmt: skip
-    peer = res["variants"].get("peer")
-    peer_tps = peer["tokens_per_s"] if peer else None
+    peer = res["variants"].get("peer", {})
     peer_name = (
-        "transformers SAM + decoder" if peer else ("peer failed: " + res["errors"].get("peer", "not run"))
+        "transformers SAM + decoder" if peer else "peer failed: " + res["errors"].get("peer", "not run")
     )
     rows = []
     for key in ("trainer", "trainer_compiled"):
         name, target = VARIANTS[key], targets[key]
         if key in res["errors"]:
-            rows.append(
-                Row(section, name, "tokens/s", target=target, status="failed", reason=res["errors"][key])
-            )
+            rows.append(failed_row(section, name, "tokens/s", res["errors"][key], target))
             continue
         v = res["variants"].get(key)
         if v is None:
             continue
-        notes = f"MFU {100 * v['mfu']:.1f}%" if v["mfu"] is not None else "MFU -"
-        if peer and peer["mfu"] is not None:
-            notes += f" (peer {100 * peer['mfu']:.1f}%)"
-        notes += f"; {v['step_ms']:.0f} ms/step; {v['tflops_per_step']:.1f} TFLOP/step"
-        notes += f"; first loss {v['first_loss']:.4f}" + (f" (peer {peer['first_loss']:.4f})" if peer else "")
-        if v["host_syncs"] is not None:
-            notes += f"; syncs {v['host_syncs']}" + (f" (peer {peer['host_syncs']})" if peer else "")
         graph = "graph!" if v["sam_graph"] else "no graph"
-        notes += f"; SAM calls {v['sam_calls_per_step']}/{v['view_groups_per_step']} groups, {graph}"
-        if v["peak_gib"] is not None:
-            notes += f"; peak {v['peak_gib']:.1f} GiB" + (f" (peer {peer['peak_gib']:.1f})" if peer else "")
-        rows.append(
-            Row(section, name, "tokens/s", v["tokens_per_s"], peer_tps, peer_name, target, notes, extra=v)
-        )
+        notes = join_notes(with_peer("MFU", _pct(v["mfu"]), _pct(peer.get("mfu")), ".1f", "%"),
+                           f"{v['step_ms']:.0f} ms/step", f"{v['tflops_per_step']:.1f} TFLOP/step",
+                           with_peer("first loss", v["first_loss"], peer.get("first_loss"), ".4f"),
+                           with_peer("syncs", v["host_syncs"], peer.get("host_syncs"), "d"),
+                           f"SAM calls {v['sam_calls_per_step']}/{v['view_groups_per_step']} groups, {graph}",
+                           with_peer("peak", v["peak_gib"], peer.get("peak_gib"), ".1f", " GiB"),
+                           with_peer("full logits", v["peak_gib_full_logits"], None, ".1f", " GiB"))  # fmt: skip
+        rows.append(Row(section, name, "tokens/s", v["tokens_per_s"], peer.get("tokens_per_s"), peer_name, target,
+                        notes, extra=v))  # fmt: skip
     if s.full.compile and not settings.compile:
         rows.append(skipped_row(section, VARIANTS["trainer_compiled"], "tokens/s", "time budget",
                                 targets["trainer_compiled"]))  # fmt: skip
@@ -317,6 +302,7 @@ def data_rows(run: Run) -> list[Row]:
     from pipeline.tokenizer import build_tokenizer
 
     s = run.s
+    modes, samples, page_count = (("tiny", "base"), 6, 2) if s.quick else (PAPER_MODES, 48, 16)
     full = run.details.get("full", {})
     rates = [
         v["tokens_per_s"] / v["tokens_per_step"] for k, v in full.get("variants", {}).items() if k != "peer"
@@ -326,7 +312,7 @@ def data_rows(run: Run) -> list[Row]:
     torch.set_num_threads(1)
     try:
         rng = random.Random(0)
-        pages = [render_page(rng, 1024) for _ in range(s.data_pages)]
+        pages = [render_page(rng, 1024) for _ in range(page_count)]
         tokenizer = build_tokenizer([text for _, text in pages] * 4, vocab_size=2000)
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -334,9 +320,9 @@ def data_rows(run: Run) -> list[Row]:
             for i, (png, text) in enumerate(pages):
                 members += sample_members(f"page{i:04d}", text, png)
             shard = str(write_tar(Path(tmp) / "bench-000000.tar", members))
-            for mode in s.data_modes:
-                ours, packing = end_to_end(shard, tokenizer, mode, s.data_samples, 8192)
-                peer = _peer_processor_rate(mode, [png for png, _ in pages], s.data_samples)
+            for mode in modes:
+                ours, packing = end_to_end(shard, tokenizer, mode, samples, 8192)
+                peer = _peer_processor_rate(mode, [png for png, _ in pages], samples)
                 target = Target("value", 30, "GPU feed") if mode == "base" and not s.quick else Target()
                 notes = f"end to end incl. tokenize + pack (packing {packing:.3f}); peer: images only"
                 if mode == s.full.mode and pages_per_s:
@@ -374,8 +360,11 @@ ROWS = {
 }
 
 
+def _table_order(by_section: dict[str, list[Row]]) -> list[Row]:
+    return [row for section in SECTIONS for row in by_section.get(section, [])]  # issue 13's (a)-(d)
+
+
 def _result(run: Run, by_section: dict[str, list[Row]], machine: dict) -> dict:
-    rows = [row for section in SECTIONS for row in by_section.get(section, [])]  # table order (a)-(d)
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": run.s.command,
@@ -385,7 +374,7 @@ def _result(run: Run, by_section: dict[str, list[Row]], machine: dict) -> dict:
         "peak_note": run.peak_note,
         "wall_s": time.perf_counter() - run.start,
         "section_wall_s": run.section_wall_s,
-        "rows": [r.to_dict() for r in rows],
+        "rows": [r.to_dict() for r in _table_order(by_section)],
         "details": run.details,
         "footnotes": FOOTNOTES,
     }
@@ -408,18 +397,15 @@ def run_suite(s: BenchSettings) -> dict:
     for section in RUN_ORDER:
         if section in s.only:
             title, unit, fn = ROWS[section]
-            before, t0 = len(run.rows), time.perf_counter()
-            run.guarded(title, "all variants", unit, Target(), lambda fn=fn: fn(run))
-            by_section[section] = run.rows[before:]
+            t0 = time.perf_counter()
+            by_section[section] = run.guarded(title, unit, fn)
             run.section_wall_s[section] = round(time.perf_counter() - t0, 1)
             print(f"[dsocr-bench] {section}: {run.section_wall_s[section]:.0f} s "
                   f"(run {time.perf_counter() - run.start:.0f} s)", flush=True)  # fmt: skip
             write_result(_result(run, by_section, machine), s.out)
     result = _result(run, by_section, machine)
-    run.rows = [Row.from_dict(r) for r in result["rows"]]
     json_path, md_path = write_result(result, s.out)
-    print("\n" + render_text(run.rows))
-    walls = ", ".join(f"{k} {v:.0f} s" for k, v in run.section_wall_s.items())
-    print(f"\nwall time per section: {walls}; total {result['wall_s']:.0f} s")
+    print("\n" + render_text(_table_order(by_section)))
+    print(f"\nwall time: {wall_time(result)}")
     print(f"wrote {json_path} and {md_path}", flush=True)
     return result
