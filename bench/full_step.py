@@ -227,11 +227,13 @@ def measure_variant(name: str, make: Callable[[TrainConfig], Trainer], sam: nn.M
         if full_logits_of is not None:
             chunk, full_logits_of.loss_chunk_tokens = full_logits_of.loss_chunk_tokens, 0
             reset_peak_memory(device)
-            try:
+            try:  # full logits may not fit where the chunked head does: the figure is then absent
                 run(1)
+                peak_full_logits = peak_memory_gib(device)
+            except torch.OutOfMemoryError:
+                free(device)
             finally:
                 full_logits_of.loss_chunk_tokens = chunk
-            peak_full_logits = peak_memory_gib(device)
     tokens = sum(b.num_tokens for b in batches) / len(batches)
     flops = sum(flops_fn(b) for b in batches) / len(batches)
     last = batches[(s.warmup + s.steps) % len(batches)]
