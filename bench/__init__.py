@@ -1,4 +1,4 @@
-"""Benchmarks of issue 13: one command (`dsocr-bench` = bench/cli.py, the rows in bench/suite.py)
+"""Benchmarks: one command (`dsocr-bench` = bench/cli.py, the rows in bench/suite.py)
 that measures our training components next to the implementations a user would pick instead, in
 the same run.
 

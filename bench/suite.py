@@ -35,7 +35,7 @@ from bench.report import (
 )
 from pipeline.processing import PAPER_MODES
 
-SECTIONS = ("decoder", "sam", "full", "data")  # table order, issue 13's (a)-(d)
+SECTIONS = ("decoder", "sam", "full", "data")  # table order
 # run order: the full step (the headline, its compile the most expensive) gets the time budget first;
 # data reads its result
 RUN_ORDER = ("full", "decoder", "sam", "data")
@@ -361,7 +361,7 @@ ROWS = {
 
 
 def _table_order(by_section: dict[str, list[Row]]) -> list[Row]:
-    return [row for section in SECTIONS for row in by_section.get(section, [])]  # issue 13's (a)-(d)
+    return [row for section in SECTIONS for row in by_section.get(section, [])]
 
 
 def _result(run: Run, by_section: dict[str, list[Row]], machine: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Converters from user data formats into webdataset shards (issue 6, item 1).
+"""Converters from user data formats into webdataset shards.
 
 Inputs:
 - CSV `image_file,text_label` (image paths relative to the CSV), the fine-tuning-guide format;

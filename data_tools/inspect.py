@@ -1,4 +1,4 @@
-"""`dsocr-data inspect`: statistics and a contact sheet for webdataset shards (issue 6, item 3).
+"""`dsocr-data inspect`: statistics and a contact sheet for webdataset shards.
 
 Counts samples per source / mode / language / task, histograms of target lengths in
 characters (and in tokens when a `tokenizer.json` is given), image sizes, and optionally

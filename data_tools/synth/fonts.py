@@ -1,6 +1,6 @@
 """Font discovery for the synthetic OCR generator, per script.
 
-Fonts come only from packages the project installs itself (issue 6): the DejaVu fonts that
+Fonts come only from packages the project installs itself: the DejaVu fonts that
 ship inside matplotlib (pip; Latin, Cyrillic, Arabic/Persian) and the Debian packages that
 launch/install_system_deps.sh installs (Noto core + CJK, Amiri, Liberation). We look for known
 file names in those packages' directories, never for whatever else the machine has, and check
