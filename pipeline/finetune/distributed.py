@@ -41,13 +41,14 @@ from pipeline.parallel.data_parallel import DataParallelEngine, data_parallel_ds
 from pipeline.parallel.engine_base import seed_rank
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
+from pipeline.train.data_kinds import data_kind
 from pipeline.train.logging import NullLogger, RunLogger
 from pipeline.train.trainer import Trainer
 
 
 def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
     """ValueError for what this path cannot run, before any process group or model."""
-    if run.data.kind != "webdataset":
+    if not data_kind(run).finetunes_data_parallel:
         raise ValueError(
             "a data-parallel fine-tune reads webdataset shards (data.kind=webdataset); the embedded demo "
             "(data.kind=synth_lines) runs in one process"

@@ -7,17 +7,24 @@ so the job (pipeline/train/job.py) never branches on which one it has:
   (pipeline/train/real_lines.py);
 - `webdataset`: the user's shards (`data.sources`, `data.val_shards`); row length, evaluation
   budget and mode follow from the shards' manifests (pipeline/data/profile.py).
+
+A fine-tune (pipeline/finetune/job.py) takes its base and data from the kind too
+(`finetune_data`, pipeline/finetune/data.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import DATA_KINDS, RunConfig
 from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
 from pipeline.data.shards import expand_shards
 from pipeline.eval.runner import EvalRunConfig
+
+if TYPE_CHECKING:
+    from pipeline.finetune.data import FinetuneData
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class DataKind:
 
     renders = False  # writes its shards into the run directory (one rank renders, the others wait)
     derives_from_data = False  # row length, evaluation budget and mode follow from the shards' manifests
+    finetunes_data_parallel = False  # a fine-tune of it runs on several ranks (pipeline.finetune.distributed)
 
     def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
         raise NotImplementedError
@@ -53,6 +61,12 @@ class DataKind:
 
     def check_paths(self, run: RunConfig) -> None:
         """ValueError naming the field of a configured path that is missing (before any build)."""
+
+    def finetune_data(self, run: RunConfig, out: Path) -> tuple[Path, FinetuneData]:
+        """The base checkpoint a fine-tune starts from and its target / replay / held-out data."""
+        raise ValueError(
+            f"data.kind must be 'synth_lines' or 'webdataset' for a fine-tune, got {run.data.kind!r}"
+        )
 
 
 class SynthLines(DataKind):
@@ -81,6 +95,12 @@ class SynthLines(DataKind):
         synth = next(s for s in synth_sets(run) if s.name == name)
         return replace(cfg, mode=synth.mode, max_new_tokens=max(cfg.max_new_tokens, synth.max_new_tokens))
 
+    def finetune_data(self, run: RunConfig, out: Path) -> tuple[Path, FinetuneData]:
+        """Reading lines of a new script over a Latin base (trained first without model.init_from)."""
+        from pipeline.finetune.data import demo_finetune_data
+
+        return demo_finetune_data(run, out)
+
 
 class RealLines(DataKind):
     """Its synthetic held-out lines share the real ones' evaluation settings (the default)."""
@@ -106,6 +126,7 @@ class RealLines(DataKind):
 
 class Webdataset(DataKind):
     derives_from_data = True
+    finetunes_data_parallel = True
 
     def prepare(self, run: RunConfig, data_dir: Path, render: bool) -> KindData:
         return KindData(None, {"val": run.data.val_shards} if run.data.val_shards else {})
@@ -123,6 +144,11 @@ class Webdataset(DataKind):
             except ValueError as err:
                 raise ValueError(f"{field_name}={pattern!r}: {err}; fix the path or the pattern") from err
         from_run_config(run.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)  # prompts, modes
+
+    def finetune_data(self, run: RunConfig, out: Path) -> tuple[Path, FinetuneData]:
+        from pipeline.finetune.data import webdataset_finetune_data
+
+        return webdataset_finetune_data(run)
 
 
 KINDS: dict[str, DataKind] = {

@@ -91,7 +91,7 @@ def test_derived_settings_name_their_overrides():
 def test_fine_tune_data_follows_the_mode_the_base_was_trained_in(tmp_path):
     from pipeline.cli.dryrun import compose_config
     from pipeline.config import to_run_config
-    from pipeline.finetune.job import FinetuneData, with_target_mode
+    from pipeline.finetune.data import FinetuneData, with_target_mode
     from pipeline.training_info import TrainingInfo
 
     run = to_run_config(compose_config(["experiment=finetune_lora"]))
