@@ -275,7 +275,7 @@ class DataParallelEngine(DeepSpeedEngineBase):
             model = model_from_state(state, configs_from_dict(self.meta["model"]))
             out = Path(self.run.train.out_dir)
             export_release(model, self.tokenizer, out / "model")
-            exported = export_encoder_if_requested(model, self.run, out, step=step)
+            exported = export_encoder_if_requested(model, self.run.model, out, run_name=self.run.name, step=step)
             logger.log({"event": "export", "step": step, "model": str(out / "model"),
                         "encoder_export": str(exported) if exported else None})  # fmt: skip
         dist.barrier()

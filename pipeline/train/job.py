@@ -20,7 +20,7 @@ import torch
 from decoder import DecoderModel
 from deepencoder import DeepEncoder
 from pipeline.checkpoint_io import export_release, load_any
-from pipeline.config import RunConfig
+from pipeline.config import ModelConfig, RunConfig
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.profile import apply_to_run
 from pipeline.eval.data import EvalSample, read_eval_set
@@ -72,8 +72,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- data
-def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
-    spec = run.data.tokenizer
+def build_tokenizer_for(spec: str, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
+    """`data.tokenizer`: "char" over the alphabet and the corpus, "bpe" trained on it, or a local path."""
     if spec == "char":
         return build_char_tokenizer(alphabet + "".join(sorted(set("".join(corpus)))))
     if spec == "bpe":
@@ -82,8 +82,9 @@ def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_
 
 
 # ----------------------------------------------------------------------------- model
-def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
-    m = run.model
+def build_run_model(m: ModelConfig, tokenizer: OCRTokenizer, *, loss_chunk_tokens: int) -> DeepSeekOCR:
+    """The model of `model.*` (presets, or `model.init_from`), then its stage-1 options and
+    checkpointing; `loss_chunk_tokens` is `parallel.loss_chunk_tokens`."""
     if m.init_from:
         check_init_from(m, tokenizer)  # the configured size, or a ValueError naming both
         model, _ = load_any(m.init_from)
@@ -91,10 +92,8 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
         enc, dec = model_configs(
             m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id
         )
-        model = DeepSeekOCR(
-            DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens
-        )
-    model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
+        model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, loss_chunk_tokens)
+    model.loss_chunk_tokens = loss_chunk_tokens
     applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
     print(f"[job] {applied.summary()}", flush=True)
     if m.gradient_checkpointing:
@@ -185,7 +184,7 @@ def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobDa
         name: read_eval_set(pattern, limit=run.eval.num_samples) for name, pattern in val_shards.items()
     }
     corpus = [s.reference for samples in val_sets.values() for s in samples]
-    tokenizer = build_tokenizer_for(run, corpus, DEMO_ALPHABET + kind.alphabet)
+    tokenizer = build_tokenizer_for(run.data.tokenizer, corpus, DEMO_ALPHABET + kind.alphabet)
     return JobData(kind.train, val_sets, tokenizer)
 
 
@@ -249,8 +248,10 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> bool:
             periodic = training_eval_hook(
                 data.tokenizer, data.val_samples, eval_config(run), out_dir=out / "eval"
             )
+        chunk = run.parallel.loss_chunk_tokens
         result = run_data_parallel_training(run, tokenizer=data.tokenizer, loader_factory=loader_factory,
-                                            model_factory=lambda: build_run_model(run, data.tokenizer),
+                                            model_factory=lambda: build_run_model(run.model, data.tokenizer,
+                                                                                  loss_chunk_tokens=chunk),
                                             eval_hook=periodic)  # fmt: skip
         where = f"dp {result.dp_rank}"
     else:
@@ -284,7 +285,8 @@ def run_job(run: RunConfig) -> JobResult:
     train_data = loader_config(run, data.train_shards)
     loader = StreamingLoader(train_data, tokenizer, dp_rank=0, dp_world=1)
 
-    model = build_run_model(run, tokenizer).to(device)
+    model = build_run_model(run.model, tokenizer, loss_chunk_tokens=run.parallel.loss_chunk_tokens)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"[job] {run.name}: model {run.model.encoder}+{run.model.decoder}, {n_params:,} parameters "
@@ -317,7 +319,7 @@ def run_job(run: RunConfig) -> JobResult:
     result = trainer.train()
     export_release(model, tokenizer, out / "model")
     TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources)).write(out / "model")
-    export_encoder_if_requested(model, run, out, step=trainer.step)
+    export_encoder_if_requested(model, run.model, out, run_name=run.name, step=trainer.step)
 
     after = None
     if val_samples and not result.stopped_by_signal:

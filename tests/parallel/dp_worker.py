@@ -78,7 +78,7 @@ def main(spec_path: str) -> None:
                 run,
                 tokenizer=tokenizer,
                 loader_factory=loader_factory,
-                model_factory=lambda: build_run_model(run, tokenizer),
+                model_factory=lambda: build_run_model(run.model, tokenizer, loss_chunk_tokens=run.parallel.loss_chunk_tokens),
             )  # fmt: skip
         )
     write_rank_result(spec, out)

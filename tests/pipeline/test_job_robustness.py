@@ -97,7 +97,9 @@ def test_init_from_of_another_size_is_refused_before_the_build(tmp_path, monkeyp
 
     tok = build_char_tokenizer(job.DEMO_ALPHABET)
     tok.save(tmp_path / "tok")
-    save_checkpoint(job.build_run_model(compose_run(tmp_path / "ok"), tok), tok, tmp_path / "ckpt")
+    ok = compose_run(tmp_path / "ok")
+    model = job.build_run_model(ok.model, tok, loss_chunk_tokens=ok.parallel.loss_chunk_tokens)
+    save_checkpoint(model, tok, tmp_path / "ckpt")
     init = f"model.init_from={tmp_path / 'ckpt'}"
     check_init_from(compose_run(tmp_path / "ok", init).model, tok)  # the configured size: accepted
     run = compose_run(tmp_path / "run", *TINY, f"data.tokenizer={tmp_path / 'tok'}", init,
