@@ -70,7 +70,7 @@ def demo_data(run: RunConfig, out: Path, original_dir: Path) -> FinetuneData:
     from pipeline.finetune.demo import write_script_lines
 
     ft, syn = run.finetune, run.data.synth
-    latin_train, latin_val = prepare_synth_lines(run, original_dir)
+    latin_train, latin_val = prepare_synth_lines(run.data, original_dir)
     target = {}
     for split, n, seed in (
         ("train", ft.demo.num_train, ft.demo.seed),

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint_io import load_any
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
 from pipeline.data.config import LoaderConfig, SourceSpec
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.profile import apply_to_run
 from pipeline.eval.data import read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport, format_comparison
+from pipeline.eval.runner import EvalRunConfig
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.data import FinetuneData
 from pipeline.finetune.export import export_merged, save_adapter
@@ -70,11 +71,13 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- data
-def loader_config(run: RunConfig, data: FinetuneData) -> LoaderConfig:
+def loader_config(cfg: DataConfig, data: FinetuneData, *, batch_size: int, seed: int) -> LoaderConfig:
+    """The target + replay mixture with the `data` section's row settings (`batch_size` is
+    parallel.micro_batch, `seed` train.seed)."""
     sources = [*data.target_train, *([data.replay_train] if data.replay_train else [])]
-    return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=run.parallel.micro_batch,
-                        packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers,
-                        max_pixels=run.data.max_pixels, max_tiles=run.data.max_tiles)  # fmt: skip
+    return LoaderConfig(sources=sources, seq_len=cfg.seq_len, batch_size=batch_size, packing=cfg.pack,
+                        seed=seed, num_workers=cfg.num_workers, max_pixels=cfg.max_pixels,
+                        max_tiles=cfg.max_tiles)  # fmt: skip
 
 
 def training_texts(sources: list[SourceSpec], limit: int) -> list[str]:
@@ -124,7 +127,7 @@ class Prepared:
 def prepare(run: RunConfig, out: Path) -> Prepared:
     """Base checkpoint, data, vocabulary coverage, freezing / adapters (no device move)."""
     ft = run.finetune
-    kind = data_kind(run)
+    kind = data_kind(run.data)
     base_path, data = kind.finetune_data(run, out)
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_any(base_path)
@@ -146,14 +149,14 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
     if kind.derives_from_data:  # row length, eval budget and mode from the data, before any eval
         references = [s.reference for s in (*target_val, *original_val)]
-        apply_to_run(run, tokenizer, loader_config(run, data), references, "finetune")
+        profiled = loader_config(run.data, data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
+        apply_to_run(run, tokenizer, profiled, references, "finetune")
     evals = {"target": target_val, "original": original_val}
     return Prepared(base_path, data, model, peft_model, tokenizer, added, evals)
 
 
-def evaluate_sets(run: RunConfig, prep: Prepared, out: Path, when: str) -> dict[str, EvalReport]:
+def evaluate_sets(ecfg: EvalRunConfig, prep: Prepared, out: Path, when: str) -> dict[str, EvalReport]:
     """CER reports of the held-out target and original-capability sets, named "<set>_<when>"."""
-    ecfg = eval_config(run)
     return {
         f"{name}_{when}": run_eval(prep.model, prep.tokenizer, samples, ecfg, out / "eval", f"{name}_{when}")
         for name, samples in prep.evals.items()
@@ -162,10 +165,16 @@ def evaluate_sets(run: RunConfig, prep: Prepared, out: Path, when: str) -> dict[
 
 
 def finish(
-    run: RunConfig, prep: Prepared, out: Path, reports, steps: int, losses: list[float]
+    ft: FinetuneConfig,
+    info: TrainingInfo,
+    prep: Prepared,
+    out: Path,
+    reports,
+    steps: int,
+    losses: list[float],
 ) -> FinetuneResult:
-    """Exports (adapter and/or merged release layout), summary file and the printed report."""
-    ft = run.finetune
+    """Exports (adapter and/or merged release layout, each with `info`: how the model was
+    trained and is to be prompted), summary file and the printed report."""
     adapter_dir = merged_dir = None
     if prep.peft_model is not None and ft.export in ("adapter", "both"):
         adapter_dir = save_adapter(prep.peft_model, prep.tokenizer, out / "adapter", base=str(prep.base_path),
@@ -173,10 +182,8 @@ def finish(
     if ft.export in ("merged", "both"):
         target = prep.peft_model if prep.peft_model is not None else prep.model
         merged_dir = export_merged(
-            target, prep.tokenizer, out / "merged", modeling_from=release_code(run, prep)
+            target, prep.tokenizer, out / "merged", modeling_from=release_code(ft, prep)
         )
-    ecfg = eval_config(run)
-    info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(loader_config(run, prep.data).sources))
     for folder in (adapter_dir, merged_dir):
         if folder is not None:
             info.write(folder)
@@ -195,35 +202,35 @@ def finish(
     return job
 
 
-def release_code(run: RunConfig, prep: Prepared) -> Path | None:
+def release_code(ft: FinetuneConfig, prep: Prepared) -> Path | None:
     """Where the merged export copies the release's modeling files from (config.json's auto_map
     names them): finetune.release_code, else the base when it is a released directory holding them."""
-    if run.finetune.release_code:
-        return Path(run.finetune.release_code)
+    if ft.release_code:
+        return Path(ft.release_code)
     return prep.base_path if any(prep.base_path.glob("modeling_*.py")) else None
 
 
-def start_output(run: RunConfig, resolved_yaml: str | None) -> Path:
-    out = Path(run.train.out_dir)
+def start_output(train: TrainConfig, parallel: ParallelConfig, resolved_yaml: str | None) -> Path:
+    out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resolved_yaml is not None:
-        record_config(out, resolved_yaml, resume=run.train.resume, allow_change=run.train.allow_config_change)
-    if run.parallel.pp != 1:
-        raise ValueError(f"parallel.pp={run.parallel.pp}: a fine-tune runs data parallel only (pp=1)")
-    set_torch_threads(run.train.threads)
+        record_config(out, resolved_yaml, resume=train.resume, allow_change=train.allow_config_change)
+    if parallel.pp != 1:
+        raise ValueError(f"parallel.pp={parallel.pp}: a fine-tune runs data parallel only (pp=1)")
+    set_torch_threads(train.threads)
     return out
 
 
-def describe(run: RunConfig, prep: Prepared, device, out: Path) -> None:
+def describe(name: str, ft: FinetuneConfig, prep: Prepared, device, out: Path) -> None:
     trainable, total = trainable_summary(prep.model)
-    print(f"[finetune] {run.name}: base {prep.base_path}, method {run.finetune.method}, {trainable:,} of "
-          f"{total:,} parameters trainable, replay share {run.finetune.replay.share}, device {device}, "
+    print(f"[finetune] {name}: base {prep.base_path}, method {ft.method}, {trainable:,} of "
+          f"{total:,} parameters trainable, replay share {ft.replay.share}, device {device}, "
           f"out {out}", flush=True)  # fmt: skip
 
 
 def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult:
     """The single-process fine-tune (one device); see the module docstring."""
-    out = start_output(run, resolved_yaml)
+    out = start_output(run.train, run.parallel, resolved_yaml)
     if (run.parallel.dp or 1) != 1:
         raise ValueError(
             f"parallel.dp={run.parallel.dp}: this entry runs one process; launch data-parallel fine-tunes "
@@ -233,10 +240,12 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     prep = prepare(run, out)
     prep.tokenizer.save(out / "tokenizer")
     prep.model.to(device)
-    describe(run, prep, device, out)
-    reports = evaluate_sets(run, prep, out, "before")
+    describe(run.name, run.finetune, prep, device, out)
+    ecfg = eval_config(run.data, run.eval)
+    reports = evaluate_sets(ecfg, prep, out, "before")
 
-    loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer, dp_rank=0, dp_world=1)
+    train_data = loader_config(run.data, prep.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
+    loader = StreamingLoader(train_data, prep.tokenizer, dp_rank=0, dp_world=1)
     logger = RunLogger(out, run.logger, asdict(run), run.name)
     trainer = local_trainer(prep.model, loader, train=run.train, optim=run.optim, parallel=run.parallel,
                             seq_len=run.data.seq_len, device=device, logger=logger,
@@ -246,14 +255,15 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
         logger.close()
         return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None, preempted=True)
-    after = evaluate_sets(run, prep, out, "after")
+    after = evaluate_sets(ecfg, prep, out, "after")
     for name, report in after.items():
         logger.log(
             {"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer}, console=False
         )
     logger.close()
     plot_run(out / "metrics.jsonl", out / "plots")
-    return finish(run, prep, out, {**reports, **after}, result.steps, result.losses)
+    info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources))
+    return finish(run.finetune, info, prep, out, {**reports, **after}, result.steps, result.losses)
 
 
 def write_summary(job: FinetuneResult) -> Path:
