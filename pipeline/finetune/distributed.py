@@ -58,7 +58,7 @@ def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
     p = run.parallel
     topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch, global_batch=p.global_batch,
                         dp=p.dp)  # fmt: skip
-    data_parallel_ds_config(run, topology)  # dtype / ZeRO / schedule / clipping
+    data_parallel_ds_config(p, run.optim, run.train, topology)  # dtype / ZeRO / schedule / clipping
     return topology
 
 

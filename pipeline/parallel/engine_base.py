@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig, TrainConfig
+from pipeline.config import LoggerConfig, RunConfig, TrainConfig
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.engine import install_step_guard
 from pipeline.parallel.topology import Topology
@@ -67,13 +67,15 @@ def seed_rank(train: TrainConfig) -> None:
         torch.set_num_threads(train.threads)
 
 
-def rank_logger(run: RunConfig, logger, is_logging_rank: bool) -> RunLogger | NullLogger:
-    """`logger` (or a new RunLogger of the run) on the logging rank, a NullLogger elsewhere."""
+def rank_logger(logger, is_logging_rank: bool, train: TrainConfig, cfg: LoggerConfig, name: str,
+                record: dict) -> RunLogger | NullLogger:  # fmt: skip
+    """`logger` (or a new RunLogger of run `name` under train.out_dir, `record` its config) on the
+    logging rank, a NullLogger elsewhere."""
     if not is_logging_rank:
         return NullLogger()
     if logger is not None:
         return logger
-    return RunLogger(run.train.out_dir, run.logger, ckpt_io.run_config_dict(run), run.name)
+    return RunLogger(train.out_dir, cfg, record, name)
 
 
 class DeepSpeedEngineBase:

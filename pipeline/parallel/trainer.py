@@ -103,8 +103,8 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
             "Leave model.freeze empty, or train with parallel.pp=1 (data parallel), which applies it"
         )
     validate_model_options(run.model)  # encoder_init / sam_init / clip_init: files exist, one source
-    validate_training_config(run)
-    split = run_partition(run)
+    validate_training_config(run.parallel, run.optim, run.train)
+    split = run_partition(run.model, run.data, run.parallel)
     configs = run_model_configs(
         run.model,
         vocab_size=tokenizer.vocab_size,
@@ -187,7 +187,9 @@ def run_pipeline_training(
     seed_rank(run.train)
     engine = PipelineEngine(run, topology, split, configs, tokenizer, device, model_dict=model_dict,
                             resume_from=resume_from)  # fmt: skip
-    logger = rank_logger(run, logger, engine.is_logging_rank)
+    logger = rank_logger(
+        logger, engine.is_logging_rank, run.train, run.logger, run.name, ckpt_io.run_config_dict(run)
+    )
     if run.parallel.compile_layers:  # what the logging (last) stage compiled
         logger.log({"event": "compile", "stage": engine.stage, "backend": run.parallel.compile_backend,
                     "regions": engine.compiled_regions})  # fmt: skip
@@ -215,7 +217,9 @@ class PipelineEngine(DeepSpeedEngineBase):
                                                   images / tokens, run.model.freeze_sam).total  # fmt: skip
         super().__init__(run, topology, tokenizer, device, flops)
         self.split, self.configs, self.parts = split, configs, split.parts
-        self.module = build_pipeline_module(run, topology, configs)
+        self.module = build_pipeline_module(
+            run.model, run.data, run.parallel, topology, configs, seed=run.train.seed
+        )
         self.stage = topology.stage(self.rank)
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
         self.is_logging_rank = self.rank == topology.logging_rank()
@@ -231,7 +235,9 @@ class PipelineEngine(DeepSpeedEngineBase):
             for unit in self.module.units():
                 for kind, n in compile_blocks(unit.model, [unit.unit], run.parallel.compile_backend).items():
                     self.compiled_regions[kind] = self.compiled_regions.get(kind, 0) + n
-        self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, topology)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            self.module, run.parallel, run.optim, run.train, topology
+        )
         self._install_guard()
         self.meta = {
             "format": ckpt_io.PIPELINE_FORMAT,
