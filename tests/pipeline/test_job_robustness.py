@@ -139,3 +139,14 @@ def test_compose_time_errors_come_from_the_schema():
 
     with pytest.raises(ValueError, match="train.max_steps=-5"):
         TrainConfig(max_steps=-5)
+
+
+def test_logger_settings_are_checked_by_the_schema(tmp_path):
+    """A misspelt logger kind or mode fails when the config is composed, not after the model is built."""
+    from pipeline.config import LoggerConfig
+
+    with pytest.raises(ValueError, match="logger.kind='wandbb'"):
+        compose_run(tmp_path / "run", "logger.kind=wandbb")
+    with pytest.raises(ValueError, match="logger.mode='ofline'"):
+        LoggerConfig(kind="wandb", mode="ofline")
+    assert LoggerConfig(kind="wandb", mode="offline").mode == "offline"
