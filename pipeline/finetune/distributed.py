@@ -37,6 +37,7 @@ from pipeline.finetune.job import (
     prepare,
     start_output,
 )
+from pipeline.parallel.checkpoints import run_config_dict
 from pipeline.parallel.data_parallel import DataParallelEngine, data_parallel_ds_config
 from pipeline.parallel.engine_base import seed_rank
 from pipeline.parallel.topology import Topology, dist_env
@@ -81,8 +82,9 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
         reports = evaluate_sets(ecfg, prep, out, "before")
     dist.barrier()
 
-    engine = DataParallelEngine(run, topology, prep.tokenizer, prep.model, device,
-                                meta={"finetune": run.finetune.method})  # fmt: skip
+    engine = DataParallelEngine(topology, prep.tokenizer, prep.model, device, parallel=run.parallel,
+                                optim=run.optim, train=run.train, seq_len=run.data.seq_len,
+                                record=run_config_dict(run), meta={"finetune": run.finetune.method})  # fmt: skip
     train_data = loader_config(run.data, prep.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
     loader = StreamingLoader(train_data, prep.tokenizer, dp_rank=engine.dp_rank, dp_world=topology.dp)
     logger = RunLogger(out, run.logger, asdict(run), run.name) if rank == 0 else NullLogger()
