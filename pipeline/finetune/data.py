@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.checkpoint_io import OUR_CONFIG
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, EvalConfig, RunConfig
 from pipeline.data.config import SourceSpec, from_run_config
+from pipeline.finetune.config import FinetuneConfig
 from pipeline.processing import mode_weights
 from pipeline.train.job import run_job
 from pipeline.train.synth_lines import prepare_synth_lines
@@ -64,13 +65,13 @@ def demo_base(run: RunConfig, out: Path) -> Path:
     return model_dir
 
 
-def demo_data(run: RunConfig, out: Path, original_dir: Path) -> FinetuneData:
+def demo_data(ft: FinetuneConfig, data: DataConfig, out: Path, original_dir: Path) -> FinetuneData:
     """Target = new-script lines; replay / original-capability = the Latin lines of the base."""
     from data_tools.synth.reading import ReadingLinesConfig
     from pipeline.finetune.demo import write_script_lines
 
-    ft, syn = run.finetune, run.data.synth
-    latin_train, latin_val = prepare_synth_lines(run.data, original_dir)
+    syn = data.synth
+    latin_train, latin_val = prepare_synth_lines(data, original_dir)
     target = {}
     for split, n, seed in (
         ("train", ft.demo.num_train, ft.demo.seed),
@@ -88,11 +89,10 @@ def demo_data(run: RunConfig, out: Path, original_dir: Path) -> FinetuneData:
                         target["val"], ft.replay.val or latin_val)  # fmt: skip
 
 
-def webdataset_data(run: RunConfig) -> FinetuneData:
-    ft = run.finetune
-    if not run.data.sources:
+def webdataset_data(ft: FinetuneConfig, data: DataConfig) -> FinetuneData:
+    if not data.sources:
         raise ValueError("data.kind=webdataset needs data.sources (the target shards) for a fine-tune")
-    specs = from_run_config(run.data, batch_size=1, seed=0).sources
+    specs = from_run_config(data, batch_size=1, seed=0).sources
     total = sum(s.weight for s in specs)
     weight = 1.0 - ft.replay.share
     targets = [dataclasses.replace(s, weight=s.weight / total * weight) for s in specs]
@@ -106,7 +106,7 @@ def webdataset_data(run: RunConfig) -> FinetuneData:
         replay = SourceSpec(
             "replay", ft.replay.shards, ft.replay.share, ft.replay.prompt, mode_weights(ft.replay.modes)
         )
-    val = ft.val or run.data.val_shards
+    val = ft.val or data.val_shards
     if not val:
         raise ValueError("a fine-tune needs a held-out target set: set finetune.val (or data.val_shards)")
     original_val = ft.replay.val
@@ -118,20 +118,16 @@ def webdataset_data(run: RunConfig) -> FinetuneData:
     return FinetuneData(targets, replay, val, original_val)
 
 
-def with_target_mode(run: RunConfig, data: FinetuneData, base_path: Path) -> FinetuneData:
+def with_target_mode(ft: FinetuneConfig, ev: EvalConfig, data: FinetuneData, base_path: Path) -> FinetuneData:
     """The target sources in finetune.mode, else in the mode the base was trained in (its
     training_info.json), else as configured; eval.mode follows."""
     info = TrainingInfo.read(base_path)
-    mode = run.finetune.mode or (info.mode if info is not None else "")
+    mode = ft.mode or (info.mode if info is not None else "")
     if not mode:
         return data
-    origin = (
-        "finetune.mode"
-        if run.finetune.mode
-        else f"the base's {TRAINING_INFO}; finetune.mode=NAME sets another"
-    )
+    origin = "finetune.mode" if ft.mode else f"the base's {TRAINING_INFO}; finetune.mode=NAME sets another"
     print(f"[finetune] target data and evaluation in mode {mode} ({origin})", flush=True)
-    run.eval.mode = mode
+    ev.mode = mode
     targets = [dataclasses.replace(s, modes={mode: 1.0}) for s in data.target_train]
     return dataclasses.replace(data, target_train=targets)
 
@@ -139,8 +135,8 @@ def with_target_mode(run: RunConfig, data: FinetuneData, base_path: Path) -> Fin
 def demo_finetune_data(run: RunConfig, out: Path) -> tuple[Path, FinetuneData]:
     """`data.kind=synth_lines`: the base (model.init_from, else the demo base trained here) and its data."""
     if run.model.init_from:
-        return Path(run.model.init_from), demo_data(run, out, out / "data" / "original")
-    return demo_base(run, out), demo_data(run, out, out / "base" / "data")
+        return Path(run.model.init_from), demo_data(run.finetune, run.data, out, out / "data" / "original")
+    return demo_base(run, out), demo_data(run.finetune, run.data, out, out / "base" / "data")
 
 
 def webdataset_finetune_data(run: RunConfig) -> tuple[Path, FinetuneData]:
@@ -148,4 +144,6 @@ def webdataset_finetune_data(run: RunConfig) -> tuple[Path, FinetuneData]:
     if not run.model.init_from:
         raise ValueError("model.init_from must name the checkpoint to fine-tune (release dir or export)")
     base_path = Path(run.model.init_from)
-    return base_path, with_target_mode(run, webdataset_data(run), base_path)
+    return base_path, with_target_mode(
+        run.finetune, run.eval, webdataset_data(run.finetune, run.data), base_path
+    )
