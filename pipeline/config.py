@@ -21,6 +21,8 @@ SCHEDULES = ("step", "cosine", "constant")  # pipeline.train.optim.lr_factor
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("synth_lines", "webdataset", "real_lines")
+LOGGER_KINDS = ("none", "wandb")
+LOGGER_MODES = ("online", "offline", "disabled", "auto")
 
 
 def _require(ok: bool, field_name: str, value: object, fix: str) -> None:
@@ -276,6 +278,10 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # "online" | "offline" | "disabled" | "auto" (offline without credentials)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in LOGGER_KINDS, "logger.kind", self.kind, f"use one of {LOGGER_KINDS}")
+        _require(self.mode in LOGGER_MODES, "logger.mode", self.mode, f"use one of {LOGGER_MODES}")
 
 
 @dataclass

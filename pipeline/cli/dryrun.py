@@ -180,7 +180,7 @@ def dry_run(run: RunConfig, cluster: ClusterSpec, vision_fraction: float = 1.0) 
     """Resolve topology, partition, memory and FLOPs; raises ValueError if the layout does not divide."""
     par = run.parallel
     topo = Topology(cluster.world_size, par.pp, par.micro_batch, par.global_batch, dp=par.dp)
-    part = run_partition(run)
+    part = run_partition(run.model, run.data, run.parallel)
     units = part.units
     enc, dec = model_configs(run.model)
     if run.data.seq_len > dec.max_position_embeddings:
@@ -189,7 +189,7 @@ def dry_run(run: RunConfig, cluster: ClusterSpec, vision_fraction: float = 1.0) 
             f"{dec.max_position_embeddings}: lower data.seq_len or raise model.decoder_overrides"
             ".max_position_embeddings"
         )
-    work = workload_of(run, vision_fraction)
+    work = workload_of(run.model, run.data, run.parallel, vision_fraction)
     memory = stage_memory(part, topo, enc, dec, work)
     frozen_sam = units[0].trainable == 0
     flops = step_flops(

@@ -37,17 +37,21 @@ from pipeline.finetune.job import (
     prepare,
     start_output,
 )
+from pipeline.parallel.checkpoints import run_config_dict
 from pipeline.parallel.data_parallel import DataParallelEngine, data_parallel_ds_config
 from pipeline.parallel.engine_base import seed_rank
 from pipeline.parallel.topology import Topology, dist_env
 from pipeline.parallel.trainer import init_distributed
+from pipeline.train.data_kinds import data_kind
+from pipeline.train.job import eval_config
 from pipeline.train.logging import NullLogger, RunLogger
 from pipeline.train.trainer import Trainer
+from pipeline.training_info import TrainingInfo, mode_mix
 
 
 def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
     """ValueError for what this path cannot run, before any process group or model."""
-    if run.data.kind != "webdataset":
+    if not data_kind(run.data).finetunes_data_parallel:
         raise ValueError(
             "a data-parallel fine-tune reads webdataset shards (data.kind=webdataset); the embedded demo "
             "(data.kind=synth_lines) runs in one process"
@@ -55,7 +59,7 @@ def validate_finetune_dp(run: RunConfig, world_size: int) -> Topology:
     p = run.parallel
     topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch, global_batch=p.global_batch,
                         dp=p.dp)  # fmt: skip
-    data_parallel_ds_config(run, topology)  # dtype / ZeRO / schedule / clipping
+    data_parallel_ds_config(p, run.optim, run.train, topology)  # dtype / ZeRO / schedule / clipping
     return topology
 
 
@@ -65,22 +69,24 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
     env = dist_env()
     topology = validate_finetune_dp(run, env.world_size)
     rank = env.rank
-    out = start_output(run, resolved_yaml if rank == 0 else None)
+    out = start_output(run.train, run.parallel, resolved_yaml if rank == 0 else None)
     device = init_distributed()
     seed_rank(run.train)
     prep = prepare(run, out)
     prep.model.to(device)
     reports = {}
+    ecfg = eval_config(run.data, run.eval)
     if rank == 0:
         prep.tokenizer.save(out / "tokenizer")
-        describe(run, prep, f"{device} x {topology.dp} ranks", out)
-        reports = evaluate_sets(run, prep, out, "before")
+        describe(run.name, run.finetune, prep, f"{device} x {topology.dp} ranks", out)
+        reports = evaluate_sets(ecfg, prep, out, "before")
     dist.barrier()
 
-    engine = DataParallelEngine(run, topology, prep.tokenizer, prep.model, device,
-                                meta={"finetune": run.finetune.method})  # fmt: skip
-    loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer,
-                             dp_rank=engine.dp_rank, dp_world=topology.dp)  # fmt: skip
+    engine = DataParallelEngine(topology, prep.tokenizer, prep.model, device, parallel=run.parallel,
+                                optim=run.optim, train=run.train, seq_len=run.data.seq_len,
+                                record=run_config_dict(run), meta={"finetune": run.finetune.method})  # fmt: skip
+    train_data = loader_config(run.data, prep.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
+    loader = StreamingLoader(train_data, prep.tokenizer, dp_rank=engine.dp_rank, dp_world=topology.dp)
     logger = RunLogger(out, run.logger, asdict(run), run.name) if rank == 0 else NullLogger()
     trainer = Trainer(engine, run.train, loader, logger=logger)
     trainer.resume()
@@ -91,12 +97,13 @@ def run_finetune_dp(run: RunConfig, resolved_yaml: str | None = None) -> Finetun
         return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None, preempted=True)
     check_replicas_agree(engine.model)
     if rank == 0:
-        after = evaluate_sets(run, prep, out, "after")
+        after = evaluate_sets(ecfg, prep, out, "after")
         for name, report in after.items():
             logger.log({"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer},
                        console=False)  # fmt: skip
         logger.close()
-        job = finish(run, prep, out, {**reports, **after}, result.steps, result.losses)
+        info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources))
+        job = finish(run.finetune, info, prep, out, {**reports, **after}, result.steps, result.losses)
     dist.barrier()
     return job
 

@@ -2,9 +2,10 @@
 
 1. Base model: `model.init_from` (released-layout directory, our checkpoint, a consolidated
    pipeline checkpoint converted by `dsocr-convert consolidate`), read by `load_any`; a stage-1
-   encoder export goes in `model.encoder_init` (loaded over the base's encoder, strict). The embedded default (data.kind=synth_lines, no init_from) first trains a
-   tiny base on Latin reading lines with `pipeline.train.job.run_job` (finetune.demo.base_steps).
-2. Data: target = `data.sources` (webdataset) or, for the demo, reading lines of a new script
+   encoder export goes in `model.encoder_init` (loaded over the base's encoder, strict). The
+   embedded default (data.kind=synth_lines, no init_from) first trains a tiny base on Latin reading lines (finetune.demo.base_steps).
+2. Data: the data kind's (`DataKind.finetune_data`, pipeline/finetune/data.py): target =
+   `data.sources` (webdataset) or, for the demo, reading lines of a new script
    (`pipeline.finetune.demo`); replay = `finetune.replay.shards` (the demo: the Latin lines),
    mixed per sample with weight `finetune.replay.share` in one `StreamingLoader`.
 3. Trainable parameters: LoRA (peft) or per-component full training (`pipeline.finetune.lora`);
@@ -17,8 +18,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -26,39 +25,32 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint_io import OUR_CONFIG, load_any
-from pipeline.config import RunConfig
-from pipeline.data.config import LoaderConfig, SourceSpec, from_run_config
+from pipeline.checkpoint_io import load_any
+from pipeline.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
+from pipeline.data.config import LoaderConfig, SourceSpec
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.profile import apply_to_run
 from pipeline.eval.data import read_eval_set
 from pipeline.eval.plots import plot_run
 from pipeline.eval.report import EvalReport, format_comparison
+from pipeline.eval.runner import EvalRunConfig
 from pipeline.finetune.config import FinetuneConfig
+from pipeline.finetune.data import FinetuneData
 from pipeline.finetune.export import export_merged, save_adapter
 from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
 from pipeline.finetune.vocab import cover_texts, is_char_tokenizer
 from pipeline.model import DeepSeekOCR
-from pipeline.processing import mode_weights
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer
-from pipeline.train.job import eval_config, resolve_device, run_eval, run_job
+from pipeline.train.data_kinds import data_kind
+from pipeline.train.job import eval_config, resolve_device, run_eval
 from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
 from pipeline.train.run_dir import first_logged_loss, record_config
-from pipeline.train.synth_lines import prepare_synth_lines
-from pipeline.training_info import TRAINING_INFO, TrainingInfo, mode_mix
+from pipeline.training_info import TrainingInfo, mode_mix
 
 log = logging.getLogger(__name__)
 VOCAB_SCAN_LIMIT = 20_000  # training samples scanned for characters a char vocabulary lacks
-
-
-@dataclass
-class FinetuneData:
-    target_train: list[SourceSpec]
-    replay_train: SourceSpec | None
-    target_val: str
-    original_val: str
 
 
 @dataclass
@@ -78,114 +70,14 @@ class FinetuneResult:
         return report.raw.corpus_cer if report is not None else None
 
 
-# ----------------------------------------------------------------------------- base and data
-def demo_base(run: RunConfig, out: Path) -> Path:
-    """Train (or reuse) the embedded default's Latin base model under out/base; returns its model dir.
-
-    Reused only when it was trained with the same model, data, optimiser and step settings."""
-    base_dir = out / "base"
-    model_dir = base_dir / "model"
-    recipe = json.loads(json.dumps(
-        {"model": asdict(run.model), "data": asdict(run.data), "optim": asdict(run.optim),
-         "steps": run.finetune.demo.base_steps, "batch": run.parallel.global_batch, "seed": run.train.seed},
-        default=str,
-    ))  # fmt: skip
-    marker = base_dir / "finetune_base.json"
-    if (model_dir / OUR_CONFIG).is_file() and marker.is_file() and json.loads(marker.read_text()) == recipe:
-        print(f"[finetune] reusing the base model {model_dir}", flush=True)
-        return model_dir
-    base = copy.deepcopy(run)
-    base.name = f"{run.name}-base"
-    base.train.max_steps = run.finetune.demo.base_steps
-    base.train.out_dir = str(base_dir)
-    base.train.save_every = 0
-    base.train.resume = False
-    print(
-        f"[finetune] no model.init_from: training a Latin base model for {base.train.max_steps} steps",
-        flush=True,
-    )
-    run_job(base)
-    marker.write_text(json.dumps(recipe, indent=2) + "\n")
-    return model_dir
-
-
-def demo_data(run: RunConfig, out: Path, original_dir: Path) -> FinetuneData:
-    """Target = new-script lines; replay / original-capability = the Latin lines of the base."""
-    from data_tools.synth.reading import ReadingLinesConfig
-    from pipeline.finetune.demo import write_script_lines
-
-    ft, syn = run.finetune, run.data.synth
-    latin_train, latin_val = prepare_synth_lines(run, original_dir)
-    target = {}
-    for split, n, seed in (
-        ("train", ft.demo.num_train, ft.demo.seed),
-        ("val", ft.demo.num_val, ft.demo.seed + 7919),
-    ):
-        cfg = ReadingLinesConfig(n=n, seed=seed, width=syn.image_size, min_chars=syn.min_chars,
-                                 max_chars=syn.max_chars, source=f"{ft.demo.lang}-lines-{split}")  # fmt: skip
-        target[split] = write_script_lines(cfg, ft.demo.lang, out / "data" / "target" / split, split)
-    mode = syn.mode
-    replay = (
-        SourceSpec("replay", latin_train, ft.replay.share, "free_ocr", mode) if ft.replay.share > 0 else None
-    )
-    weight = 1.0 - ft.replay.share
-    return FinetuneData([SourceSpec("target", target["train"], weight, "free_ocr", mode)], replay,
-                        target["val"], ft.replay.val or latin_val)  # fmt: skip
-
-
-def webdataset_data(run: RunConfig) -> FinetuneData:
-    ft = run.finetune
-    if not run.data.sources:
-        raise ValueError("data.kind=webdataset needs data.sources (the target shards) for a fine-tune")
-    specs = from_run_config(run.data, batch_size=1, seed=0).sources
-    total = sum(s.weight for s in specs)
-    weight = 1.0 - ft.replay.share
-    targets = [dataclasses.replace(s, weight=s.weight / total * weight) for s in specs]
-    replay = None
-    if ft.replay.share > 0:
-        if not ft.replay.shards:
-            raise ValueError(
-                f"finetune.replay.share={ft.replay.share} needs finetune.replay.shards (original-domain data, "
-                "e.g. synthetic pages of the original languages from `dsocr-data synth`), or set share=0"
-            )
-        replay = SourceSpec(
-            "replay", ft.replay.shards, ft.replay.share, ft.replay.prompt, mode_weights(ft.replay.modes)
-        )
-    val = ft.val or run.data.val_shards
-    if not val:
-        raise ValueError("a fine-tune needs a held-out target set: set finetune.val (or data.val_shards)")
-    original_val = ft.replay.val
-    if ft.replay.share == 0 and original_val and not Path(original_val).exists():
-        # replay off needs no original-domain data; the forgetting report needs its held-out set
-        print(f"[finetune] replay off and no {original_val}: no forgetting report "
-              "(finetune.replay.val names the original-domain held-out set)", flush=True)  # fmt: skip
-        original_val = ""
-    return FinetuneData(targets, replay, val, original_val)
-
-
-def with_target_mode(run: RunConfig, data: FinetuneData, base_path: Path) -> FinetuneData:
-    """The target sources in finetune.mode, else in the mode the base was trained in (its
-    training_info.json), else as configured; eval.mode follows."""
-    info = TrainingInfo.read(base_path)
-    mode = run.finetune.mode or (info.mode if info is not None else "")
-    if not mode:
-        return data
-    origin = (
-        "finetune.mode"
-        if run.finetune.mode
-        else f"the base's {TRAINING_INFO}; finetune.mode=NAME sets another"
-    )
-    print(f"[finetune] target data and evaluation in mode {mode} ({origin})", flush=True)
-    run.eval.mode = mode
-    targets = [dataclasses.replace(s, modes={mode: 1.0}) for s in data.target_train]
-    return dataclasses.replace(data, target_train=targets)
-
-
-def loader_config(run: RunConfig, data: FinetuneData) -> LoaderConfig:
+# ----------------------------------------------------------------------------- data
+def loader_config(cfg: DataConfig, data: FinetuneData, *, batch_size: int, seed: int) -> LoaderConfig:
+    """The target + replay mixture with the `data` section's row settings (`batch_size` is
+    parallel.micro_batch, `seed` train.seed)."""
     sources = [*data.target_train, *([data.replay_train] if data.replay_train else [])]
-    return LoaderConfig(sources=sources, seq_len=run.data.seq_len, batch_size=run.parallel.micro_batch,
-                        packing=run.data.pack, seed=run.train.seed, num_workers=run.data.num_workers,
-                        max_pixels=run.data.max_pixels, max_tiles=run.data.max_tiles)  # fmt: skip
+    return LoaderConfig(sources=sources, seq_len=cfg.seq_len, batch_size=batch_size, packing=cfg.pack,
+                        seed=seed, num_workers=cfg.num_workers, max_pixels=cfg.max_pixels,
+                        max_tiles=cfg.max_tiles)  # fmt: skip
 
 
 def training_texts(sources: list[SourceSpec], limit: int) -> list[str]:
@@ -235,20 +127,10 @@ class Prepared:
 def prepare(run: RunConfig, out: Path) -> Prepared:
     """Base checkpoint, data, vocabulary coverage, freezing / adapters (no device move)."""
     ft = run.finetune
-    if run.data.kind == "synth_lines":
-        base_path = Path(run.model.init_from) if run.model.init_from else demo_base(run, out)
-        original_dir = out / "base" / "data" if not run.model.init_from else out / "data" / "original"
-        data = demo_data(run, out, original_dir)
-    elif run.data.kind == "webdataset":
-        if not run.model.init_from:
-            raise ValueError("model.init_from must name the checkpoint to fine-tune (release dir or export)")
-        base_path, data = Path(run.model.init_from), webdataset_data(run)
-    else:
-        raise ValueError(f"data.kind must be 'synth_lines' or 'webdataset', got {run.data.kind!r}")
+    kind = data_kind(run.data)
+    base_path, data = kind.finetune_data(run, out)
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_any(base_path)
-    if run.data.kind == "webdataset":
-        data = with_target_mode(run, data, base_path)
     m = run.model
     if m.encoder_init or m.sam_init or m.clip_init:  # e.g. a stage-1 encoder export over the release
         from pipeline.stage1.options import apply_model_options
@@ -265,16 +147,16 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         log.warning("model.freeze / model.freeze_sam are not read by a fine-tune: finetune.train_components "
                     "(and finetune.method) decide what trains, here %s", ft.trained_components or "adapters only")  # fmt: skip
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
-    if run.data.kind == "webdataset":  # row length, eval budget and mode from the data, before any eval
+    if kind.derives_from_data:  # row length, eval budget and mode from the data, before any eval
         references = [s.reference for s in (*target_val, *original_val)]
-        apply_to_run(run, tokenizer, loader_config(run, data), references, "finetune")
+        profiled = loader_config(run.data, data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
+        apply_to_run(run, tokenizer, profiled, references, "finetune")
     evals = {"target": target_val, "original": original_val}
     return Prepared(base_path, data, model, peft_model, tokenizer, added, evals)
 
 
-def evaluate_sets(run: RunConfig, prep: Prepared, out: Path, when: str) -> dict[str, EvalReport]:
+def evaluate_sets(ecfg: EvalRunConfig, prep: Prepared, out: Path, when: str) -> dict[str, EvalReport]:
     """CER reports of the held-out target and original-capability sets, named "<set>_<when>"."""
-    ecfg = eval_config(run)
     return {
         f"{name}_{when}": run_eval(prep.model, prep.tokenizer, samples, ecfg, out / "eval", f"{name}_{when}")
         for name, samples in prep.evals.items()
@@ -283,10 +165,16 @@ def evaluate_sets(run: RunConfig, prep: Prepared, out: Path, when: str) -> dict[
 
 
 def finish(
-    run: RunConfig, prep: Prepared, out: Path, reports, steps: int, losses: list[float]
+    ft: FinetuneConfig,
+    info: TrainingInfo,
+    prep: Prepared,
+    out: Path,
+    reports,
+    steps: int,
+    losses: list[float],
 ) -> FinetuneResult:
-    """Exports (adapter and/or merged release layout), summary file and the printed report."""
-    ft = run.finetune
+    """Exports (adapter and/or merged release layout, each with `info`: how the model was
+    trained and is to be prompted), summary file and the printed report."""
     adapter_dir = merged_dir = None
     if prep.peft_model is not None and ft.export in ("adapter", "both"):
         adapter_dir = save_adapter(prep.peft_model, prep.tokenizer, out / "adapter", base=str(prep.base_path),
@@ -294,10 +182,8 @@ def finish(
     if ft.export in ("merged", "both"):
         target = prep.peft_model if prep.peft_model is not None else prep.model
         merged_dir = export_merged(
-            target, prep.tokenizer, out / "merged", modeling_from=release_code(run, prep)
+            target, prep.tokenizer, out / "merged", modeling_from=release_code(ft, prep)
         )
-    ecfg = eval_config(run)
-    info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(loader_config(run, prep.data).sources))
     for folder in (adapter_dir, merged_dir):
         if folder is not None:
             info.write(folder)
@@ -316,35 +202,35 @@ def finish(
     return job
 
 
-def release_code(run: RunConfig, prep: Prepared) -> Path | None:
+def release_code(ft: FinetuneConfig, prep: Prepared) -> Path | None:
     """Where the merged export copies the release's modeling files from (config.json's auto_map
     names them): finetune.release_code, else the base when it is a released directory holding them."""
-    if run.finetune.release_code:
-        return Path(run.finetune.release_code)
+    if ft.release_code:
+        return Path(ft.release_code)
     return prep.base_path if any(prep.base_path.glob("modeling_*.py")) else None
 
 
-def start_output(run: RunConfig, resolved_yaml: str | None) -> Path:
-    out = Path(run.train.out_dir)
+def start_output(train: TrainConfig, parallel: ParallelConfig, resolved_yaml: str | None) -> Path:
+    out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resolved_yaml is not None:
-        record_config(out, resolved_yaml, resume=run.train.resume, allow_change=run.train.allow_config_change)
-    if run.parallel.pp != 1:
-        raise ValueError(f"parallel.pp={run.parallel.pp}: a fine-tune runs data parallel only (pp=1)")
-    set_torch_threads(run.train.threads)
+        record_config(out, resolved_yaml, resume=train.resume, allow_change=train.allow_config_change)
+    if parallel.pp != 1:
+        raise ValueError(f"parallel.pp={parallel.pp}: a fine-tune runs data parallel only (pp=1)")
+    set_torch_threads(train.threads)
     return out
 
 
-def describe(run: RunConfig, prep: Prepared, device, out: Path) -> None:
+def describe(name: str, ft: FinetuneConfig, prep: Prepared, device, out: Path) -> None:
     trainable, total = trainable_summary(prep.model)
-    print(f"[finetune] {run.name}: base {prep.base_path}, method {run.finetune.method}, {trainable:,} of "
-          f"{total:,} parameters trainable, replay share {run.finetune.replay.share}, device {device}, "
+    print(f"[finetune] {name}: base {prep.base_path}, method {ft.method}, {trainable:,} of "
+          f"{total:,} parameters trainable, replay share {ft.replay.share}, device {device}, "
           f"out {out}", flush=True)  # fmt: skip
 
 
 def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneResult:
     """The single-process fine-tune (one device); see the module docstring."""
-    out = start_output(run, resolved_yaml)
+    out = start_output(run.train, run.parallel, resolved_yaml)
     if (run.parallel.dp or 1) != 1:
         raise ValueError(
             f"parallel.dp={run.parallel.dp}: this entry runs one process; launch data-parallel fine-tunes "
@@ -354,10 +240,12 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     prep = prepare(run, out)
     prep.tokenizer.save(out / "tokenizer")
     prep.model.to(device)
-    describe(run, prep, device, out)
-    reports = evaluate_sets(run, prep, out, "before")
+    describe(run.name, run.finetune, prep, device, out)
+    ecfg = eval_config(run.data, run.eval)
+    reports = evaluate_sets(ecfg, prep, out, "before")
 
-    loader = StreamingLoader(loader_config(run, prep.data), prep.tokenizer, dp_rank=0, dp_world=1)
+    train_data = loader_config(run.data, prep.data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
+    loader = StreamingLoader(train_data, prep.tokenizer, dp_rank=0, dp_world=1)
     logger = RunLogger(out, run.logger, asdict(run), run.name)
     trainer = local_trainer(prep.model, loader, train=run.train, optim=run.optim, parallel=run.parallel,
                             seq_len=run.data.seq_len, device=device, logger=logger,
@@ -367,14 +255,15 @@ def run_finetune(run: RunConfig, resolved_yaml: str | None = None) -> FinetuneRe
     if result.stopped_by_signal:  # the checkpoint is written; resume with the same command
         logger.close()
         return FinetuneResult(out, result.steps, None, None, reports, prep.added, None, None, preempted=True)
-    after = evaluate_sets(run, prep, out, "after")
+    after = evaluate_sets(ecfg, prep, out, "after")
     for name, report in after.items():
         logger.log(
             {"event": "eval", "set": name, "step": trainer.step, "cer": report.raw.corpus_cer}, console=False
         )
     logger.close()
     plot_run(out / "metrics.jsonl", out / "plots")
-    return finish(run, prep, out, {**reports, **after}, result.steps, result.losses)
+    info = TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources))
+    return finish(run.finetune, info, prep, out, {**reports, **after}, result.steps, result.losses)
 
 
 def write_summary(job: FinetuneResult) -> Path:

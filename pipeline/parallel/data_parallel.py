@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from pipeline.batch import PackedBatch
 from pipeline.checkpoint_io import configs_from_dict, configs_to_dict, export_release
-from pipeline.config import RunConfig
+from pipeline.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from pipeline.model import DeepSeekOCR
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
@@ -73,9 +73,8 @@ ZERO_STAGES = (0, 1, 2)
 LoaderFactory = Callable[[int, int], Iterable[PackedBatch]]
 
 
-def validate_data_parallel_config(run: RunConfig) -> None:
+def validate_data_parallel_config(p: ParallelConfig, o: OptimConfig, train: TrainConfig) -> None:
     """ValueError for settings this path cannot run (before any process group or model)."""
-    p = run.parallel
     if p.pp != 1:
         raise ValueError(f"parallel.pp={p.pp}: data parallelism runs the whole model per rank; use pp=1")
     if p.zero_stage not in ZERO_STAGES:
@@ -91,28 +90,26 @@ def validate_data_parallel_config(run: RunConfig) -> None:
     if p.partition is not None:
         raise ValueError("parallel.partition is a pipeline setting; with parallel.pp=1 leave it null")
     # the shared checks (dtype names, lr, schedule, clipping, steps) of the pipeline's config
-    deepspeed_config(_as_zero1(run), Topology(1, 1, 1, 1))
+    deepspeed_config(dataclasses.replace(p, zero_stage=1), o, train, Topology(1, 1, 1, 1))
 
 
-def _as_zero1(run: RunConfig) -> RunConfig:
-    return dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, zero_stage=1))
-
-
-def data_parallel_ds_config(run: RunConfig, topology: Topology) -> dict[str, Any]:
+def data_parallel_ds_config(
+    p: ParallelConfig, o: OptimConfig, train: TrainConfig, topology: Topology
+) -> dict[str, Any]:
     """The DeepSpeed config of a data-parallel run: the pipeline's, ZeRO 0/1/2, no pipeline section."""
-    validate_data_parallel_config(run)
-    config = deepspeed_config(_as_zero1(run), topology)
+    validate_data_parallel_config(p, o, train)
+    config = deepspeed_config(dataclasses.replace(p, zero_stage=1), o, train, topology)
     config.pop("pipeline", None)
-    config["zero_optimization"] = {"stage": run.parallel.zero_stage}
-    if run.parallel.zero_stage != 1:
+    config["zero_optimization"] = {"stage": p.zero_stage}
+    if p.zero_stage != 1:
         config.pop("data_types", None)  # fp32 accumulation of bf16 grads is DeepSpeed's ZeRO-1 path only
     return config
 
 
 def prepare_data_parallel(run: RunConfig, tokenizer, world_size: int):
     """Every check that needs no process group and no model: (topology, model configs dict, resume)."""
-    validate_data_parallel_config(run)
     p = run.parallel
+    validate_data_parallel_config(p, run.optim, run.train)
     topology = Topology(world_size=world_size, pp=1, micro_batch=p.micro_batch,
                         global_batch=p.global_batch, dp=p.dp)  # fmt: skip
     if run.model.init_from:  # the configured size, or a ValueError naming both sizes
@@ -151,15 +148,18 @@ def run_data_parallel_training(
     built = configs_to_dict(model)
     if built != model_dict:
         ckpt_io.check_same_size(configs_from_dict(built), configs_from_dict(model_dict), "the built model")
-    engine = DataParallelEngine(run, topology, tokenizer, model, device)
-    logger = rank_logger(run, logger, engine.is_logging_rank)
+    engine = DataParallelEngine(topology, tokenizer, model, device, parallel=run.parallel, optim=run.optim,
+                                train=run.train, seq_len=run.data.seq_len, record=ckpt_io.run_config_dict(run))  # fmt: skip
+    logger = rank_logger(
+        logger, engine.is_logging_rank, run.train, run.logger, run.name, ckpt_io.run_config_dict(run)
+    )
     loader = loader_factory(engine.dp_rank, topology.dp)
     trainer = Trainer(engine, run.train, loader, logger=logger, evaluate=eval_hook)
     try:
         trainer.resume()
         result = trainer.train()
         if export and not result.stopped_by_signal:
-            engine.export(trainer.step, logger)
+            engine.export(trainer.step, logger, run.model, run.name)
         return engine.result(result)
     finally:
         logger.close()
@@ -169,29 +169,31 @@ class DataParallelEngine(DeepSpeedEngineBase):
     """The `Engine` of a data-parallel run: `model` (built identically on every rank, trainable
     parameters chosen) in DeepSpeed's engine, ZeRO parallel.zero_stage; rank 0 logs.
 
-    `meta` adds entries to the checkpoints' meta.json (the fine-tune names its method)."""
+    `record` is the run's config as its checkpoints' meta.json records it; `meta` adds entries
+    there (the fine-tune names its method)."""
 
     kind = ckpt_io.DP_KIND
 
-    def __init__(self, run: RunConfig, topology: Topology, tokenizer, model: DeepSeekOCR,
-                 device: torch.device, meta: dict | None = None) -> None:  # fmt: skip
+    def __init__(self, topology: Topology, tokenizer, model: DeepSeekOCR, device: torch.device, *,
+                 parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, seq_len: int, record: dict,
+                 meta: dict | None = None) -> None:  # fmt: skip
         import deepspeed
 
-        super().__init__(run, topology, tokenizer, device, model_flops(model, run.data.seq_len))
+        super().__init__(train, topology, tokenizer, device, model_flops(model, seq_len))
         self.is_logging_rank = self.rank == 0
         model.train()
-        if run.parallel.compile_layers:
-            model.compile_regions(backend=run.parallel.compile_backend)
-        optimizer, scheduler = build_optimizer_and_scheduler(model, run)
+        if parallel.compile_layers:
+            model.compile_regions(backend=parallel.compile_backend)
+        optimizer, scheduler = build_optimizer_and_scheduler(model, optim, train.max_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=data_parallel_ds_config(run, topology),
+            config=data_parallel_ds_config(parallel, optim, train, topology),
         )  # fmt: skip
         restore_fp32_rotary(self.engine.module)
         self._install_guard()
         self.module = self.engine.module
         self.meta = {"pp": 1, "dp": topology.dp, "parts": None, "model": configs_to_dict(model),
-                     "zero_stage": run.parallel.zero_stage, "run": ckpt_io.run_config_dict(run), **(meta or {})}  # fmt: skip
+                     "zero_stage": parallel.zero_stage, "run": record, **(meta or {})}  # fmt: skip
 
     @property
     def model(self) -> DeepSeekOCR:
@@ -266,16 +268,17 @@ class DataParallelEngine(DeepSpeedEngineBase):
                     state[name] = master.detach().cpu()
         return state
 
-    def export(self, step: int, logger) -> None:
-        """Rank 0: `<out_dir>/model` in the released layout (fp32 masters) and the stage-1 encoder export."""
+    def export(self, step: int, logger, model_cfg: ModelConfig, run_name: str) -> None:
+        """Rank 0: `<out_dir>/model` in the released layout (fp32 masters) and the stage-1 encoder
+        export (`model.export_encoder` of `model_cfg`)."""
         state = self.master_state_dict()
         if self.rank == 0:
             from pipeline.parallel.consolidate import model_from_state
 
             model = model_from_state(state, configs_from_dict(self.meta["model"]))
-            out = Path(self.run.train.out_dir)
+            out = Path(self.train.out_dir)
             export_release(model, self.tokenizer, out / "model")
-            exported = export_encoder_if_requested(model, self.run, out, step=step)
+            exported = export_encoder_if_requested(model, model_cfg, out, run_name=run_name, step=step)
             logger.log({"event": "export", "step": step, "model": str(out / "model"),
                         "encoder_export": str(exported) if exported else None})  # fmt: skip
         dist.barrier()

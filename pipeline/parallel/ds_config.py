@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
+from pipeline.config import OptimConfig, ParallelConfig, TrainConfig
 from pipeline.model import validate_compile_options
 from pipeline.parallel.topology import Topology
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
@@ -31,9 +31,8 @@ DTYPES = ("fp32", "bf16")
 SCHEDULES = ("step", "cosine", "constant")  # pipeline.train.optim.lr_factor
 
 
-def validate_training_config(run: RunConfig) -> None:
+def validate_training_config(p: ParallelConfig, o: OptimConfig, train: TrainConfig) -> None:
     """ValueError for settings the DeepSpeed engine cannot run, naming the field and the fix."""
-    p, o = run.parallel, run.optim
     if p.dtype not in DTYPES:
         raise ValueError(f"parallel.dtype must be one of {DTYPES}, got {p.dtype!r}")
     if p.zero_stage not in (0, 1):
@@ -57,22 +56,21 @@ def validate_training_config(run: RunConfig) -> None:
         raise ValueError(f"optim.lr must be > 0, got {o.lr}")
     if o.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
-    lr_factor(
-        max(run.train.max_steps, 1), max(run.train.max_steps, 1), o
-    )  # after warmup: checks the schedule
-    if run.train.max_steps < 1:
-        raise ValueError(f"train.max_steps must be >= 1, got {run.train.max_steps}")
-    if run.train.max_bad_steps < 1:
-        raise ValueError(f"train.max_bad_steps must be >= 1, got {run.train.max_bad_steps}")
+    lr_factor(max(train.max_steps, 1), max(train.max_steps, 1), o)  # after warmup: checks the schedule
+    if train.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1, got {train.max_steps}")
+    if train.max_bad_steps < 1:
+        raise ValueError(f"train.max_bad_steps must be >= 1, got {train.max_bad_steps}")
 
 
-def deepspeed_config(run: RunConfig, topology: Topology) -> dict[str, Any]:
+def deepspeed_config(
+    p: ParallelConfig, o: OptimConfig, train: TrainConfig, topology: Topology
+) -> dict[str, Any]:
     """The DeepSpeed config dict of this run (pass to `deepspeed.initialize(config=...)`)."""
-    validate_training_config(run)
-    p = run.parallel
+    validate_training_config(p, o, train)
     config: dict[str, Any] = {
         **topology.deepspeed_batch_config(),
-        "gradient_clipping": float(run.optim.grad_clip),
+        "gradient_clipping": float(o.grad_clip),
         "zero_optimization": {"stage": p.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": p.dtype == "bf16"},
@@ -93,8 +91,9 @@ def deepspeed_config(run: RunConfig, topology: Topology) -> dict[str, Any]:
 
 
 def build_optimizer_and_scheduler(
-    model: nn.Module, run: RunConfig
+    model: nn.Module, o: OptimConfig, max_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the decay / no-decay groups of `model`'s trainable parameters + our LambdaLR."""
-    optimizer = build_optimizer(param_groups(model, run.optim.weight_decay), run.optim)
-    return optimizer, build_scheduler(optimizer, run.train.max_steps, run.optim)
+    """AdamW over the decay / no-decay groups of `model`'s trainable parameters + our LambdaLR
+    over `max_steps` (train.max_steps)."""
+    optimizer = build_optimizer(param_groups(model, o.weight_decay), o)
+    return optimizer, build_scheduler(optimizer, max_steps, o)

@@ -33,7 +33,7 @@ from torch import nn
 
 from decoder import DecoderConfig, RotaryEmbedding
 from deepencoder import EncoderConfig
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from pipeline.model import checkpoint_blocks, model_configs
 from pipeline.parallel.ds_config import build_optimizer_and_scheduler, deepspeed_config
 from pipeline.parallel.memory import BALANCE_VISION_FRACTION, unit_costs, workload_of
@@ -54,16 +54,15 @@ def run_model_configs(
     return enc, dec, image_token_id
 
 
-def run_partition(run: RunConfig) -> Partition:
+def run_partition(m: ModelConfig, data: DataConfig, p: ParallelConfig) -> Partition:
     """The stage split of this run: parallel.partition boundaries, else parallel.partition_method
     ("balanced" weighs units by `unit_costs` at BALANCE_VISION_FRACTION). ValueError for more
     stages than units, bad boundaries, an unknown method or checkpoint stage."""
-    p = run.parallel
-    units = build_units(run.model)
+    units = build_units(m)
     costs = None
     if p.partition is None and p.partition_method == "balanced":
-        enc, dec = model_configs(run.model)
-        costs = unit_costs(units, enc, dec, workload_of(run, BALANCE_VISION_FRACTION))
+        enc, dec = model_configs(m)
+        costs = unit_costs(units, enc, dec, workload_of(m, data, p, BALANCE_VISION_FRACTION))
     split = partition(units, p.pp, p.partition, p.partition_method, costs)
     bad = [s for s in p.checkpoint_stages or () if not 0 <= s < p.pp]
     if bad:
@@ -207,22 +206,23 @@ def engine_dynamic_shape(split: Partition, pack: bool) -> bool:
     return split.varying_boundary or not pack
 
 
-def stage_checkpointed(run: RunConfig, stage: int) -> bool:
+def stage_checkpointed(p: ParallelConfig, m: ModelConfig, stage: int) -> bool:
     """Whether `stage` recomputes its blocks in backward: listed in parallel.checkpoint_stages,
     or, when that is unset, model.gradient_checkpointing."""
-    stages = run.parallel.checkpoint_stages
-    return run.model.gradient_checkpointing if stages is None else stage in stages
+    stages = p.checkpoint_stages
+    return m.gradient_checkpointing if stages is None else stage in stages
 
 
 def build_pipeline_module(
-    run: RunConfig, topology: Topology, configs: tuple[EncoderConfig, DecoderConfig, int]
-):
-    """The `OCRPipelineModule` of this rank (needs torch.distributed initialised)."""
+    m: ModelConfig, data: DataConfig, p: ParallelConfig, topology: Topology,
+    configs: tuple[EncoderConfig, DecoderConfig, int], *, seed: int,
+):  # fmt: skip
+    """The `OCRPipelineModule` of this rank (needs torch.distributed initialised); `seed` is train.seed."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-    split = run_partition(run)
+    split = run_partition(m, data, p)
     specs = unit_layer_specs(
-        [u.unit for u in split.units], configs, run.model, seed=run.train.seed, loss_chunk_tokens=run.parallel.loss_chunk_tokens
+        [u.unit for u in split.units], configs, m, seed=seed, loss_chunk_tokens=p.loss_chunk_tokens
     )
     cls = _pipeline_module_class()
     module = cls(
@@ -230,10 +230,10 @@ def build_pipeline_module(
         parts=split.parts,
         topology=PipeDataParallelTopology(num_pp=topology.pp, num_dp=topology.dp),
         loss_fn=None,  # the head unit returns the loss (labels ride along in the activations)
-        activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
-        dynamic_shape=engine_dynamic_shape(split, run.data.pack),
+        activation_checkpoint_interval=p.activation_checkpoint_interval,
+        dynamic_shape=engine_dynamic_shape(split, data.pack),
     )
-    if stage_checkpointed(run, module.stage_id):
+    if stage_checkpointed(p, m, module.stage_id):
         for unit in module.units():
             checkpoint_blocks(unit.model, [unit.unit])
     return module
@@ -280,13 +280,18 @@ def install_step_guard(
     engine._take_model_step = guarded_step
 
 
-def build_engine(module: nn.Module, run: RunConfig, topology: Topology):
+def build_engine(
+    module: nn.Module, p: ParallelConfig, o: OptimConfig, train: TrainConfig, topology: Topology
+):
     """deepspeed.initialize with our AdamW groups and LambdaLR; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
-    optimizer, scheduler = build_optimizer_and_scheduler(module, run)
+    optimizer, scheduler = build_optimizer_and_scheduler(module, o, train.max_steps)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, topology)
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(p, o, train, topology),
     )
     restore_fp32_rotary(engine.module)
     return engine, ds_optimizer, ds_scheduler

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig, TrainConfig
+from pipeline.config import LoggerConfig, TrainConfig
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.engine import install_step_guard
 from pipeline.parallel.topology import Topology
@@ -67,13 +67,15 @@ def seed_rank(train: TrainConfig) -> None:
         torch.set_num_threads(train.threads)
 
 
-def rank_logger(run: RunConfig, logger, is_logging_rank: bool) -> RunLogger | NullLogger:
-    """`logger` (or a new RunLogger of the run) on the logging rank, a NullLogger elsewhere."""
+def rank_logger(logger, is_logging_rank: bool, train: TrainConfig, cfg: LoggerConfig, name: str,
+                record: dict) -> RunLogger | NullLogger:  # fmt: skip
+    """`logger` (or a new RunLogger of run `name` under train.out_dir, `record` its config) on the
+    logging rank, a NullLogger elsewhere."""
     if not is_logging_rank:
         return NullLogger()
     if logger is not None:
         return logger
-    return RunLogger(run.train.out_dir, run.logger, ckpt_io.run_config_dict(run), run.name)
+    return RunLogger(train.out_dir, cfg, record, name)
 
 
 class DeepSpeedEngineBase:
@@ -90,9 +92,9 @@ class DeepSpeedEngineBase:
     stage: int = 0
     is_logging_rank: bool = False
 
-    def __init__(self, run: RunConfig, topology: Topology, tokenizer, device: torch.device,
+    def __init__(self, train: TrainConfig, topology: Topology, tokenizer, device: torch.device,
                  flops: Callable[[float, float], float]) -> None:  # fmt: skip
-        self.run, self.topology, self.tokenizer, self.device = run, topology, tokenizer, device
+        self.train, self.topology, self.tokenizer, self.device = train, topology, tokenizer, device
         self.rank = dist.get_rank()
         self.dp_rank = topology.dp_rank(self.rank)
         self.world_size = topology.world_size
@@ -163,12 +165,12 @@ class DeepSpeedEngineBase:
         """Collective: every rank writes its engine shards and its rank state."""
         state = {**rank_state, "stage": self.stage, "dp_rank": self.dp_rank}
         return ckpt_io.save_engine_checkpoint(
-            self.engine, out_dir=self.run.train.out_dir, step=step, rank=self.rank, rank_state=state,
-            meta=self.meta, tokenizer=self.tokenizer, keep_last=self.run.train.keep_last, kind=self.kind,
+            self.engine, out_dir=self.train.out_dir, step=step, rank=self.rank, rank_state=state,
+            meta=self.meta, tokenizer=self.tokenizer, keep_last=self.train.keep_last, kind=self.kind,
         )  # fmt: skip
 
     def load(self) -> tuple[Path, dict] | None:
-        ckpt = ckpt_io.newest_checkpoint(self.run.train.out_dir)
+        ckpt = ckpt_io.newest_checkpoint(self.train.out_dir)
         if ckpt is None:
             return None
         ckpt_io.check_resume_compatible(ckpt, pp=self.topology.pp, dp=self.topology.dp, parts=self.parts,

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 from decoder import DecoderConfig
 from deepencoder import EncoderConfig
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, ModelConfig, ParallelConfig
 from pipeline.parallel.partition import Partition, Stage, UnitCount
 from pipeline.parallel.topology import Topology
 
@@ -288,15 +288,16 @@ def stage_memory(
     return out
 
 
-def workload_of(run: RunConfig, vision_fraction: float = 1.0) -> Workload:
+def workload_of(
+    m: ModelConfig, data: DataConfig, p: ParallelConfig, vision_fraction: float = 1.0
+) -> Workload:
     """The memory model's view of a run's micro-batch and settings."""
-    p = run.parallel
     return Workload(
-        seq_len=run.data.seq_len,
+        seq_len=data.seq_len,
         micro_batch=p.micro_batch,
         dtype=p.dtype,
         zero_stage=p.zero_stage,
-        checkpointing=run.model.gradient_checkpointing or p.activation_checkpoint_interval > 0,
+        checkpointing=m.gradient_checkpointing or p.activation_checkpoint_interval > 0,
         vision_fraction=vision_fraction,
         checkpoint_stages=None if p.checkpoint_stages is None else tuple(p.checkpoint_stages),
         loss_chunk_tokens=p.loss_chunk_tokens,
@@ -338,7 +339,9 @@ def unit_train_flops(
     return passes * sam_flops_per_vision_token(enc) * v
 
 
-def unit_costs(units: Sequence[UnitCount], enc: EncoderConfig, dec: DecoderConfig, w: Workload) -> list[float]:
+def unit_costs(
+    units: Sequence[UnitCount], enc: EncoderConfig, dec: DecoderConfig, w: Workload
+) -> list[float]:
     """`unit_train_flops` of every unit, checkpointed as `w.checkpointing` says (the stage of
     a unit is not known before the split)."""
     return [unit_train_flops(u, enc, dec, w, w.checkpointing) for u in units]

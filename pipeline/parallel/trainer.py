@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from pipeline.batch import PackedBatch
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from pipeline.model import compile_blocks
 from pipeline.parallel import checkpoints as ckpt_io
 from pipeline.parallel.ds_config import validate_training_config
@@ -103,8 +103,8 @@ def prepare(run: RunConfig, tokenizer, world_size: int):
             "Leave model.freeze empty, or train with parallel.pp=1 (data parallel), which applies it"
         )
     validate_model_options(run.model)  # encoder_init / sam_init / clip_init: files exist, one source
-    validate_training_config(run)
-    split = run_partition(run)
+    validate_training_config(run.parallel, run.optim, run.train)
+    split = run_partition(run.model, run.data, run.parallel)
     configs = run_model_configs(
         run.model,
         vocab_size=tokenizer.vocab_size,
@@ -185,9 +185,13 @@ def run_pipeline_training(
 
     functorch_config.donated_buffer = False
     seed_rank(run.train)
-    engine = PipelineEngine(run, topology, split, configs, tokenizer, device, model_dict=model_dict,
+    engine = PipelineEngine(topology, split, configs, tokenizer, device, model_cfg=run.model, data=run.data,
+                            parallel=run.parallel, optim=run.optim, train=run.train,
+                            record=ckpt_io.run_config_dict(run), model_dict=model_dict,
                             resume_from=resume_from)  # fmt: skip
-    logger = rank_logger(run, logger, engine.is_logging_rank)
+    logger = rank_logger(
+        logger, engine.is_logging_rank, run.train, run.logger, run.name, ckpt_io.run_config_dict(run)
+    )
     if run.parallel.compile_layers:  # what the logging (last) stage compiled
         logger.log({"event": "compile", "stage": engine.stage, "backend": run.parallel.compile_backend,
                     "regions": engine.compiled_regions})  # fmt: skip
@@ -208,30 +212,33 @@ class PipelineEngine(DeepSpeedEngineBase):
 
     kind = ckpt_io.KIND
 
-    def __init__(self, run, topology, split, configs, tokenizer, device, *, model_dict: dict,
-                 resume_from: Path | None = None) -> None:  # fmt: skip
+    def __init__(self, topology: Topology, split, configs, tokenizer, device, *, model_cfg: ModelConfig,
+                 data: DataConfig, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig,
+                 record: dict, model_dict: dict, resume_from: Path | None = None) -> None:  # fmt: skip
         enc, dec, _ = configs
-        flops = lambda tokens, images: step_flops(enc, dec, int(tokens), run.data.seq_len,  # noqa: E731
-                                                  images / tokens, run.model.freeze_sam).total  # fmt: skip
-        super().__init__(run, topology, tokenizer, device, flops)
+        flops = lambda tokens, images: step_flops(enc, dec, int(tokens), data.seq_len,  # noqa: E731
+                                                  images / tokens, model_cfg.freeze_sam).total  # fmt: skip
+        super().__init__(train, topology, tokenizer, device, flops)
         self.split, self.configs, self.parts = split, configs, split.parts
-        self.module = build_pipeline_module(run, topology, configs)
+        self.module = build_pipeline_module(model_cfg, data, parallel, topology, configs, seed=train.seed)
         self.stage = topology.stage(self.rank)
         self.first, self.last = self.stage == 0, self.stage == topology.pp - 1
         self.is_logging_rank = self.rank == topology.logging_rank()
         self.batches: _StageBatches | None = None
         self.loaded_encoder_parts: dict[str, list[str]] = {}
         self.compiled_regions: dict[str, int] = {}  # blocks compiled per kind (parallel.compile_layers)
-        if resume_from is None and run.model.init_from:
-            self.module.load_model_state(ckpt_io.load_init_state(run.model.init_from))
+        if resume_from is None and model_cfg.init_from:
+            self.module.load_model_state(ckpt_io.load_init_state(model_cfg.init_from))
         if resume_from is None:
-            self.loaded_encoder_parts = load_encoder_sources(self.module, run.model, configs[0])
-        if run.parallel.compile_layers:  # on the stage's device, before DeepSpeed wraps it
+            self.loaded_encoder_parts = load_encoder_sources(self.module, model_cfg, configs[0])
+        if parallel.compile_layers:  # on the stage's device, before DeepSpeed wraps it
             self.compiled_regions = dict.fromkeys(UNIT_KINDS, 0)
             for unit in self.module.units():
-                for kind, n in compile_blocks(unit.model, [unit.unit], run.parallel.compile_backend).items():
+                for kind, n in compile_blocks(unit.model, [unit.unit], parallel.compile_backend).items():
                     self.compiled_regions[kind] = self.compiled_regions.get(kind, 0) + n
-        self.engine, self.optimizer, self.scheduler = build_engine(self.module, run, topology)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            self.module, parallel, optim, train, topology
+        )
         self._install_guard()
         self.meta = {
             "format": ckpt_io.PIPELINE_FORMAT,
@@ -240,7 +247,7 @@ class PipelineEngine(DeepSpeedEngineBase):
             "parts": split.parts,
             "units": [u.name for u in split.units],
             "model": model_dict,
-            "run": ckpt_io.run_config_dict(run),
+            "run": record,
         }
 
     # ------------------------------------------------------------------ step

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepencoder import EncoderConfig
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import ModelConfig
 from pipeline.model import DeepSeekOCR
 from pipeline.stage1.export import encoder_init_state, export_encoder, is_encoder_export, load_encoder_init
 from pipeline.stage1.parts import MODEL_PARTS, check_part_names, freeze_parts, trainable_by_part
@@ -137,13 +137,12 @@ def encoder_sources(m: ModelConfig, config: EncoderConfig) -> list[EncoderSource
 
 
 def export_encoder_if_requested(
-    model: DeepSeekOCR, run: RunConfig, out_dir: str | Path, *, step: int | None = None
+    model: DeepSeekOCR, m: ModelConfig, out_dir: str | Path, *, run_name: str, step: int | None = None
 ) -> Path | None:
     """`<out_dir>/encoder_export` when `model.export_encoder` is set (call once, at the end of the job)."""
-    m = run.model
     if not m.export_encoder:
         return None
-    source = {"run": run.name, "step": step, "encoder": m.encoder, "decoder": m.decoder}
+    source = {"run": run_name, "step": step, "encoder": m.encoder, "decoder": m.decoder}
     return export_encoder(
         model.encoder, Path(out_dir) / EXPORT_DIR, include_projector=m.export_projector, source=source
     )

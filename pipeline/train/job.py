@@ -20,7 +20,7 @@ import torch
 from decoder import DecoderModel
 from deepencoder import DeepEncoder
 from pipeline.checkpoint_io import export_release, load_any
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, EvalConfig, ModelConfig, RunConfig
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.profile import apply_to_run
 from pipeline.eval.data import EvalSample, read_eval_set
@@ -72,8 +72,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- data
-def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
-    spec = run.data.tokenizer
+def build_tokenizer_for(spec: str, corpus: list[str], alphabet: str = DEMO_ALPHABET) -> OCRTokenizer:
+    """`data.tokenizer`: "char" over the alphabet and the corpus, "bpe" trained on it, or a local path."""
     if spec == "char":
         return build_char_tokenizer(alphabet + "".join(sorted(set("".join(corpus)))))
     if spec == "bpe":
@@ -82,8 +82,9 @@ def build_tokenizer_for(run: RunConfig, corpus: list[str], alphabet: str = DEMO_
 
 
 # ----------------------------------------------------------------------------- model
-def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
-    m = run.model
+def build_run_model(m: ModelConfig, tokenizer: OCRTokenizer, *, loss_chunk_tokens: int) -> DeepSeekOCR:
+    """The model of `model.*` (presets, or `model.init_from`), then its stage-1 options and
+    checkpointing; `loss_chunk_tokens` is `parallel.loss_chunk_tokens`."""
     if m.init_from:
         check_init_from(m, tokenizer)  # the configured size, or a ValueError naming both
         model, _ = load_any(m.init_from)
@@ -91,10 +92,8 @@ def build_run_model(run: RunConfig, tokenizer: OCRTokenizer) -> DeepSeekOCR:
         enc, dec = model_configs(
             m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id
         )
-        model = DeepSeekOCR(
-            DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, run.parallel.loss_chunk_tokens
-        )
-    model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
+        model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, loss_chunk_tokens)
+    model.loss_chunk_tokens = loss_chunk_tokens
     applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
     print(f"[job] {applied.summary()}", flush=True)
     if m.gradient_checkpointing:
@@ -116,15 +115,16 @@ class SavedScores:
         return cls(raw["corpus_cer"], raw["capped_cer"])
 
 
-def eval_config(run: RunConfig) -> EvalRunConfig:
-    return EvalRunConfig(mode=data_kind(run).eval_mode(run), prompt="free_ocr", batch_size=run.eval.batch_size,
-                         max_new_tokens=run.eval.max_new_tokens, no_repeat_ngram_size=run.eval.no_repeat_ngram_size,
-                         no_repeat_window=run.eval.no_repeat_window)  # fmt: skip
+def eval_config(data: DataConfig, ev: EvalConfig) -> EvalRunConfig:
+    """The evaluation settings of the first held-out set (its mode: the data kind's choice)."""
+    return EvalRunConfig(mode=data_kind(data).eval_mode(data, ev), prompt="free_ocr", batch_size=ev.batch_size,
+                         max_new_tokens=ev.max_new_tokens, no_repeat_ngram_size=ev.no_repeat_ngram_size,
+                         no_repeat_window=ev.no_repeat_window)  # fmt: skip
 
 
-def set_eval_config(run: RunConfig, name: str) -> EvalRunConfig:
+def set_eval_config(data: DataConfig, ev: EvalConfig, name: str) -> EvalRunConfig:
     """The evaluation settings of the held-out set `name` (the data kind's choice)."""
-    return data_kind(run).set_eval(run, name, eval_config(run))
+    return data_kind(data).set_eval(data, name, eval_config(data, ev))
 
 
 def run_eval(model, tokenizer, samples, cfg: EvalRunConfig, out_dir: Path, name: str) -> EvalReport:
@@ -173,33 +173,31 @@ class JobData:
         return next(iter(self.val_sets.values()), [])
 
 
-def prepare_job_data(run: RunConfig, out: Path, *, render: bool = True) -> JobData:
+def prepare_job_data(data: DataConfig, ev: EvalConfig, out: Path, *, render: bool = True) -> JobData:
     """Shards, held-out samples and the tokenizer; identical on every rank of a job.
 
     A kind that renders its shards into the run directory (synth_lines, real_lines) does so on
     one rank of a multi-process job (render=True); the others, after a barrier, read them
     (render=False)."""
-    kind = data_kind(run).prepare(run, out / "data", render)
+    kind = data_kind(data).prepare(data, out / "data", render)
     val_shards = kind.val
-    val_sets = {
-        name: read_eval_set(pattern, limit=run.eval.num_samples) for name, pattern in val_shards.items()
-    }
+    val_sets = {name: read_eval_set(pattern, limit=ev.num_samples) for name, pattern in val_shards.items()}
     corpus = [s.reference for samples in val_sets.values() for s in samples]
-    tokenizer = build_tokenizer_for(run, corpus, DEMO_ALPHABET + kind.alphabet)
+    tokenizer = build_tokenizer_for(data.tokenizer, corpus, DEMO_ALPHABET + kind.alphabet)
     return JobData(kind.train, val_sets, tokenizer)
 
 
-def validate_data_paths(run: RunConfig) -> None:
+def validate_data_paths(data: DataConfig) -> None:
     """ValueError naming the field when the data kind's configured paths are wrong (before any
     model is built; the typed schemas check every other field when the config is composed)."""
-    data_kind(run).check_paths(run)
+    data_kind(data).check_paths(data)
 
 
 def run_from_config(run: RunConfig, resolved_yaml: str | None = None) -> JobResult | None:
     """Entry of `dsocr-train`: one process (`run_job`), or this rank of a multi-process job
     (`run_distributed_job`: parallel.pp >= 2 -> pipeline, parallel.pp = 1 -> data parallel)."""
     validate_model_options(run.model)
-    validate_data_paths(run)
+    validate_data_paths(run.data)
     out = Path(run.train.out_dir)
     env = dist_env()
     if env.rank == 0:
@@ -226,18 +224,20 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> bool:
     from pipeline.parallel.data_parallel import prepare_data_parallel, run_data_parallel_training
     from pipeline.parallel.trainer import init_distributed, run_pipeline_training
 
-    if data_kind(run).renders:  # rank 0 renders the shards once, the others read them
+    if data_kind(run.data).renders:  # rank 0 renders the shards once, the others read them
         init_distributed()
         if rank == 0:
-            data = prepare_job_data(run, out)
+            data = prepare_job_data(run.data, run.eval, out)
         torch.distributed.barrier()
         if rank != 0:
-            data = prepare_job_data(run, out, render=False)
+            data = prepare_job_data(run.data, run.eval, out, render=False)
     else:
-        data = prepare_job_data(run, out)
+        data = prepare_job_data(run.data, run.eval, out)
     if rank == 0:
         data.tokenizer.save(out / "tokenizer")
-    config = loader_config(run, data.train_shards)
+    config = loader_config(
+        run.data, run.eval, data.train_shards, batch_size=run.parallel.micro_batch, seed=run.train.seed
+    )
 
     def loader_factory(dp_rank: int, dp_world: int) -> StreamingLoader:
         return StreamingLoader(config, data.tokenizer, dp_rank=dp_rank, dp_world=dp_world)
@@ -247,10 +247,12 @@ def run_distributed_job(run: RunConfig, out: Path, rank: int) -> bool:
         periodic = None
         if run.train.eval_every and data.val_samples:  # held-out CER, run by rank 0 (the others wait)
             periodic = training_eval_hook(
-                data.tokenizer, data.val_samples, eval_config(run), out_dir=out / "eval"
+                data.tokenizer, data.val_samples, eval_config(run.data, run.eval), out_dir=out / "eval"
             )
+        chunk = run.parallel.loss_chunk_tokens
         result = run_data_parallel_training(run, tokenizer=data.tokenizer, loader_factory=loader_factory,
-                                            model_factory=lambda: build_run_model(run, data.tokenizer),
+                                            model_factory=lambda: build_run_model(run.model, data.tokenizer,
+                                                                                  loss_chunk_tokens=chunk),
                                             eval_hook=periodic)  # fmt: skip
         where = f"dp {result.dp_rank}"
     else:
@@ -276,23 +278,26 @@ def run_job(run: RunConfig) -> JobResult:
     torch.use_deterministic_algorithms(run.train.deterministic, warn_only=True)
     device = resolve_device(run.train.device)
 
-    data = prepare_job_data(run, out)
+    data = prepare_job_data(run.data, run.eval, out)
     tokenizer, val_samples = data.tokenizer, data.val_samples
     tokenizer.save(out / "tokenizer")
-    if data_kind(run).derives_from_data:  # row length, eval budget and mode, before any eval
-        apply_to_run(run, tokenizer, loader_config(run, None), [s.reference for s in val_samples], "job")
-    train_data = loader_config(run, data.train_shards)
+    batch, seed = run.parallel.micro_batch, run.train.seed
+    if data_kind(run.data).derives_from_data:  # row length, eval budget and mode, before any eval
+        profiled = loader_config(run.data, run.eval, None, batch_size=batch, seed=seed)
+        apply_to_run(run, tokenizer, profiled, [s.reference for s in val_samples], "job")
+    train_data = loader_config(run.data, run.eval, data.train_shards, batch_size=batch, seed=seed)
     loader = StreamingLoader(train_data, tokenizer, dp_rank=0, dp_world=1)
 
-    model = build_run_model(run, tokenizer).to(device)
+    model = build_run_model(run.model, tokenizer, loss_chunk_tokens=run.parallel.loss_chunk_tokens)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"[job] {run.name}: model {run.model.encoder}+{run.model.decoder}, {n_params:,} parameters "
           f"({n_train:,} trainable), device {device}, out {out}", flush=True)  # fmt: skip
 
-    ecfg = eval_config(run)
+    ecfg = eval_config(run.data, run.eval)
     other_sets = {name: samples for name, samples in list(data.val_sets.items())[1:] if samples}
-    other_cfg = {name: set_eval_config(run, name) for name in other_sets}
+    other_cfg = {name: set_eval_config(run.data, run.eval, name) for name in other_sets}
     # a resumed run (e.g. a time-boxed job continued) keeps the reports of the untrained model
     resuming = run.train.resume and latest_checkpoint(out) is not None
 
@@ -317,7 +322,7 @@ def run_job(run: RunConfig) -> JobResult:
     result = trainer.train()
     export_release(model, tokenizer, out / "model")
     TrainingInfo(ecfg.mode, ecfg.prompt, mode_mix(train_data.sources)).write(out / "model")
-    export_encoder_if_requested(model, run, out, step=trainer.step)
+    export_encoder_if_requested(model, run.model, out, run_name=run.name, step=trainer.step)
 
     after = None
     if val_samples and not result.stopped_by_signal:

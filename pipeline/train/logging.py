@@ -62,10 +62,8 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._wandb = None
-        if cfg.kind == "wandb":
+        if cfg.kind == "wandb":  # logger.kind and logger.mode are checked by the schema (LoggerConfig)
             self._wandb = self._start_wandb(cfg, run_config, run_name, out_dir)
-        elif cfg.kind != "none":
-            raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
 
     @staticmethod
     def _start_wandb(cfg: LoggerConfig, run_config: dict, run_name: str, out_dir: str | Path):
@@ -75,8 +73,6 @@ class RunLogger:
         if mode == "auto":
             has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
             mode = "online" if has_key else "offline"
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logger.mode must be online/offline/disabled/auto, got {cfg.mode!r}")
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,

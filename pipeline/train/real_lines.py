@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig
 from pipeline.data.config import SourceSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,12 +45,12 @@ def split_file_path(spec: str) -> Path:
     return path
 
 
-def scan_configs(run: RunConfig):
+def scan_configs(data: DataConfig):
     """The synthetic train / held-out ScanConfigs of data.scan."""
     from data_tools.synth.scan import ScanConfig
 
-    scan = run.data.scan
-    common = dict(lang=run.data.real.lang if run.data.real.lang in ("fr", "en") else "en",
+    scan = data.scan
+    common = dict(lang=data.real.lang if data.real.lang in ("fr", "en") else "en",
                   min_chars=scan.min_chars, max_chars=scan.max_chars, font_px=tuple(scan.font_px),
                   underline_prefix=scan.underline_prefix, bundled_only=scan.bundled_only,
                   scanner=dict(scan.scanner))  # fmt: skip
@@ -76,14 +76,14 @@ def _render_scans(cfg, out: Path, render: bool, workers: int) -> str:
     return str(out / "scan-*.tar")
 
 
-def _convert_real(run: RunConfig, out: Path, render: bool) -> dict[str, dict]:
+def _convert_real(data: DataConfig, out: Path, render: bool) -> dict[str, dict]:
     """Convert data.real_root (once per settings); {split: manifest}."""
     from data_tools.convert_xml import SplitPlan, XmlConvertConfig, convert_layout_files, find_layout_files
     from data_tools.shards import ShardWriterConfig
 
-    real = run.data.real
+    real = data.real
     split = split_file_path(real.split_file)
-    settings = {"root": str(Path(run.data.real_root).resolve()), "format": real.format, "lang": real.lang,
+    settings = {"root": str(Path(data.real_root).resolve()), "format": real.format, "lang": real.lang,
                 "margin": real.margin, "split": hashlib.sha256(split.read_bytes()).hexdigest()}  # fmt: skip
     stamp = out / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
@@ -92,7 +92,7 @@ def _convert_real(run: RunConfig, out: Path, render: bool) -> dict[str, dict]:
         raise ValueError(f"no converted real lines in {out}: the rendering rank writes them first")
     if out.exists():  # other settings: no split of an earlier conversion may survive
         shutil.rmtree(out)
-    root, files = find_layout_files(Path(run.data.real_root))
+    root, files = find_layout_files(Path(data.real_root))
     plan = SplitPlan.read(split)
     cfg = XmlConvertConfig(source="real", lang=real.lang, margin=real.margin, format=real.format,
                            crop_format="auto")  # fmt: skip
@@ -114,14 +114,14 @@ def _answers_alphabet(patterns: list[str]) -> set[str]:
     return chars - {"\n"}
 
 
-def check_real_config(run: RunConfig) -> None:
+def check_real_config(data: DataConfig) -> None:
     """ValueError naming the setting when data.real cannot work (no root, no split file, format)."""
-    real = run.data.real
-    if not run.data.real_root:
+    real = data.real
+    if not data.real_root:
         raise ValueError("data.kind=real_lines needs data.real_root=<folder of PAGE-XML/ALTO files and images>, "
                          "e.g. a clone of https://github.com/HTR-United/tapuscorpus")  # fmt: skip
-    if not Path(run.data.real_root).is_dir():
-        raise ValueError(f"data.real_root={run.data.real_root!r} is not a folder")
+    if not Path(data.real_root).is_dir():
+        raise ValueError(f"data.real_root={data.real_root!r} is not a folder")
     if real.format not in ("alto", "page"):
         raise ValueError(f"data.real.format must be 'alto' or 'page', got {real.format!r}")
     if not real.split_file:
@@ -131,16 +131,16 @@ def check_real_config(run: RunConfig) -> None:
     split_file_path(real.split_file)
 
 
-def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> RealLinesData:
+def prepare_real_lines(data: DataConfig, data_dir: Path, render: bool = True) -> RealLinesData:
     from data_tools.synth.scan_text import alphabet
 
-    real = run.data.real
-    check_real_config(run)  # before any rendering
-    train_cfg, val_cfg = scan_configs(run)
-    workers = run.data.scan.workers
+    real = data.real
+    check_real_config(data)  # before any rendering
+    train_cfg, val_cfg = scan_configs(data)
+    workers = data.scan.workers
     scan_train = _render_scans(train_cfg, data_dir / "scan" / "train", render, workers)
     scan_val = _render_scans(val_cfg, data_dir / "scan" / "val", render, workers)
-    manifests = _convert_real(run, data_dir / "real", render)
+    manifests = _convert_real(data, data_dir / "real", render)
     if manifests.get(real.heldout_split, {}).get("total_samples", 0) == 0:
         raise ValueError(
             f"no held-out real lines: split {real.heldout_split!r} of data.real.split_file is empty"
@@ -151,23 +151,23 @@ def prepare_real_lines(run: RunConfig, data_dir: Path, render: bool = True) -> R
     folders = splits[0] if len(splits) == 1 else "{" + ",".join(splits) + "}"  # a brace pattern
     real_train = str(data_dir / "real" / folders / "real-*.tar")
     heldout = str(data_dir / "real" / real.heldout_split / "real-*.tar")
-    chars = set(alphabet(train_cfg.lang)) | set(run.data.scan.underline_prefix)
+    chars = set(alphabet(train_cfg.lang)) | set(data.scan.underline_prefix)
     chars |= _answers_alphabet([real_train, heldout])
     train = {"scan": scan_train, "real": real_train}
     return RealLinesData(train, {"real": heldout, "scan": scan_val}, "".join(sorted(chars)))
 
 
-def real_sources(run: RunConfig, train: dict[str, str]) -> list[SourceSpec]:
-    """The synthetic lines from the start, the real ones after data.real.start_after samples."""
-    mode = run.eval.mode
+def real_sources(data: DataConfig, train: dict[str, str], mode: str) -> list[SourceSpec]:
+    """The synthetic lines from the start, the real ones after data.real.start_after samples;
+    both in image mode `mode` (eval.mode)."""
     return [
-        SourceSpec("scan-lines", train["scan"], weight=run.data.scan.weight, prompt="free_ocr", modes=mode),
+        SourceSpec("scan-lines", train["scan"], weight=data.scan.weight, prompt="free_ocr", modes=mode),
         SourceSpec(
             "real-lines",
             train["real"],
-            weight=run.data.real.weight,
+            weight=data.real.weight,
             prompt="free_ocr",
             modes=mode,
-            start_after=run.data.real.start_after,
+            start_after=data.real.start_after,
         ),  # fmt: skip
     ]

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig
 from pipeline.data.config import SourceSpec
 
 
@@ -29,11 +29,11 @@ class SynthSet:
         return self.train.lines * (self.train.max_chars + 1) + 8
 
 
-def synth_sets(run: RunConfig) -> list[SynthSet]:
+def synth_sets(data: DataConfig) -> list[SynthSet]:
     """The sets `data.synth` asks for: Latin lines always; paragraphs and Persian lines when counted."""
     from data_tools.synth.reading import ReadingLinesConfig
 
-    syn = run.data.synth
+    syn = data.synth
     lines = dict(width=syn.image_size, min_chars=syn.min_chars, max_chars=syn.max_chars)
     wanted = [("lines", syn.num_train, {**lines}, syn.mode)]
     if syn.paragraphs:
@@ -77,17 +77,17 @@ def _render_set(synth: SynthSet, data_dir: Path, workers: int, render: bool = Tr
             _render(synth.val, data_dir / "val", "val", workers, render))  # fmt: skip
 
 
-def prepare_synth_sets(run: RunConfig, data_dir: Path, render: bool = True) -> dict[str, tuple[str, str]]:
+def prepare_synth_sets(data: DataConfig, data_dir: Path, render: bool = True) -> dict[str, tuple[str, str]]:
     """Render every synth set's train/val shards; {set name: (train pattern, val pattern)}."""
-    workers = run.data.synth.workers
+    workers = data.synth.workers
     return {synth.name: _render_set(synth, data_dir if synth.name == "lines" else data_dir / synth.name,
                                     workers, render)
-            for synth in synth_sets(run)}  # fmt: skip
+            for synth in synth_sets(data)}  # fmt: skip
 
 
-def prepare_synth_lines(run: RunConfig, data_dir: Path) -> tuple[str, str]:
+def prepare_synth_lines(data: DataConfig, data_dir: Path) -> tuple[str, str]:
     """The Latin reading lines' train/val shards (the embedded default's data)."""
-    return _render_set(synth_sets(run)[0], data_dir, run.data.synth.workers)
+    return _render_set(synth_sets(data)[0], data_dir, data.synth.workers)
 
 
 def lang_alphabet(lang: str) -> str:
@@ -101,10 +101,10 @@ def lang_alphabet(lang: str) -> str:
     return "".join(sorted(chars - {"\n"}))
 
 
-def synth_sources(run: RunConfig, train: dict[str, str]) -> list[SourceSpec]:
+def synth_sources(data: DataConfig, train: dict[str, str]) -> list[SourceSpec]:
     """The sets mixed in proportion to their sizes; the lines alone for the first
     `data.synth.lines_first` samples."""
-    sets = {s.name: s for s in synth_sets(run)}
+    sets = {s.name: s for s in synth_sets(data)}
     return [SourceSpec(f"reading-{name}", pattern, weight=float(sets[name].train.n), prompt="free_ocr",
-                       modes=sets[name].mode, start_after=0 if name == "lines" else run.data.synth.lines_first)
+                       modes=sets[name].mode, start_after=0 if name == "lines" else data.synth.lines_first)
             for name, pattern in train.items()]  # fmt: skip

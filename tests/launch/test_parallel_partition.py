@@ -164,23 +164,29 @@ def _full_run(method: str, checkpointing: bool = True, **parallel):
     return run
 
 
+def partition_of(run):
+    """The stage split the engine uses for `run` (pipeline.parallel.engine.run_partition)."""
+    from pipeline.parallel.engine import run_partition
+
+    return run_partition(run.model, run.data, run.parallel)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(("checkpointing", "parts"), [(True, [0, 4, 8, 12, 15]), (False, [0, 3, 8, 13, 15])])
 def test_balanced_partition_of_the_full_model(checkpointing, parts):
     """PP=4 'balanced': SAM + CLIP + the first decoder layers on PP0, the head with 1-2 layers;
     the largest stage cost (training FLOPs per micro-batch) drops by ~45% against the paper's."""
     from pipeline.model import model_configs
-    from pipeline.parallel.engine import run_partition
     from pipeline.parallel.memory import BALANCE_VISION_FRACTION, stage_train_flops, workload_of
 
     run = _full_run("balanced", checkpointing)
-    split = run_partition(run)
+    split = partition_of(run)
     assert split.method == "balanced" and split.parts == parts
     assert split.stages[0].names[:2] == ["sam+compressor", "clip+projector+embed+merge"]
     enc, dec = model_configs(run.model)
-    work = workload_of(run, BALANCE_VISION_FRACTION)
+    work = workload_of(run.model, run.data, run.parallel, BALANCE_VISION_FRACTION)
     balanced = stage_train_flops(split, enc, dec, work)
-    paper = stage_train_flops(run_partition(_full_run("paper", checkpointing)), enc, dec, work)
+    paper = stage_train_flops(partition_of(_full_run("paper", checkpointing)), enc, dec, work)
     assert max(balanced) < 0.6 * max(paper)
     assert max(balanced) / (sum(balanced) / 4) < 1.15  # within 15% of a perfect split
     assert sum(balanced) == pytest.approx(sum(paper))  # same work, moved
@@ -196,13 +202,12 @@ def test_balanced_partition_of_the_full_model(checkpointing, parts):
 
 @pytest.mark.unit
 def test_balanced_needs_costs_and_checkpoint_stages_are_checked(full_units):
-    from pipeline.parallel.engine import run_partition
 
     with pytest.raises(ValueError, match="needs one cost per unit"):
         partition(full_units, 4, method="balanced")
     with pytest.raises(ValueError, match="partition method must be one of"):
-        run_partition(_full_run("even"))
+        partition_of(_full_run("even"))
     with pytest.raises(ValueError, match=r"checkpoint_stages=\[1, 4\]: stages \[4\] outside"):
-        run_partition(_full_run("paper", checkpoint_stages=[1, 4]))
+        partition_of(_full_run("paper", checkpoint_stages=[1, 4]))
     # explicit boundaries win over the method
-    assert run_partition(_full_run("balanced", partition=[0, 1, 2, 8, 15])).method == "explicit"
+    assert partition_of(_full_run("balanced", partition=[0, 1, 2, 8, 15])).method == "explicit"

@@ -57,11 +57,14 @@ def main(spec_path: str) -> None:
         return StreamingLoader(config, tokenizer, dp_rank=dp_rank, dp_world=dp_world)
 
     if spec["mode"] == "pipeline_init":
+        from pipeline.parallel.checkpoints import run_config_dict
         from pipeline.parallel.trainer import PipelineEngine, init_distributed, prepare
 
         topology, split, configs, model_dict, _ = prepare(run, tokenizer, int(spec["world_size"]))
         device = init_distributed()
-        engine = PipelineEngine(run, topology, split, configs, tokenizer, device, model_dict=model_dict)
+        engine = PipelineEngine(topology, split, configs, tokenizer, device, model_cfg=run.model, data=run.data,
+                                parallel=run.parallel, optim=run.optim, train=run.train,
+                                record=run_config_dict(run), model_dict=model_dict)  # fmt: skip
         torch.save(
             engine.module.model_state_dict(), f"{spec['result']}.rank{torch.distributed.get_rank()}.pt"
         )
@@ -78,7 +81,9 @@ def main(spec_path: str) -> None:
                 run,
                 tokenizer=tokenizer,
                 loader_factory=loader_factory,
-                model_factory=lambda: build_run_model(run, tokenizer),
+                model_factory=lambda: build_run_model(
+                    run.model, tokenizer, loss_chunk_tokens=run.parallel.loss_chunk_tokens
+                ),
             )  # fmt: skip
         )
     write_rank_result(spec, out)

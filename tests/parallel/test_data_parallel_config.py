@@ -59,7 +59,9 @@ def test_bad_data_parallel_layout_is_refused(tmp_path, tok, parallel, world, mes
 @pytest.mark.parametrize(("zero", "dtype"), [(0, "fp32"), (1, "bf16"), (2, "bf16")])
 def test_data_parallel_deepspeed_config(tmp_path, zero, dtype):
     run = dp_run(tmp_path, zero_stage=zero, dtype=dtype, global_batch=1280, micro_batch=2)
-    cfg = data_parallel_ds_config(run, Topology(world_size=160, pp=1, micro_batch=2, global_batch=1280))
+    cfg = data_parallel_ds_config(
+        run.parallel, run.optim, run.train, Topology(world_size=160, pp=1, micro_batch=2, global_batch=1280)
+    )
     batch = (
         cfg["train_batch_size"],
         cfg["train_micro_batch_size_per_gpu"],

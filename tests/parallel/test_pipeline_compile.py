@@ -104,7 +104,7 @@ def test_bad_compile_options_are_refused(field, value, message):
     run = RunConfig()
     setattr(run.parallel, field, value)
     with pytest.raises(ValueError, match=message):
-        validate_training_config(run)
+        validate_training_config(run.parallel, run.optim, run.train)
 
 
 @pytest.mark.unit

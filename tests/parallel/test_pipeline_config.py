@@ -101,7 +101,12 @@ def test_resume_from_another_layout_is_refused(tmp_path, tok):
 
 def test_deepspeed_config_batch_and_precision(tmp_path):
     run = run_config(tmp_path, pp=4, dp=40, global_batch=640, dtype="bf16", zero_stage=1)
-    cfg = deepspeed_config(run, Topology(world_size=160, pp=4, micro_batch=1, global_batch=640, dp=40))
+    cfg = deepspeed_config(
+        run.parallel,
+        run.optim,
+        run.train,
+        Topology(world_size=160, pp=4, micro_batch=1, global_batch=640, dp=40),
+    )
     assert (
         cfg["train_batch_size"],
         cfg["train_micro_batch_size_per_gpu"],
@@ -131,7 +136,7 @@ def test_shapes_vary_only_where_sam_features_or_unpacked_rows_cross(pp, method, 
 
     run = RunConfig(parallel=ParallelConfig(pp=pp, partition_method=method))
     run.model.encoder, run.model.decoder, run.data.pack = "full", "full", pack
-    assert engine_dynamic_shape(run_partition(run), run.data.pack) is varying
+    assert engine_dynamic_shape(run_partition(run.model, run.data, run.parallel), run.data.pack) is varying
 
 
 def test_model_inputs_have_fixed_slots(tok):

@@ -120,7 +120,7 @@ def test_pp4_one_step_matches_single_process_and_consolidates(setup, layout):
     from pipeline.parallel.engine import run_partition
 
     run = RunConfig(parallel=ParallelConfig(pp=4, **LAYOUTS[layout]))
-    assert run_partition(run).parts == LAYOUT_PARTS[layout]
+    assert run_partition(run.model, run.data, run.parallel).parts == LAYOUT_PARTS[layout]
     work, tok, shards = setup
     name = f"pp4-{layout}"
     results, run_dir = pipeline_step(

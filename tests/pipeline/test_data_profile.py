@@ -91,14 +91,16 @@ def test_derived_settings_name_their_overrides():
 def test_fine_tune_data_follows_the_mode_the_base_was_trained_in(tmp_path):
     from pipeline.cli.dryrun import compose_config
     from pipeline.config import to_run_config
-    from pipeline.finetune.job import FinetuneData, with_target_mode
+    from pipeline.finetune.data import FinetuneData, with_target_mode
     from pipeline.training_info import TrainingInfo
 
     run = to_run_config(compose_config(["experiment=finetune_lora"]))
     data = FinetuneData([SourceSpec("t", "x.tar", modes={"gundam": 1.0})], None, "val", "")
-    assert with_target_mode(run, data, tmp_path) is data and run.eval.mode == "gundam"  # the release: as set
+    assert (
+        with_target_mode(run.finetune, run.eval, data, tmp_path) is data and run.eval.mode == "gundam"
+    )  # the release: as set
     TrainingInfo("debug-256", "free_ocr", {"debug-256": 1.0}).write(tmp_path)
-    moved = with_target_mode(run, data, tmp_path)
+    moved = with_target_mode(run.finetune, run.eval, data, tmp_path)
     assert moved.target_train[0].modes == {"debug-256": 1.0} and run.eval.mode == "debug-256"
     run.finetune.mode = "base"  # an explicit choice wins
-    assert with_target_mode(run, data, tmp_path).target_train[0].modes == {"base": 1.0}
+    assert with_target_mode(run.finetune, run.eval, data, tmp_path).target_train[0].modes == {"base": 1.0}

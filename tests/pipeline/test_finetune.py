@@ -219,7 +219,7 @@ def test_replay_share_of_the_mixture(tokenizer, tmp_path):
         "",
         "",
     )
-    cfg = loader_config(run, data)
+    cfg = loader_config(run.data, data, batch_size=run.parallel.micro_batch, seed=run.train.seed)
     assert cfg.mixture == pytest.approx({"target": 0.75, "replay": 0.25})
     keys = []
     for batch, _ in zip(StreamingLoader(cfg, tokenizer, dp_rank=0, dp_world=1), range(10)):

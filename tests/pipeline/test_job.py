@@ -109,7 +109,7 @@ def test_reading_ranks_refuse_missing_synth_shards(tmp_path):
 
     run = compose_run(tmp_path / "run", "data.synth.num_train=8", "data.synth.num_val=2")
     with pytest.raises(ValueError, match="no complete shards of reading-lines-train"):
-        prepare_job_data(run, tmp_path / "run", render=False)
+        prepare_job_data(run.data, run.eval, tmp_path / "run", render=False)
 
 
 @pytest.mark.config
@@ -119,7 +119,7 @@ def test_lines_first_holds_back_the_other_sets(tmp_path):
     run = compose_run(tmp_path / "run", "data.synth.paragraphs=60", "data.synth.persian=30",
                       "data.synth.lines_first=5000")  # fmt: skip
     shards = {name: f"/data/{name}-*.tar" for name in ("lines", "paragraphs", "persian")}
-    cfg = loader_config(run, shards)
+    cfg = loader_config(run.data, run.eval, shards, batch_size=run.parallel.micro_batch, seed=run.train.seed)
     assert {s.name: s.start_after for s in cfg.sources} == {
         "reading-lines": 0,
         "reading-paragraphs": 5000,
@@ -135,17 +135,20 @@ def test_paragraphs_can_have_their_own_page_size_and_mode(tmp_path):
 
     run = compose_run(tmp_path / "run", "data.synth.paragraphs=60", "data.synth.persian=30",
                       "data.synth.paragraph_size=1024", "data.synth.paragraph_mode=base")  # fmt: skip
-    sets = {s.name: s for s in synth_sets(run)}
+    sets = {s.name: s for s in synth_sets(run.data)}
     assert {name: (s.train.width, s.val.width, s.mode) for name, s in sets.items()} == {
         "lines": (256, 256, "debug-256"), "paragraphs": (1024, 1024, "base"), "persian": (256, 256, "debug-256")
     }  # fmt: skip
     shards = {name: f"/data/{name}-*.tar" for name in sets}
-    assert [s.modes for s in loader_config(run, shards).sources] == ["debug-256", "base", "debug-256"]
-    assert set_eval_config(run, "paragraphs").mode == "base"
-    assert set_eval_config(run, "persian").mode == "debug-256"
+    sources = loader_config(
+        run.data, run.eval, shards, batch_size=run.parallel.micro_batch, seed=run.train.seed
+    ).sources
+    assert [s.modes for s in sources] == ["debug-256", "base", "debug-256"]
+    assert set_eval_config(run.data, run.eval, "paragraphs").mode == "base"
+    assert set_eval_config(run.data, run.eval, "persian").mode == "debug-256"
     bad = compose_run(tmp_path / "bad", "data.synth.paragraphs=60", "data.synth.paragraph_mode=huge")
     with pytest.raises(ValueError, match="unknown mode 'huge'"):
-        loader_config(bad, {"lines": "/l.tar", "paragraphs": "/p.tar"})
+        loader_config(bad.data, bad.eval, {"lines": "/l.tar", "paragraphs": "/p.tar"}, batch_size=1, seed=0)
 
 
 @pytest.mark.slow
@@ -180,14 +183,14 @@ def test_each_data_kind_checks_its_paths_before_any_build(tmp_path):
     from pipeline.train.job import validate_data_paths
 
     run = RunConfig()
-    assert data_kind(run) is KINDS["synth_lines"]  # the embedded default is one kind among three
-    validate_data_paths(run)
+    assert data_kind(run.data) is KINDS["synth_lines"]  # the embedded default is one kind among three
+    validate_data_paths(run.data)
     with pytest.raises(ValueError, match="data.real_root"):
-        validate_data_paths(replace(run, data=replace(run.data, kind="real_lines")))
+        validate_data_paths(replace(run.data, kind="real_lines"))
     source = SourceConfig(name="mine", shards=str(tmp_path / "none-*.tar"))
     missing = replace(run.data, kind="webdataset", sources=[source])
     with pytest.raises(ValueError, match=r"data.sources\[0\].shards="):
-        validate_data_paths(replace(run, data=missing))
+        validate_data_paths(missing)
     run.data.kind = "csv"  # past the schema (a config edited after composition)
     with pytest.raises(ValueError, match="data.kind must be one of synth_lines, real_lines, webdataset"):
-        data_kind(run)
+        data_kind(run.data)

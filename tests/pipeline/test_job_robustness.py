@@ -97,7 +97,9 @@ def test_init_from_of_another_size_is_refused_before_the_build(tmp_path, monkeyp
 
     tok = build_char_tokenizer(job.DEMO_ALPHABET)
     tok.save(tmp_path / "tok")
-    save_checkpoint(job.build_run_model(compose_run(tmp_path / "ok"), tok), tok, tmp_path / "ckpt")
+    ok = compose_run(tmp_path / "ok")
+    model = job.build_run_model(ok.model, tok, loss_chunk_tokens=ok.parallel.loss_chunk_tokens)
+    save_checkpoint(model, tok, tmp_path / "ckpt")
     init = f"model.init_from={tmp_path / 'ckpt'}"
     check_init_from(compose_run(tmp_path / "ok", init).model, tok)  # the configured size: accepted
     run = compose_run(tmp_path / "run", *TINY, f"data.tokenizer={tmp_path / 'tok'}", init,
@@ -137,3 +139,14 @@ def test_compose_time_errors_come_from_the_schema():
 
     with pytest.raises(ValueError, match="train.max_steps=-5"):
         TrainConfig(max_steps=-5)
+
+
+def test_logger_settings_are_checked_by_the_schema(tmp_path):
+    """A misspelt logger kind or mode fails when the config is composed, not after the model is built."""
+    from pipeline.config import LoggerConfig
+
+    with pytest.raises(ValueError, match="logger.kind='wandbb'"):
+        compose_run(tmp_path / "run", "logger.kind=wandbb")
+    with pytest.raises(ValueError, match="logger.mode='ofline'"):
+        LoggerConfig(kind="wandb", mode="ofline")
+    assert LoggerConfig(kind="wandb", mode="offline").mode == "offline"

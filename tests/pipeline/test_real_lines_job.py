@@ -74,18 +74,20 @@ def test_real_lines_are_split_by_document_mixed_after_the_synthetic_ones_and_eva
 def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
     run = compose_run(tmp_path)
     out = tmp_path / "run"
-    data = prepare_job_data(run, out)
-    sources = loader_config(run, data.train_shards).sources
+    data = prepare_job_data(run.data, run.eval, out)
+    sources = loader_config(
+        run.data, run.eval, data.train_shards, batch_size=run.parallel.micro_batch, seed=run.train.seed
+    ).sources
     assert [(s.name, s.start_after) for s in sources] == [("scan-lines", 0), ("real-lines", 16)]
     assert all(s.modes == "debug-lines" for s in sources)  # the eval mode: trained as evaluated
     unk = data.tokenizer.tokenizer.token_to_id("<unk>")
     assert unk not in data.tokenizer.encode("docB été _ Réf. n° l’")  # real and synthetic characters have ids
     shard = next((out / "data" / "real" / "train").glob("real-*.tar"))
     stamp = shard.stat().st_mtime_ns
-    prepare_real_lines(run, out / "data")  # same settings: converted shards are reused
+    prepare_real_lines(run.data, out / "data")  # same settings: converted shards are reused
     assert shard.stat().st_mtime_ns == stamp
     (tmp_path / "split.txt").write_text("heldout data/docB\nval data/docA/1.xml\n")  # another split file
-    real = prepare_real_lines(run, out / "data")
+    real = prepare_real_lines(run.data, out / "data")
     assert sorted(p.name for p in (out / "data" / "real").iterdir() if p.is_dir()) == [
         "heldout",
         "train",
@@ -97,7 +99,7 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
     assert len(expand_shards(real.train["real"])) == 2  # both training splits are trained on
     (tmp_path / "split.txt").write_text("heldout data/docZ\n")
     with pytest.raises(ValueError, match="matches no XML"):
-        prepare_real_lines(run, out / "data")
+        prepare_real_lines(run.data, out / "data")
 
 
 @pytest.mark.parametrize(
@@ -109,5 +111,5 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
 def test_bad_real_settings_fail_before_any_rendering(tmp_path, override, message):
     run = compose_run(tmp_path, override)
     with pytest.raises(ValueError, match=message):
-        prepare_real_lines(run, tmp_path / "run" / "data")
+        prepare_real_lines(run.data, tmp_path / "run" / "data")
     assert not (tmp_path / "run" / "data" / "scan").exists()

@@ -74,7 +74,7 @@ def test_stage1_loss_falls_every_part_trains_and_the_encoder_hands_over(tmp_path
     assert first - last > LOSS_DROP, f"loss {first:.3f} -> {last:.3f}"
     assert moved_parts(model, before) == set(MODEL_PARTS)  # SAM, compressor, CLIP, projector, LM
 
-    out = export_encoder_if_requested(model, run, tmp_path, step=result.steps)
+    out = export_encoder_if_requested(model, run.model, tmp_path, run_name=run.name, step=result.steps)
     assert out == tmp_path / "encoder_export"
     stage2 = build_model("debug", "debug", 64, image_token_id=5, hidden_size=128)  # wider MoE LM
     apply_model_options(stage2, ModelConfig(encoder="debug", decoder="debug", encoder_init=str(out)))
