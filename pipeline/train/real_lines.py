@@ -4,12 +4,14 @@ Two shard sets are made in the run directory (and reused when their settings are
 
 - `data/scan/{train,val}`: typed lines of up to `data.scan.max_chars` characters rendered and
   degraded like scans by data_tools.synth.scan (the pretraining data, and a synthetic held-out);
+- `data/scan/warmup` (when `data.scan.warmup_lines` > 0): short clean lines, trained alone first;
 - `data/real/<split>`: the PAGE-XML / ALTO files under `data.real_root` converted to line crops by
   data_tools.convert_xml, one shard set per split of `data.real.split_file`; the split named
   `data.real.heldout_split` is evaluated, every other one is trained on.
 
-The mixture is the synthetic lines from the start and the real training lines from sample
-`data.real.start_after` on (the loader's curriculum), in the ratio of the two weights.
+The mixture (the loader's curriculum): the warm-up lines alone for `data.scan.warmup_lines`
+samples, then the long synthetic lines, then the real training lines from sample
+`data.real.start_after` on, in the ratio of their weights.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class RealLinesData:
-    train: dict[str, str]  # source name -> shard pattern
+    train: dict[str, str]  # source name -> shard pattern ("warmup" only with data.scan.warmup_lines)
     val: dict[str, str]  # eval set name -> shard pattern; "real" first
     alphabet: str  # every character of the synthetic text and of the real transcriptions
 
@@ -46,8 +48,11 @@ def split_file_path(spec: str) -> Path:
 
 
 def scan_configs(data: DataConfig):
-    """The synthetic train / held-out ScanConfigs of data.scan."""
+    """The synthetic train / held-out / warm-up ScanConfigs of data.scan (warm-up None without one)."""
+    from dataclasses import asdict
+
     from data_tools.synth.scan import ScanConfig
+    from data_tools.synth.scanner import ScannerConfig
 
     scan = data.scan
     common = dict(lang=data.real.lang if data.real.lang in ("fr", "en") else "en",
@@ -58,7 +63,12 @@ def scan_configs(data: DataConfig):
         common["families"] = dict(scan.families)
     train = ScanConfig(n=scan.num_train, seed=scan.seed, source="scan-lines-train", **common)
     val = ScanConfig(n=scan.num_val, seed=scan.seed + 7919, source="scan-lines-val", **common)
-    return train, val
+    warmup = None
+    if scan.warmup_lines:
+        clean = {**common, "max_chars": scan.warmup_max_chars, "scanner": asdict(ScannerConfig.off())}
+        warmup = ScanConfig(n=scan.warmup_lines, seed=scan.seed + 104729, source="scan-lines-warmup",
+                            p_neighbours=0.0, **clean)  # fmt: skip
+    return train, val, warmup
 
 
 def _render_scans(cfg, out: Path, render: bool, workers: int) -> str:
@@ -136,10 +146,11 @@ def prepare_real_lines(data: DataConfig, data_dir: Path, render: bool = True) ->
 
     real = data.real
     check_real_config(data)  # before any rendering
-    train_cfg, val_cfg = scan_configs(data)
+    train_cfg, val_cfg, warmup_cfg = scan_configs(data)
     workers = data.scan.workers
     scan_train = _render_scans(train_cfg, data_dir / "scan" / "train", render, workers)
     scan_val = _render_scans(val_cfg, data_dir / "scan" / "val", render, workers)
+    warmup = {"warmup": _render_scans(warmup_cfg, data_dir / "scan" / "warmup", render, workers)} if warmup_cfg else {}
     manifests = _convert_real(data, data_dir / "real", render)
     if manifests.get(real.heldout_split, {}).get("total_samples", 0) == 0:
         raise ValueError(
@@ -153,15 +164,20 @@ def prepare_real_lines(data: DataConfig, data_dir: Path, render: bool = True) ->
     heldout = str(data_dir / "real" / real.heldout_split / "real-*.tar")
     chars = set(alphabet(train_cfg.lang)) | set(data.scan.underline_prefix)
     chars |= _answers_alphabet([real_train, heldout])
-    train = {"scan": scan_train, "real": real_train}
+    train = {**warmup, "scan": scan_train, "real": real_train}
     return RealLinesData(train, {"real": heldout, "scan": scan_val}, "".join(sorted(chars)))
 
 
 def real_sources(data: DataConfig, train: dict[str, str], mode: str) -> list[SourceSpec]:
-    """The synthetic lines from the start, the real ones after data.real.start_after samples;
-    both in image mode `mode` (eval.mode)."""
-    return [
-        SourceSpec("scan-lines", train["scan"], weight=data.scan.weight, prompt="free_ocr", modes=mode),
+    """The warm-up lines from the start, the long synthetic lines after data.scan.warmup_lines
+    samples, the real ones after data.real.start_after; all in image mode `mode` (eval.mode)."""
+    scan = data.scan
+    warmup = []
+    if scan.warmup_lines:
+        warmup = [SourceSpec("scan-warmup", train["warmup"], weight=scan.warmup_weight, prompt="free_ocr", modes=mode)]
+    return warmup + [
+        SourceSpec("scan-lines", train["scan"], weight=scan.weight, prompt="free_ocr", modes=mode,
+                   start_after=scan.warmup_lines),  # fmt: skip
         SourceSpec(
             "real-lines",
             train["real"],

@@ -102,6 +102,33 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
         prepare_real_lines(run.data, out / "data")
 
 
+def test_warmup_lines_are_short_clean_and_trained_alone_first(tmp_path):
+    run = compose_run(tmp_path, "data.scan.warmup_lines=8", "data.scan.warmup_max_chars=5",
+                      "data.scan.warmup_weight=0.25")  # fmt: skip
+    out = tmp_path / "run"
+    data = prepare_job_data(run.data, run.eval, out)
+    sources = loader_config(
+        run.data, run.eval, data.train_shards, batch_size=run.parallel.micro_batch, seed=run.train.seed
+    ).sources
+    assert [(s.name, s.start_after, s.weight) for s in sources] == [
+        ("scan-warmup", 0, 0.25), ("scan-lines", 8, 1.0), ("real-lines", 16, 1.0)]  # fmt: skip
+    warmup = list(iter_samples(expand_shard_paths([str(out / "data" / "scan" / "warmup")])))
+    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 5 for s in warmup)
+    scan = json.loads((out / "data" / "scan" / "warmup" / "manifest.json").read_text())["scan"]
+    assert scan["p_neighbours"] == 0.0
+    assert all(v == 0.0 for k, v in scan["scanner"].items() if k.startswith("p_"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("data.scan.warmup_max_chars=0", "data.scan.warmup_max_chars"),
+     ("data.scan.warmup_lines=-1", "data.scan.warmup_lines")],
+)  # fmt: skip
+def test_bad_warmup_settings_are_refused_at_config_time(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        compose_run(tmp_path, override)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [("data.real_root=", "needs data.real_root"), ("data.real_root=/nonexistent/corpus", "is not a folder"),
