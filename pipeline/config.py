@@ -109,17 +109,19 @@ class ScanSynthConfig:
     seed: int = 4321
     workers: int = 0  # rendering processes
     weight: float = 1.0  # mixture weight (the real lines: data.real.weight)
-    # Curriculum: this many short, clean lines (no scanner degradation, no neighbour lines) alone
-    # first, then the long scans join and the short ones stay at warmup_weight. A model from
-    # scratch fed long lines at once learns the word lists' language model and never reads.
+    # Curriculum: this many short typed lines in a fixed-pitch font on clean paper (a 640 px strip,
+    # pitch 640 / warmup_max_chars) alone first, then the long scans join and the short ones stay
+    # at warmup_weight. A model from scratch fed long or proportional lines at once learns the
+    # word lists' language model and never reads.
     warmup_lines: int = 0
-    warmup_max_chars: int = 16
+    warmup_max_chars: int = 20
     warmup_weight: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.warmup_lines >= 0, "data.scan.warmup_lines", self.warmup_lines, "use 0 (none) or more")
-        _require(self.warmup_max_chars >= self.min_chars, "data.scan.warmup_max_chars", self.warmup_max_chars,
-                 f"use >= data.scan.min_chars ({self.min_chars})")  # fmt: skip
+        _require(max(14, self.min_chars) <= self.warmup_max_chars <= 80, "data.scan.warmup_max_chars",
+                 self.warmup_max_chars, f"use {max(14, self.min_chars)}..80 (the 640 x 80 strip's font fits; "
+                 ">= data.scan.min_chars)")  # fmt: skip
         _require(self.warmup_weight > 0, "data.scan.warmup_weight", self.warmup_weight, "use > 0")
 
 

@@ -2,8 +2,10 @@
 
 Short strings (words, numbers, random letters) rendered left-aligned in a monospace font
 (DejaVu Sans Mono, shipped inside matplotlib, so every machine renders the same pixels) on
-a strip of `width x width/4` pixels, with jittered colours and a small offset. With a fixed
-character pitch of `width / max_chars` every character lands at a predictable column, so a
+a strip of `width x width/aspect` pixels (aspect 4 by default), with jittered colours and a
+small offset; `text="typed"` writes the French (or English) typed text of the synthetic scans
+instead. With a fixed character pitch of `width / max_chars` every character lands at a
+predictable column, so a
 debug-sized DeepEncoder + decoder trained from scratch learns to ground text positions on
 image tokens within minutes on a CPU (../shared/spec/training.md, "Small-scale learning
 dynamics": proportional fonts with centred text stay on the character-frequency plateau).
@@ -27,6 +29,7 @@ from PIL import Image, ImageDraw
 from data_tools.shards import Sample, ShardWriter, ShardWriterConfig, ordered_map
 from data_tools.synth.fonts import RTL_SCRIPTS, load_font, script_of_lang
 from data_tools.synth.render import render_line
+from data_tools.synth.scan_text import typed_line
 from data_tools.synth.text import TextSource
 
 MONO_FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono.ttf")
@@ -44,9 +47,17 @@ class ReadingLinesConfig:
     source: str = "reading-lines"
     lang: str = "en"
     lines: int = 1  # > 1: paragraphs of up to this many lines on a square page
+    aspect: int = 4  # a line's strip is width x width / aspect pixels
+    text: str = "short"  # "short": TextSource.short (words, numbers, letters); "typed": French/English typed text
 
     def __post_init__(self) -> None:
         script_of_lang(self.lang)  # ValueError naming the known languages
+        if self.text not in ("short", "typed"):
+            raise ValueError(f"text must be 'short' or 'typed', got {self.text!r}")
+        if self.text == "typed" and (self.lang not in ("fr", "en") or self.lines > 1):
+            raise ValueError(f"text='typed' writes single lines in 'fr' or 'en', got lang={self.lang!r}, lines={self.lines}")
+        if self.aspect < 1 or self.width // self.aspect < self.font_size:
+            raise ValueError(f"aspect={self.aspect}: a {self.width} px strip that high cannot hold its {self.font_size} px font")
         if self.lines < 1:
             raise ValueError(f"lines must be >= 1, got {self.lines}")
         if self.n < 0:
@@ -66,15 +77,19 @@ class ReadingLinesConfig:
 def reading_line(index: int, cfg: ReadingLinesConfig) -> tuple[Image.Image, str]:
     """Sample `index` (depends only on cfg.seed and index): a line, or a paragraph when cfg.lines > 1."""
     rng = random.Random(cfg.seed * 1_000_003 + index)
-    source = TextSource(cfg.lang, rng)
-    if cfg.lines > 1:
-        return _paragraph(source, rng, cfg)
-    text = source.short(cfg.min_chars, cfg.max_chars)[: cfg.max_chars].strip() or source.chars(cfg.min_chars)
+    if cfg.text == "typed":
+        text, script = typed_line(rng, cfg.min_chars, cfg.max_chars, cfg.lang), "latin"
+    else:
+        source = TextSource(cfg.lang, rng)
+        if cfg.lines > 1:
+            return _paragraph(source, rng, cfg)
+        text = source.short(cfg.min_chars, cfg.max_chars)[: cfg.max_chars].strip() or source.chars(cfg.min_chars)
+        script = source.script
     bg = tuple(rng.randint(205, 255) for _ in range(3))
     fg = tuple(rng.randint(0, 70) for _ in range(3))
-    rtl = source.script in RTL_SCRIPTS
+    rtl = script in RTL_SCRIPTS
     offset = (-rng.randint(0, 3) if rtl else rng.randint(0, 3), rng.randint(-2, 2))
-    image = render_line(text, MONO_FONT, cfg.width // 4, width=cfg.width, font_size=cfg.font_size, script=source.script,
+    image = render_line(text, MONO_FONT, cfg.width // cfg.aspect, width=cfg.width, font_size=cfg.font_size, script=script,
                         fg=fg, bg=bg, pad=2, align="right" if rtl else "left", offset=offset)  # fmt: skip
     return image, text
 

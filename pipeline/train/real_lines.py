@@ -4,7 +4,8 @@ Two shard sets are made in the run directory (and reused when their settings are
 
 - `data/scan/{train,val}`: typed lines of up to `data.scan.max_chars` characters rendered and
   degraded like scans by data_tools.synth.scan (the pretraining data, and a synthetic held-out);
-- `data/scan/warmup` (when `data.scan.warmup_lines` > 0): short clean lines, trained alone first;
+- `data/scan/warmup` (when `data.scan.warmup_lines` > 0): short typed lines in a fixed-pitch
+  font on clean paper (data_tools.synth.reading), trained alone first;
 - `data/real/<split>`: the PAGE-XML / ALTO files under `data.real_root` converted to line crops by
   data_tools.convert_xml, one shard set per split of `data.real.split_file`; the split named
   `data.real.heldout_split` is evaluated, every other one is trained on.
@@ -48,15 +49,14 @@ def split_file_path(spec: str) -> Path:
 
 
 def scan_configs(data: DataConfig):
-    """The synthetic train / held-out / warm-up ScanConfigs of data.scan (warm-up None without one)."""
-    from dataclasses import asdict
-
+    """The synthetic train / held-out ScanConfigs of data.scan and the warm-up ReadingLinesConfig
+    (None without one)."""
+    from data_tools.synth.reading import ReadingLinesConfig
     from data_tools.synth.scan import ScanConfig
-    from data_tools.synth.scanner import ScannerConfig
 
     scan = data.scan
-    common = dict(lang=data.real.lang if data.real.lang in ("fr", "en") else "en",
-                  min_chars=scan.min_chars, max_chars=scan.max_chars, font_px=tuple(scan.font_px),
+    lang = data.real.lang if data.real.lang in ("fr", "en") else "en"
+    common = dict(lang=lang, min_chars=scan.min_chars, max_chars=scan.max_chars, font_px=tuple(scan.font_px),
                   underline_prefix=scan.underline_prefix, bundled_only=scan.bundled_only,
                   scanner=dict(scan.scanner))  # fmt: skip
     if scan.families:
@@ -65,24 +65,31 @@ def scan_configs(data: DataConfig):
     val = ScanConfig(n=scan.num_val, seed=scan.seed + 7919, source="scan-lines-val", **common)
     warmup = None
     if scan.warmup_lines:
-        clean = {**common, "max_chars": scan.warmup_max_chars, "scanner": asdict(ScannerConfig.off())}
-        warmup = ScanConfig(n=scan.warmup_lines, seed=scan.seed + 104729, source="scan-lines-warmup",
-                            p_neighbours=0.0, **clean)  # fmt: skip
+        # 640 x 80 strips at a pitch of 640 / warmup_max_chars: as large as the `lines` layout's
+        # 80 px rows, so it keeps that pitch (32 px, 2 characters per image-token column, at 20)
+        warmup = ReadingLinesConfig(n=scan.warmup_lines, seed=scan.seed + 104729, width=640, aspect=8,
+                                    min_chars=scan.min_chars, max_chars=scan.warmup_max_chars,
+                                    source="reading-warmup", lang=lang, text="typed")  # fmt: skip
     return train, val, warmup
 
 
-def _render_scans(cfg, out: Path, render: bool, workers: int) -> str:
+def _render(cfg, out: Path, render: bool, workers: int) -> str:
+    """Shards of a ScanConfig or ReadingLinesConfig in `out`, rendered unless its manifest matches."""
+    from dataclasses import asdict
+
     from data_tools.shards import ShardWriterConfig
+    from data_tools.synth.reading import ReadingLinesConfig, write_reading_lines
     from data_tools.synth.scan import write_scans
 
+    key, write = ("reading_lines", write_reading_lines) if isinstance(cfg, ReadingLinesConfig) else ("scan", write_scans)
     manifest = out / "manifest.json"
-    wanted = json.loads(json.dumps(cfg.manifest()))
-    if not (manifest.exists() and json.loads(manifest.read_text()).get("scan") == wanted):
+    wanted = json.loads(json.dumps(asdict(cfg) if key == "reading_lines" else cfg.manifest()))
+    if not (manifest.exists() and json.loads(manifest.read_text()).get(key) == wanted):
         if not render:
             raise ValueError(
                 f"no complete shards of {cfg.source} in {out}: the rendering rank writes them first"
             )
-        write_scans(cfg, ShardWriterConfig(str(out), prefix="scan", max_count=5000, overwrite=True), workers)
+        write(cfg, ShardWriterConfig(str(out), prefix="scan", max_count=5000, overwrite=True), workers)
     return str(out / "scan-*.tar")
 
 
@@ -148,9 +155,9 @@ def prepare_real_lines(data: DataConfig, data_dir: Path, render: bool = True) ->
     check_real_config(data)  # before any rendering
     train_cfg, val_cfg, warmup_cfg = scan_configs(data)
     workers = data.scan.workers
-    scan_train = _render_scans(train_cfg, data_dir / "scan" / "train", render, workers)
-    scan_val = _render_scans(val_cfg, data_dir / "scan" / "val", render, workers)
-    warmup = {"warmup": _render_scans(warmup_cfg, data_dir / "scan" / "warmup", render, workers)} if warmup_cfg else {}
+    scan_train = _render(train_cfg, data_dir / "scan" / "train", render, workers)
+    scan_val = _render(val_cfg, data_dir / "scan" / "val", render, workers)
+    warmup = {"warmup": _render(warmup_cfg, data_dir / "scan" / "warmup", render, workers)} if warmup_cfg else {}
     manifests = _convert_real(data, data_dir / "real", render)
     if manifests.get(real.heldout_split, {}).get("total_samples", 0) == 0:
         raise ValueError(

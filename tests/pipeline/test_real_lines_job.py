@@ -102,8 +102,8 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
         prepare_real_lines(run.data, out / "data")
 
 
-def test_warmup_lines_are_short_clean_and_trained_alone_first(tmp_path):
-    run = compose_run(tmp_path, "data.scan.warmup_lines=8", "data.scan.warmup_max_chars=5",
+def test_warmup_lines_are_short_fixed_pitch_typed_text_trained_alone_first(tmp_path):
+    run = compose_run(tmp_path, "data.scan.warmup_lines=8", "data.scan.warmup_max_chars=14",
                       "data.scan.warmup_weight=0.25")  # fmt: skip
     out = tmp_path / "run"
     data = prepare_job_data(run.data, run.eval, out)
@@ -113,15 +113,16 @@ def test_warmup_lines_are_short_clean_and_trained_alone_first(tmp_path):
     assert [(s.name, s.start_after, s.weight) for s in sources] == [
         ("scan-warmup", 0, 0.25), ("scan-lines", 8, 1.0), ("real-lines", 16, 1.0)]  # fmt: skip
     warmup = list(iter_samples(expand_shard_paths([str(out / "data" / "scan" / "warmup")])))
-    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 5 for s in warmup)
-    scan = json.loads((out / "data" / "scan" / "warmup" / "manifest.json").read_text())["scan"]
-    assert scan["p_neighbours"] == 0.0
-    assert all(v == 0.0 for k, v in scan["scanner"].items() if k.startswith("p_"))
+    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 14 for s in warmup)
+    reading = json.loads((out / "data" / "scan" / "warmup" / "manifest.json").read_text())["reading_lines"]
+    assert (reading["text"], reading["width"], reading["aspect"], reading["lang"]) == ("typed", 640, 8, "fr")
+    unk = data.tokenizer.tokenizer.token_to_id("<unk>")
+    assert all(unk not in data.tokenizer.encode(s["json"]["answer"]) for s in warmup)
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("data.scan.warmup_max_chars=0", "data.scan.warmup_max_chars"),
+    [("data.scan.warmup_max_chars=0", "data.scan.warmup_max_chars"), ("data.scan.warmup_max_chars=81", "14..80"),
      ("data.scan.warmup_lines=-1", "data.scan.warmup_lines")],
 )  # fmt: skip
 def test_bad_warmup_settings_are_refused_at_config_time(tmp_path, override, message):
