@@ -80,18 +80,9 @@ def build_peer(cfg: SamConfig, ours: SamEncoder, device: torch.device, dtype: to
     return peer.to(dtype).eval().requires_grad_(False)
 
 
-def measure_sam(
-    cfg: SamConfig,
-    sizes: list[int],
-    batch: int,
-    device: torch.device,
-    *,
-    warmup: int,
-    iters: int,
-    compile_ours: bool,
-    compile_backend: str = "inductor",
-    dtype: torch.dtype = torch.bfloat16,
-) -> dict[int, dict]:
+def measure_sam(cfg: SamConfig, sizes: list[int], batch: int, device: torch.device, *, warmup: int, iters: int,
+                compile_ours: bool, compile_backend: str = "inductor",
+                dtype: torch.dtype = torch.bfloat16) -> dict[int, dict]:  # fmt: skip
     """Per view size: images/s of ours (eager, optionally compiled) and the peer, output agreement."""
     torch.manual_seed(0)
     ours = build_ours(cfg, device, dtype)

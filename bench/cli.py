@@ -36,14 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     parser.add_argument("--quick", action="store_true", help="debug presets, small sizes (the CPU smoke run)")
     parser.add_argument("--only", default=None, help="comma list of decoder,sam,full,data (default: all)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("dsocr-bench-out"), help="output directory (default: %(default)s)"
-    )
+    parser.add_argument("--out", type=Path, default=Path("dsocr-bench-out"),
+                        help="output directory (default: %(default)s)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip optional extras (compiled peers) past this many seconds (default: %(default)s)")  # fmt: skip
-    parser.add_argument(
-        "--render", type=Path, default=None, help="only re-render PERFORMANCE.md from this JSON"
-    )
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only re-render PERFORMANCE.md from this JSON")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="exit 1 when a row failed")
     return parser
 

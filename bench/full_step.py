@@ -1,30 +1,20 @@
 """Benchmark: the project's trainer on one device, full model, and the transformers peer in the same harness.
 
-Every variant is trained by the same loop, `pipeline.train.trainer.Trainer` over
-`pipeline.train.local_engine.LocalEngine` (device prefetch on a side stream, fused AdamW skipping a
-non-finite step on the device, the LR read on the device, figures read back one step later), fed
-from a cycled list of prebuilt PackedBatches (Base-mode pages + text packed into `seq_len` rows,
-bench/step_data.py). Precision: parallel.dtype=bf16, what every GPU config in configs/parallel/
-sets: fp32 master weights, bf16 autocast in the forward (LocalEngine). AdamW, grad clip 1.0,
-constant LR, SAM frozen. Variants:
+Every variant is trained by `pipeline.train.trainer.Trainer` over `LocalEngine` (side-stream
+prefetch, fused AdamW skipping a non-finite step on the device, figures read one step later),
+fed from a cycle of prebuilt PackedBatches (Base pages + text packed into `seq_len` rows,
+bench/step_data.py), parallel.dtype=bf16 (fp32 masters, bf16 autocast), AdamW, grad clip 1.0,
+constant LR, SAM frozen. Variants: "trainer" (`local_trainer(DeepSeekOCR)`, eager), "trainer +
+compile" (parallel.compile_layers: SAM blocks, CLIP layers, decoder layers), "peer" (`PeerOCR`
+in the same LocalEngine + Trainer: transformers' DeepSeek-OCR-2 SAM, frozen, and
+DeepseekOcr2TextModel + an lm_head; CLIP + projector stay ours, transformers has no
+DeepSeek-OCR-1 CLIP fed with SAM features), from our initial weights so first losses agree.
 
-- "trainer": `local_trainer(DeepSeekOCR)`, eager;
-- "trainer + compile": the same with parallel.compile_layers=True (regional compilation of the
-  SAM blocks, CLIP layers and decoder layers);
-- "peer": `PeerOCR` in a LocalEngine + Trainer built the same way: transformers' DeepSeek-OCR-2
-  SAM encoder (frozen) and DeepseekOcr2TextModel ('grouped_mm' experts, SDPA, packed rows from
-  position_ids) + an lm_head; the CLIP + projector stay ours (transformers has no DeepSeek-OCR-1
-  CLIP fed with SAM features: the peer has a copy of our encoder). Only the model differs; it starts
-  from our initial weights (SAM, CLIP + projector, text model, lm_head), so the first losses agree.
-
-Each variant: `warmup` trainer steps, then `steps` timed trainer steps (a device sync at each end;
-the loop's overlap of step k+1 with step k's read-back counts), tokens/s over real (non-padding)
-tokens, MFU from counted FLOPs (bench/measure.py) over the measured matmul peak, peak memory of
-the timed steps, the loss of the first step, then one more step with the host syncs counted and
-located (torch's sync debug mode, CUDA only) and the SAM forward calls counted (1 per view size =
-no recomputation). The eager "trainer" takes one step more with full logits
-(`loss_chunk_tokens=0`: the (rows, seq_len, vocab) fp32 logits exist at once) for its peak
-memory next to the chunked loss head's, the default on every path.
+Each variant: `warmup` steps, `steps` timed steps between two device syncs, tokens/s over real
+tokens, MFU from counted FLOPs (bench/measure.py), peak memory, the first step's loss, then one
+step with the host syncs located (torch's sync debug mode, CUDA only) and the SAM forwards
+counted (1 per view size = no recomputation); the eager trainer takes one more step with full
+logits (`loss_chunk_tokens=0`) for its peak memory next to the chunked loss head's.
 """
 
 from __future__ import annotations

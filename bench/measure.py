@@ -1,23 +1,16 @@
 """Measurement helpers: device timing, the bf16 matmul peak, host-sync counting, counted FLOPs, machine.
 
-FLOP counts are model FLOPs (2 per multiply-add), counted from the architecture, not from the
-kernels that run (window padding is counted: the architecture computes on padded windows;
-the augmented-q/k channels of our SAM attention are not: they are an implementation detail):
-
-- decoder, training (fwd + bwd = 3 x fwd) over packed documents of lengths n_d:
-      6 * N_active * sum(n_d) + 6 * L * H * sum(n_d^2)
-  N_active = DecoderConfig.activated_params() (attention, dense MLP / router + shared + top-k
-  routed experts, final norm, lm_head; no embedding); causal attention counts n^2/2 pairs of
-  QK^T and PV (4 H FLOPs each) per layer, x3 for the backward. One document of length T gives
-  DecoderConfig.matmul_flops_per_token(T) * T.
-- SAM + neck + compressor, forward only (frozen): patch conv, per block qkv / proj on the
-  zero-padded windows (global blocks: all tokens), MLP on all tokens, attention 4 * C * (sum over attention groups of n_g^2) (windows of
-  14 x 14 on the zero-padded grid, or the whole grid in global blocks), the decomposed
-  relative-position terms 2 * C * n * (h + w), neck and the two stride-2 compressor convs.
-- CLIP-L + projector, training (3 x fwd): per layer 2 * n * (4 W^2 + 2 W M) + 4 * W * n^2 with
-  n = g^2 + 1 tokens, and the projector 2 * g^2 * (C_clip + C_sam) * n_embed: the count the
-  trainer's MFU uses too, `pipeline.parallel.memory.clip_flops_per_vision_token` (SAM and the
-  decoder are counted here because that one takes no window padding and one document per row).
+FLOPs are model FLOPs (2 per multiply-add) counted from the architecture, not from the kernels:
+- decoder training (fwd + bwd = 3 x fwd) over packed documents of lengths n_d:
+  6 * N_active * sum(n_d) + 6 * L * H * sum(n_d^2), N_active = DecoderConfig.activated_params()
+  (attention, dense MLP / router + shared + top-k experts, final norm, lm_head; no embedding);
+  causal attention counts n^2/2 pairs of QK^T and PV (4 H FLOPs each) per layer, x3 for backward.
+- frozen SAM + neck + compressor, forward only: patch conv, qkv / proj on the zero-padded 14 x 14
+  windows (global blocks: all tokens), MLP, attention 4 * C * sum over groups of n_g^2, the
+  decomposed relative-position terms 2 * C * n * (h + w), neck, the two stride-2 compressor convs
+  (the augmented q/k channels of our SAM attention are an implementation detail: not counted).
+- CLIP-L + projector training (3 x fwd): `pipeline.parallel.memory.clip_flops_per_vision_token`,
+  the trainer's MFU count too.
 """
 
 from __future__ import annotations

@@ -33,12 +33,8 @@ class Target:
             raise ValueError(f"a {self.kind} target needs a positive threshold, got {self.threshold}")
 
     def describe(self, unit: str) -> str:
-        if self.kind == "ratio":
-            text = f">= {self.threshold:g}x"
-        elif self.kind == "value":
-            text = f">= {fmt_number(self.threshold)} {unit}"
-        else:
-            text = "-"
+        texts = {"ratio": f">= {self.threshold:g}x", "value": f">= {fmt_number(self.threshold)} {unit}"}
+        text = texts.get(self.kind, "-")
         return f"{text} ({self.note})" if self.note else text
 
 
@@ -96,16 +92,11 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
 
 
-def failed_row(
-    section: str, name: str, unit: str, error: BaseException | str, target: Target | None = None
-) -> Row:
-    """The row that replaces a measurement that raised: the table shows the error, the run goes on."""
-    reason = error if isinstance(error, str) else error_text(error)
-    return Row(section, name, unit, target=target or Target(), status="failed", reason=reason)
-
-
-def skipped_row(section: str, name: str, unit: str, reason: str, target: Target | None = None) -> Row:
-    return Row(section, name, unit, target=target or Target(), status="skipped", reason=reason)
+def status_row(section: str, name: str, unit: str, why: BaseException | str, target: Target | None = None,
+               status: str = "failed") -> Row:  # fmt: skip
+    """The row of a measurement that raised (`why` the error) or was skipped: the table shows why."""
+    reason = why if isinstance(why, str) else error_text(why)
+    return Row(section, name, unit, target=target or Target(), status=status, reason=reason)
 
 
 def with_peer(label: str, ours: float | None, peer: float | None, spec: str, unit: str = "") -> str:
@@ -123,13 +114,7 @@ def join_notes(*parts: str) -> str:
 def fmt_number(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
 def _cells(row: Row) -> list[str]:
@@ -137,12 +122,9 @@ def _cells(row: Row) -> list[str]:
     if row.status != "ok":
         met = row.status.upper()
     ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
-    ours = fmt_number(row.ours)
-    peer = fmt_number(row.peer)
-    if row.peer_name and row.peer is not None:
+    ours, peer = fmt_number(row.ours), fmt_number(row.peer)
+    if row.peer_name:
         peer = f"{peer} ({row.peer_name})"
-    elif row.peer_name:
-        peer = f"- ({row.peer_name})"
     notes = row.notes if row.status == "ok" else f"{row.status}: {row.reason}"
     return [row.section, row.name, row.unit, ours, peer, ratio, row.target.describe(row.unit), met, notes]
 

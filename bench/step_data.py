@@ -29,18 +29,9 @@ def render_views(mode: str, count: int, seed: int = 0) -> list[ImageViews]:
     return [process_image(load_rgb(render_page(rng, size)[0]), mode) for _ in range(count)]
 
 
-def make_documents(
-    views: list[ImageViews],
-    count: int,
-    *,
-    text_range: tuple[int, int],
-    vocab_size: int,
-    image_token_id: int,
-    bos_id: int = 0,
-    eos_id: int = 1,
-    prompt_len: int = 6,
-    seed: int = 0,
-) -> list[Example]:
+def make_documents(views: list[ImageViews], count: int, *, text_range: tuple[int, int], vocab_size: int,
+                   image_token_id: int, bos_id: int = 0, eos_id: int = 1, prompt_len: int = 6,
+                   seed: int = 0) -> list[Example]:  # fmt: skip
     """`count` one-page documents: BOS, placeholders, prompt (masked), text + EOS (labelled)."""
     lo, hi = text_range
     if not 0 < lo <= hi:
@@ -59,15 +50,8 @@ def make_documents(
         prompt = [token() for _ in range(prompt_len)]
         text = [token() for _ in range(rng.randint(lo, hi))] + [eos_id]
         head = [bos_id] + [image_token_id] * view.num_placeholders + prompt
-        docs.append(
-            Example(
-                input_ids=head + text,
-                labels=[IGNORE_INDEX] * len(head) + text,
-                images=[view],
-                source="bench",
-                key=f"page{i:05d}",
-            )
-        )
+        docs.append(Example(input_ids=head + text, labels=[IGNORE_INDEX] * len(head) + text, images=[view],
+                            source="bench", key=f"page{i:05d}"))  # fmt: skip
     return docs
 
 

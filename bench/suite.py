@@ -25,10 +25,9 @@ from bench.measure import free, machine_info, matmul_peak_tflops, mfu, peak_memo
 from bench.report import (
     Row,
     Target,
-    failed_row,
     join_notes,
     render_text,
-    skipped_row,
+    status_row,
     wall_time,
     with_peer,
     write_result,
@@ -49,30 +48,23 @@ PEER_PROCESSOR = {
 }
 FOOTNOTES = [
     "ratio = ours / peer, both measured in this run on this machine; higher is better for every unit.",
-    "MFU = counted model FLOPs per second / the bf16 matmul peak measured in this run. Decoder training: "
-    "6 * N_active * T + 6 * L * H * sum(n_d^2) (N_active = activated parameters incl. lm_head, no embedding; "
-    "L layers, H hidden, n_d document lengths of the packed row, causal). Frozen SAM: forward only "
-    "(2 FLOPs per multiply-add of patch conv, qkv/proj on padded windows, MLP, attention 4*C*n^2 per "
-    "window/global group, decomposed rel-pos terms, neck, compressor convs). CLIP + projector: 3 x forward. "
-    "Formulas: bench/measure.py.",
+    "MFU = counted model FLOPs per second / the bf16 matmul peak measured in this run (decoder training "
+    "6 * N_active * T + causal attention; frozen SAM forward on padded windows; CLIP + projector 3 x forward: "
+    "the formulas in bench/measure.py).",
     "Decoder peer: transformers DeepseekOcr2TextModel (experts 'grouped_mm', SDPA) + an lm_head, same sizes, "
     "same initial weights, same loss and AdamW; tokens/s over batch x seq.",
     "SAM peer: transformers DeepseekOcr2SamVisionEncoder (downsample_channels [512, 1024], SDPA), our weights "
     "copied in; forward under no_grad (SAM is frozen in stage 2); 'max rel diff' compares the two outputs.",
-    "Full step: every variant is trained by the project's loop, pipeline/train/trainer.py Trainer over "
-    "pipeline/train/local_engine.py LocalEngine (parallel.dtype=bf16: fp32 master weights, bf16 autocast; "
-    "fused AdamW, grad clip 1.0, constant LR, frozen SAM, one packed row per step); 'trainer' = DeepSeekOCR "
-    "eager, 'trainer + compile' = parallel.compile_layers (regional compilation); peer = the same Trainer "
-    "and engine with transformers' SAM and text model swapped in (CLIP + projector ours), started from our "
-    "initial weights. tokens/s counts real (non-padding) tokens. 'syncs' = synchronising CUDA calls in one "
-    "step (torch sync debug mode; where they happen: the JSON's details); 'SAM calls' = SAM forwards per "
-    "step vs view-size groups (equal = no recomputation; 'no graph' = frozen SAM kept out of autograd); "
-    "'peak' = peak memory of the timed steps (the chunked loss head, parallel.loss_chunk_tokens), 'full "
-    "logits' = one more step of the eager trainer with loss_chunk_tokens=0.",
-    "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode "
-    "transform to uint8 views, tokenize, pack; the model normalises the views on its device) on rendered "
-    "1024 px text pages; peer = PNG decode + transformers DeepseekOcr2ImageProcessor with the same view "
-    "sizes (images only: no tokenizing or packing; normalised float32 views).",
+    "Full step: every variant is trained by the project's Trainer over pipeline/train/local_engine.py "
+    "(bf16 autocast, fp32 masters, fused AdamW, grad clip 1.0, constant LR, frozen SAM, one packed row per step): 'trainer' eager, "
+    "'trainer + compile' with parallel.compile_layers; the peer is the same Trainer and engine with "
+    "transformers' SAM and text model swapped in (CLIP + projector ours), from our initial weights. tokens/s "
+    "counts real tokens; 'syncs' = synchronising CUDA calls in one step (where: the JSON's details); 'SAM "
+    "calls' = SAM forwards per step vs view-size groups; 'peak' = peak memory of the timed steps (chunked "
+    "loss head), 'full logits' = one more eager step with loss_chunk_tokens=0.",
+    "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode transform "
+    "to uint8 views, tokenize, pack) on rendered 1024 px text pages; peer = PNG decode + transformers "
+    "DeepseekOcr2ImageProcessor with the same view sizes (images only, normalised float32 views).",
 ]
 
 
@@ -129,7 +121,7 @@ class Run:
         try:
             rows = fn(self)
         except Exception as error:
-            rows = [failed_row(title, "all variants", unit, error)]
+            rows = [status_row(title, "all variants", unit, error)]
         for row in rows:
             row.extra.setdefault("wall_s", round(time.perf_counter() - t0, 1))
         torch._dynamo.reset()  # compiled graphs of one section never count against the next one's cache
@@ -268,7 +260,7 @@ def full_rows(run: Run) -> list[Row]:
     for key in ("trainer", "trainer_compiled"):
         name, target = VARIANTS[key], targets[key]
         if key in res["errors"]:
-            rows.append(failed_row(section, name, "tokens/s", res["errors"][key], target))
+            rows.append(status_row(section, name, "tokens/s", res["errors"][key], target))
             continue
         v = res["variants"].get(key)
         if v is None:
@@ -284,8 +276,8 @@ def full_rows(run: Run) -> list[Row]:
         rows.append(Row(section, name, "tokens/s", v["tokens_per_s"], peer.get("tokens_per_s"), peer_name, target,
                         notes, extra=v))  # fmt: skip
     if s.full.compile and not settings.compile:
-        rows.append(skipped_row(section, VARIANTS["trainer_compiled"], "tokens/s", "time budget",
-                                targets["trainer_compiled"]))  # fmt: skip
+        rows.append(status_row(section, VARIANTS["trainer_compiled"], "tokens/s", "time budget",
+                               targets["trainer_compiled"], status="skipped"))  # fmt: skip
     if rows:
         rows[-1].notes += f"; {res['docs_per_row']:.1f} pages/row, packing {res['packing']:.3f}"
     return rows

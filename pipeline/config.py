@@ -109,19 +109,32 @@ class ScanSynthConfig:
     seed: int = 4321
     workers: int = 0  # rendering processes
     weight: float = 1.0  # mixture weight (the real lines: data.real.weight)
-    # Curriculum: this many short typed lines in a fixed-pitch font on clean paper (a 640 px strip,
-    # pitch 640 / warmup_max_chars) alone first, then the long scans join and the short ones stay
-    # at warmup_weight. A model from scratch fed long or proportional lines at once learns the
-    # word lists' language model and never reads.
+    # Curriculum: this many short lines in a fixed-pitch font on clean paper (gpu1_lines' reading
+    # lines: warmup_width x warmup_width / 4 px strips, pitch warmup_width / warmup_max_chars) alone
+    # first, then the long scans join and the short ones stay at warmup_weight. A model from
+    # scratch fed long or proportional lines at once learns the word lists' language model and
+    # never reads. warmup_text: "short" (words, numbers, random letters: data_tools.synth.text) or
+    # "typed" (the scans' French typed text); warmup_mode: their image mode ("" = eval.mode).
     warmup_lines: int = 0
     warmup_max_chars: int = 20
     warmup_weight: float = 0.5
+    warmup_width: int = 640
+    warmup_text: str = "short"
+    warmup_mode: str = ""
 
     def __post_init__(self) -> None:
         _require(self.warmup_lines >= 0, "data.scan.warmup_lines", self.warmup_lines, "use 0 (none) or more")
-        _require(max(14, self.min_chars) <= self.warmup_max_chars <= 80, "data.scan.warmup_max_chars",
-                 self.warmup_max_chars, f"use {max(14, self.min_chars)}..80 (the 640 x 80 strip's font fits; "
-                 ">= data.scan.min_chars)")  # fmt: skip
+        _require(self.warmup_width >= 64 and self.warmup_width % 4 == 0, "data.scan.warmup_width",
+                 self.warmup_width, "use a multiple of 4, >= 64")  # fmt: skip
+        low, high = max(7, self.min_chars), self.warmup_width // 8  # the strip's font fits; >= 8 px per character
+        _require(low <= self.warmup_max_chars <= high, "data.scan.warmup_max_chars", self.warmup_max_chars,
+                 f"use {low}..{high} (>= data.scan.min_chars; warmup_width / 8 at most)")  # fmt: skip
+        _require(self.warmup_text in ("short", "typed"), "data.scan.warmup_text", self.warmup_text,
+                 "use 'short' or 'typed'")  # fmt: skip
+        if self.warmup_mode:
+            from pipeline.processing import MODES
+
+            _require(self.warmup_mode in MODES, "data.scan.warmup_mode", self.warmup_mode, f"use one of {sorted(MODES)}")
         _require(self.warmup_weight > 0, "data.scan.warmup_weight", self.warmup_weight, "use > 0")
 
 

@@ -10,13 +10,11 @@ processor (`process/image_process.py`: `dynamic_preprocess`, `find_closest_aspec
 - Gundam: local tiles of 640 on a w x h grid chosen by the closest-aspect-ratio rule
   (2 <= w*h <= max_tiles), plus a global view padded to 1024; images whose both sides
   are <= 640 get no tiles (the Base layout).
-- Lines 640 (this project's, for text-line crops up to ~130 characters): a line image is laid
-  out at a fixed scale on the square page (`fold_line`): scaled to 80 px high, cut into rows of
-  at most 640 px at word spaces, the rows stacked from the top left. Every line is seen at one
-  character size (~2 characters per image-token column) whatever its length, and read row after
-  row, the order of a paragraph; stretched to the square like Small instead, a 5-character
-  line's glyphs were 8 times larger than a 100-character line's, and the model trained on both
-  read neither (held-out real CER 0.85, 2026-12-03).
+- Lines 640 (this project's, for text-line crops up to ~100 characters): a wide line image is
+  first folded into a few rows stacked top to bottom (cut at the lightest columns near even
+  cut points, `fold_line`), then stretched to the square like Small. A 40:1 line becomes six
+  rows in a near-square view instead of a 16-pixel strip, so each image-token column carries
+  ~2 characters; the text is read row after row, the order of a paragraph.
 
 Every view is a square of side S (a multiple of 64) and becomes a q x q grid of features,
 q = S / 64 (patch 16, 16x token compressor). In the text it occupies q*(q+1) placeholders
@@ -120,37 +118,34 @@ def view_sizes() -> tuple[int, ...]:
     return tuple(sorted({s for m in MODES.values() for s in (m.base_size, m.image_size)}))
 
 
-def fold_line(image: Image.Image, side: int, row_height: int | None = None, gap: float = 0.1) -> Image.Image:
-    """A line image laid out at a fixed scale on a `side` x `side` page: scaled to `row_height`
-    pixels high (default side / 8, ~2 characters of typed text per image-token column), cut into
-    rows of at most `side` pixels at the lightest stretch of columns in each row's last 40% (the
-    last word space where there is one), rows stacked from the top left `gap` x row height apart, the
-    rest filled with the image's median colour (its paper). Every line, short or long, is read at
-    the same character size, the size of a typed page; only a line too long for the page at that
-    size is scaled down until it fits."""
-    row_height = row_height or side // 8
+def fold_line(image: Image.Image, max_rows: int = 8, gap: float = 0.1) -> Image.Image:
+    """A wide line image cut into k rows stacked top to bottom, k = round(sqrt(width / height))
+    (about square; 1 = unchanged). Each cut is the lightest stretch of columns (a word space where
+    there is one) within a quarter of a row's width of an even cut point; rows are left-aligned, padded
+    and separated by `gap` x height with the image's median colour (its paper)."""
+    width, height = image.size
+    rows = max(1, min(max_rows, round(math.sqrt(width / height / (1 + gap)))))
+    if rows == 1:
+        return image
     grey = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
-    ink = np.convolve(255.0 - grey.sum(axis=0) / grey.shape[0], np.ones(max(1, grey.shape[0] // 3)), mode="same")
+    ink = (255.0 - grey).sum(axis=0)  # (W,) darkness per column
+    span = max(1, int(0.3 * height))  # about a word space: the gaps between words score lowest
+    ink = np.convolve(ink, np.ones(span, dtype=np.float32), mode="same")
+    step, window = width / rows, max(1, int(width / rows / 4))
+    cuts = [0]
+    for j in range(1, rows):
+        centre = int(j * step)
+        lo, hi = max(cuts[-1] + 1, centre - window), min(width - 1, centre + window)
+        cuts.append(lo + int(np.argmin(ink[lo : hi + 1])) if hi >= lo else centre)
+    cuts.append(width)
+    pieces = [image.crop((a, 0, b, height)) for a, b in zip(cuts, cuts[1:], strict=False)]
     paper = tuple(int(v) for v in np.median(np.asarray(image).reshape(-1, len(image.getbands())), axis=0))
-    while True:
-        scale = row_height / image.height
-        limit = max(1, int(side / scale))  # a row's width in source pixels
-        cuts = [0]
-        while image.width - cuts[-1] > limit:
-            lo = cuts[-1] + max(1, (3 * limit) // 5)
-            window = ink[lo : cuts[-1] + limit + 1]
-            cuts.append(lo + len(window) - 1 - int(np.argmin(window[::-1])))  # the rightmost lightest
-        cuts.append(image.width)
-        pitch = row_height + max(1, round(gap * row_height))
-        if (len(cuts) - 1) * pitch - (pitch - row_height) <= side or row_height <= 8:
-            break
-        row_height = int(row_height * 0.9)
-    page = Image.new(image.mode, (side, side), paper if len(paper) > 1 else paper[0])
-    for k, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
-        piece = image.crop((a, 0, b, image.height))
-        width = min(side, max(1, round(piece.width * scale)))
-        page.paste(piece.resize((width, row_height), resample=Image.Resampling.BICUBIC), (0, k * pitch))
-    return page
+    pitch = height + max(1, round(gap * height))
+    folded = Image.new(image.mode, (max(p.width for p in pieces), pitch * rows - (pitch - height)),
+                       paper if len(paper) > 1 else paper[0])  # fmt: skip
+    for k, piece in enumerate(pieces):
+        folded.paste(piece, (0, k * pitch))
+    return folded
 
 
 def get_mode(mode: str | ModeSpec) -> ModeSpec:
@@ -265,7 +260,7 @@ def process_image(
     if image.mode != "RGB":
         image = to_rgb(image)
     if spec.fold:
-        image = fold_line(image, spec.base_size)
+        image = fold_line(image)
     width, height = image.size
 
     tiles = None

@@ -4,8 +4,8 @@ Two shard sets are made in the run directory (and reused when their settings are
 
 - `data/scan/{train,val}`: typed lines of up to `data.scan.max_chars` characters rendered and
   degraded like scans by data_tools.synth.scan (the pretraining data, and a synthetic held-out);
-- `data/scan/warmup` (when `data.scan.warmup_lines` > 0): short typed lines in a fixed-pitch
-  font on clean paper (data_tools.synth.reading), trained alone first;
+- `data/scan/warmup` (when `data.scan.warmup_lines` > 0): short lines in a fixed-pitch font on
+  clean paper (data_tools.synth.reading, gpu1_lines' reading lines), trained alone first;
 - `data/real/<split>`: the PAGE-XML / ALTO files under `data.real_root` converted to line crops by
   data_tools.convert_xml, one shard set per split of `data.real.split_file`; the split named
   `data.real.heldout_split` is evaluated, every other one is trained on.
@@ -65,11 +65,10 @@ def scan_configs(data: DataConfig):
     val = ScanConfig(n=scan.num_val, seed=scan.seed + 7919, source="scan-lines-val", **common)
     warmup = None
     if scan.warmup_lines:
-        # 640 x 80 strips at a pitch of 640 / warmup_max_chars: as large as the `lines` layout's
-        # 80 px rows, so it keeps that pitch (32 px, 2 characters per image-token column, at 20)
-        warmup = ReadingLinesConfig(n=scan.warmup_lines, seed=scan.seed + 104729, width=640, aspect=8,
+        warmup = ReadingLinesConfig(n=scan.warmup_lines, seed=scan.seed + 104729, width=scan.warmup_width,
                                     min_chars=scan.min_chars, max_chars=scan.warmup_max_chars,
-                                    source="reading-warmup", lang=lang, text="typed")  # fmt: skip
+                                    source="reading-warmup", text=scan.warmup_text,
+                                    lang=lang if scan.warmup_text == "typed" else "en")  # fmt: skip
     return train, val, warmup
 
 
@@ -171,17 +170,23 @@ def prepare_real_lines(data: DataConfig, data_dir: Path, render: bool = True) ->
     heldout = str(data_dir / "real" / real.heldout_split / "real-*.tar")
     chars = set(alphabet(train_cfg.lang)) | set(data.scan.underline_prefix)
     chars |= _answers_alphabet([real_train, heldout])
+    if warmup_cfg and warmup_cfg.text == "short":
+        from pipeline.train.synth_lines import lang_alphabet
+
+        chars |= set(lang_alphabet(warmup_cfg.lang))
     train = {**warmup, "scan": scan_train, "real": real_train}
     return RealLinesData(train, {"real": heldout, "scan": scan_val}, "".join(sorted(chars)))
 
 
 def real_sources(data: DataConfig, train: dict[str, str], mode: str) -> list[SourceSpec]:
-    """The warm-up lines from the start, the long synthetic lines after data.scan.warmup_lines
-    samples, the real ones after data.real.start_after; all in image mode `mode` (eval.mode)."""
+    """The warm-up lines from the start (in data.scan.warmup_mode, default `mode`), the long
+    synthetic lines after data.scan.warmup_lines samples, the real ones after
+    data.real.start_after; those in image mode `mode` (eval.mode)."""
     scan = data.scan
     warmup = []
     if scan.warmup_lines:
-        warmup = [SourceSpec("scan-warmup", train["warmup"], weight=scan.warmup_weight, prompt="free_ocr", modes=mode)]
+        warmup = [SourceSpec("scan-warmup", train["warmup"], weight=scan.warmup_weight, prompt="free_ocr",
+                             modes=scan.warmup_mode or mode)]  # fmt: skip
     return warmup + [
         SourceSpec("scan-lines", train["scan"], weight=scan.weight, prompt="free_ocr", modes=mode,
                    start_after=scan.warmup_lines),  # fmt: skip

@@ -102,27 +102,45 @@ def test_sources_curriculum_tokenizer_and_reuse(tmp_path):
         prepare_real_lines(run.data, out / "data")
 
 
-def test_warmup_lines_are_short_fixed_pitch_typed_text_trained_alone_first(tmp_path):
-    run = compose_run(tmp_path, "data.scan.warmup_lines=8", "data.scan.warmup_max_chars=14",
-                      "data.scan.warmup_weight=0.25")  # fmt: skip
+def warmup_run(tmp_path, *overrides):
+    """(sources, warm-up samples, their reading-lines manifest) of a run with 8 warm-up lines; every
+    warm-up answer has token ids."""
+    run = compose_run(tmp_path, "data.scan.warmup_lines=8", *overrides)
     out = tmp_path / "run"
     data = prepare_job_data(run.data, run.eval, out)
     sources = loader_config(
         run.data, run.eval, data.train_shards, batch_size=run.parallel.micro_batch, seed=run.train.seed
     ).sources
-    assert [(s.name, s.start_after, s.weight) for s in sources] == [
-        ("scan-warmup", 0, 0.25), ("scan-lines", 8, 1.0), ("real-lines", 16, 1.0)]  # fmt: skip
     warmup = list(iter_samples(expand_shard_paths([str(out / "data" / "scan" / "warmup")])))
-    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 14 for s in warmup)
-    reading = json.loads((out / "data" / "scan" / "warmup" / "manifest.json").read_text())["reading_lines"]
-    assert (reading["text"], reading["width"], reading["aspect"], reading["lang"]) == ("typed", 640, 8, "fr")
     unk = data.tokenizer.tokenizer.token_to_id("<unk>")
     assert all(unk not in data.tokenizer.encode(s["json"]["answer"]) for s in warmup)
+    manifest = json.loads((out / "data" / "scan" / "warmup" / "manifest.json").read_text())["reading_lines"]
+    return sources, warmup, manifest
+
+
+def test_warmup_lines_are_short_fixed_pitch_typed_text_trained_alone_first(tmp_path):
+    sources, warmup, reading = warmup_run(tmp_path, "data.scan.warmup_max_chars=14", "data.scan.warmup_weight=0.25",
+                                          "data.scan.warmup_text=typed")  # fmt: skip
+    assert [(s.name, s.start_after, s.weight) for s in sources] == [
+        ("scan-warmup", 0, 0.25), ("scan-lines", 8, 1.0), ("real-lines", 16, 1.0)]  # fmt: skip
+    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 14 for s in warmup)
+    assert (reading["text"], reading["width"], reading["aspect"], reading["lang"]) == ("typed", 640, 4, "fr")
+    assert all(s.modes == "debug-lines" for s in sources)
+
+
+def test_warmup_lines_of_gpu1_lines_in_their_own_mode(tmp_path):
+    sources, warmup, reading = warmup_run(tmp_path, "data.scan.warmup_max_chars=8", "data.scan.warmup_width=256",
+                                          "data.scan.warmup_mode=debug-256")  # fmt: skip
+    assert [s.modes for s in sources] == ["debug-256", "debug-lines", "debug-lines"]
+    assert len(warmup) == 8 and all(1 <= len(s["json"]["answer"]) <= 8 for s in warmup)
+    assert (reading["text"], reading["width"], reading["lang"]) == ("short", 256, "en")
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("data.scan.warmup_max_chars=0", "data.scan.warmup_max_chars"), ("data.scan.warmup_max_chars=81", "14..80"),
+    [("data.scan.warmup_max_chars=0", "data.scan.warmup_max_chars"), ("data.scan.warmup_max_chars=81", "7..80"),
+     ("data.scan.warmup_text=random", "data.scan.warmup_text"), ("data.scan.warmup_mode=huge", "warmup_mode"),
+     ("data.scan.warmup_width=30", "data.scan.warmup_width"),
      ("data.scan.warmup_lines=-1", "data.scan.warmup_lines")],
 )  # fmt: skip
 def test_bad_warmup_settings_are_refused_at_config_time(tmp_path, override, message):
