@@ -269,3 +269,20 @@ def test_reading_paragraphs_wrap_at_the_pitch_and_persian_lines_are_tagged():
     assert sample.meta["lang"] == "fa" and any("\u0600" <= ch <= "\u06ff" for ch in sample.meta["answer"])
     with pytest.raises(ValueError, match="unknown language"):
         ReadingLinesConfig(n=1, lang="xx")
+
+
+@pytest.mark.unit
+def test_reading_lines_of_typed_text_and_their_strip_aspect():
+    from data_tools.synth.reading import ReadingLinesConfig, reading_line
+    from data_tools.synth.scan_text import alphabet
+
+    cfg = ReadingLinesConfig(n=4, seed=2, width=640, aspect=8, min_chars=1, max_chars=20, lang="fr", text="typed")
+    for i in range(4):
+        image, text = reading_line(i, cfg)
+        assert image.size == (640, 80) and 1 <= len(text) <= 20 and set(text) <= set(alphabet("fr"))
+    with pytest.raises(ValueError, match="'short' or 'typed'"):
+        ReadingLinesConfig(n=1, text="random")
+    with pytest.raises(ValueError, match="single lines in 'fr' or 'en'"):
+        ReadingLinesConfig(n=1, lang="fa", text="typed")
+    with pytest.raises(ValueError, match="cannot hold"):
+        ReadingLinesConfig(n=1, width=640, max_chars=10, aspect=8)  # a 106 px font in an 80 px strip
