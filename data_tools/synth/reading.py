@@ -5,9 +5,8 @@ Short strings (words, numbers, random letters) rendered left-aligned in a monosp
 a strip of `width x width/aspect` pixels (aspect 4 by default), with jittered colours and a
 small offset; `text="typed"` writes the French (or English) typed text of the synthetic scans
 instead. With a fixed character pitch of `width / max_chars` every character lands at a
-predictable column, so a
-debug-sized DeepEncoder + decoder trained from scratch learns to ground text positions on
-image tokens within minutes on a CPU (../shared/spec/training.md, "Small-scale learning
+predictable column, so a debug-sized DeepEncoder + decoder trained from scratch learns to
+ground text positions on image tokens within minutes on a CPU (../shared/spec/training.md, "Small-scale learning
 dynamics": proportional fonts with centred text stay on the character-frequency plateau).
 
 `lines > 1` makes short paragraphs instead: a square page of `width x width` pixels with up to
@@ -56,8 +55,8 @@ class ReadingLinesConfig:
             raise ValueError(f"text must be 'short' or 'typed', got {self.text!r}")
         if self.text == "typed" and (self.lang not in ("fr", "en") or self.lines > 1):
             raise ValueError(f"text='typed' writes single lines in 'fr' or 'en', got lang={self.lang!r}, lines={self.lines}")
-        if self.aspect < 1 or self.width // self.aspect < self.font_size:
-            raise ValueError(f"aspect={self.aspect}: a {self.width} px strip that high cannot hold its {self.font_size} px font")
+        if self.aspect < 1:
+            raise ValueError(f"aspect must be >= 1, got {self.aspect}")
         if self.lines < 1:
             raise ValueError(f"lines must be >= 1, got {self.lines}")
         if self.n < 0:

@@ -284,5 +284,5 @@ def test_reading_lines_of_typed_text_and_their_strip_aspect():
         ReadingLinesConfig(n=1, text="random")
     with pytest.raises(ValueError, match="single lines in 'fr' or 'en'"):
         ReadingLinesConfig(n=1, lang="fa", text="typed")
-    with pytest.raises(ValueError, match="cannot hold"):
-        ReadingLinesConfig(n=1, width=640, max_chars=10, aspect=8)  # a 106 px font in an 80 px strip
+    with pytest.raises(ValueError, match="aspect must be >= 1"):
+        ReadingLinesConfig(n=1, aspect=0)
