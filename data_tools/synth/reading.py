@@ -6,8 +6,9 @@ a strip of `width x width/aspect` pixels (aspect 4 by default), with jittered co
 small offset; `text="typed"` writes the French (or English) typed text of the synthetic scans
 instead. With a fixed character pitch of `width / max_chars` every character lands at a
 predictable column, so a debug-sized DeepEncoder + decoder trained from scratch learns to
-ground text positions on image tokens within minutes on a CPU (../shared/spec/training.md, "Small-scale learning
-dynamics": proportional fonts with centred text stay on the character-frequency plateau).
+ground text positions on image tokens within minutes on a CPU (../shared/spec/training.md,
+"Small-scale learning dynamics": proportional fonts with centred text stay on the
+character-frequency plateau).
 
 `lines > 1` makes short paragraphs instead: a square page of `width x width` pixels with up to
 `lines` left-aligned lines of at most `max_chars` characters (words wrapped, the same fixed
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
@@ -67,6 +68,9 @@ class ReadingLinesConfig:
             raise ValueError(
                 f"width must be a multiple of 4 and >= 8 px per character ({8 * self.max_chars}), got {self.width}"
             )
+
+    def manifest(self) -> dict:
+        return asdict(self)
 
     @property
     def font_size(self) -> int:
@@ -158,7 +162,7 @@ def reading_sample(args: tuple[int, ReadingLinesConfig]) -> Sample:
 def write_reading_lines(cfg: ReadingLinesConfig, writer_cfg: ShardWriterConfig, workers: int = 0) -> dict:
     """Render cfg.n lines into webdataset shards (in index order, also with workers); returns the manifest."""
     jobs = ((i, cfg) for i in range(cfg.n))
-    with ShardWriter(writer_cfg, extra_manifest={"reading_lines": vars(cfg)}) as writer:
+    with ShardWriter(writer_cfg, extra_manifest={"reading_lines": cfg.manifest()}) as writer:
         # spawn: the training job calling this has torch's thread pools running
         for sample in ordered_map(reading_sample, jobs, workers, chunksize=256, start_method="spawn"):
             writer.write(sample)

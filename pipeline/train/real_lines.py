@@ -73,16 +73,15 @@ def scan_configs(data: DataConfig):
 
 
 def _render(cfg, out: Path, render: bool, workers: int) -> str:
-    """Shards of a ScanConfig or ReadingLinesConfig in `out`, rendered unless its manifest matches."""
-    from dataclasses import asdict
-
+    """Shards of a ScanConfig or ReadingLinesConfig in `out`, rendered unless the manifest its
+    writer left there names the same settings."""
     from data_tools.shards import ShardWriterConfig
     from data_tools.synth.reading import ReadingLinesConfig, write_reading_lines
     from data_tools.synth.scan import write_scans
 
     key, write = ("reading_lines", write_reading_lines) if isinstance(cfg, ReadingLinesConfig) else ("scan", write_scans)
     manifest = out / "manifest.json"
-    wanted = json.loads(json.dumps(asdict(cfg) if key == "reading_lines" else cfg.manifest()))
+    wanted = json.loads(json.dumps(cfg.manifest()))
     if not (manifest.exists() and json.loads(manifest.read_text()).get(key) == wanted):
         if not render:
             raise ValueError(
