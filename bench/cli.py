@@ -2,7 +2,7 @@
 
     dsocr-bench --out $OUT                          # GPU machine: every row, on the first visible GPU
     dsocr-bench --device cpu --quick --out /tmp/b   # CPU smoke run of the same code paths
-    dsocr-bench --only sam,full                     # a subset of decoder,sam,full,data
+    dsocr-bench --only sam,full                     # a subset of decoder,sam,full,finetune,data
     dsocr-bench --render DIR/bench_results.json     # rewrite PERFORMANCE.md from a result JSON
 
 Prints one table (ours, the peer measured in the same run, ratio, target) and the wall time per
@@ -35,13 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     parser.add_argument("--quick", action="store_true", help="debug presets, small sizes (the CPU smoke run)")
-    parser.add_argument("--only", default=None, help="comma list of decoder,sam,full,data (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="comma list of decoder,sam,full,finetune,data (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path("dsocr-bench-out"),
                         help="output directory (default: %(default)s)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip optional extras (compiled peers) past this many seconds (default: %(default)s)")  # fmt: skip
     parser.add_argument("--render", type=Path, default=None,
                         help="only re-render PERFORMANCE.md from this JSON")  # fmt: skip
+    parser.add_argument("--release-code", default="",
+                        help="finetune rows: the released model's folder with its modeling_*.py (the peer's code)")  # fmt: skip
+    parser.add_argument("--peer-path", default="",
+                        help="finetune rows: PYTHONPATH entry with transformers 4.46.x + peft for the peer process")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="exit 1 when a row failed")
     return parser
 
@@ -60,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "dsocr-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         settings = suite.BenchSettings(device=device, quick=args.quick, only=only, out=args.out,
-                                       budget_s=args.budget_s, command=command.strip())  # fmt: skip
+                                       budget_s=args.budget_s, command=command.strip(),
+                                       release_code=args.release_code, peer_path=args.peer_path)  # fmt: skip
     except ValueError as error:
         print(f"dsocr-bench: {error}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.finetune_step import FinetuneStepSettings, measure_finetune
 from bench.full_step import VARIANTS, FullStepSettings, measure_full_step
 from bench.measure import free, machine_info, matmul_peak_tflops, mfu, peak_memory_gib, reset_peak_memory
 from bench.report import (
@@ -34,10 +35,10 @@ from bench.report import (
 )
 from pipeline.processing import PAPER_MODES
 
-SECTIONS = ("decoder", "sam", "full", "data")  # table order
+SECTIONS = ("decoder", "sam", "full", "finetune", "data")  # table order
 # run order: the full step (the headline, its compile the most expensive) gets the time budget first;
 # data reads its result
-RUN_ORDER = ("full", "decoder", "sam", "data")
+RUN_ORDER = ("full", "decoder", "sam", "finetune", "data")
 # transformers DeepSeek-OCR-2 image processor settings that produce the same views as our modes
 PEER_PROCESSOR = {
     "tiny": {"crop_to_patches": False, "tile_size": 512},
@@ -76,9 +77,12 @@ class BenchSettings:
     out: Path = Path("dsocr-bench-out")
     budget_s: float = 330.0
     command: str = "dsocr-bench"
+    release_code: str = ""  # the finetune rows' peer: the released model's modeling files
+    peer_path: str = ""  # and its package path (transformers 4.46.x + peft)
     # derived in __post_init__; each section takes its own sizes from `quick`
     compile_backend: str = field(init=False)
     full: FullStepSettings = field(init=False)
+    finetune: FinetuneStepSettings = field(init=False)
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -99,6 +103,11 @@ class BenchSettings:
             self.full = FullStepSettings(encoder="debug", decoder="debug", mode="debug", seq_len=256,
                                          text_range=(20, 60), rows=2, steps=2, warmup=2,
                                          compile_backend=self.compile_backend)  # fmt: skip
+        sizes = {} if not self.quick else dict(encoder="debug", decoder="debug", mode="debug-gundam", page=(128, 181),
+                                               text_range=(20, 40), batch_sizes=(1, 2), steps=1, warmup=1)  # fmt: skip
+        self.finetune = FinetuneStepSettings(
+            release_code=self.release_code, peer_path=self.peer_path, **sizes
+        )
 
 
 class Run:
@@ -283,7 +292,39 @@ def full_rows(run: Run) -> list[Row]:
     return rows
 
 
-# ----------------------------------------------------------------------------- (d) data
+# ----------------------------------------------------------------------------- (d) fine-tuning
+
+
+def finetune_rows(run: Run) -> list[Row]:
+    f = run.s.finetune
+    res = measure_finetune(f, run.device)
+    run.details["finetune"] = res
+    section = f"fine-tune step ({f.encoder}+{f.decoder}, {f.mode} pages, one per row, bf16)"
+    peer_name = f"release code + peft (transformers {res.get('peer_transformers', '?')})"
+    rows = []
+    for key, ours in res["ours"].items():
+        lora = key.startswith("lora")
+        name = f"{'LoRA r' + str(f.lora_r) if lora else 'full'}, batch {key.split('_b')[1]}"
+        target = Target("ratio", 2.0, "vs peer; peak <= 0.5x") if lora and not run.s.quick else Target()
+        peer = res["peer"].get(key, {})
+        notes = join_notes(with_peer("samples/s", ours["samples_per_s"], peer.get("samples_per_s"), ".2f"),
+                           with_peer("peak", ours["peak_gib"], peer.get("peak_gib"), ".1f", " GiB"),
+                           with_peer("first loss", ours["first_loss"], peer.get("first_loss"), ".4f"),
+                           with_peer("trainable", ours["trainable"], peer.get("trainable"), ",d"),
+                           f"{ours['step_ms']:.0f} ms/step")  # fmt: skip
+        if lora and "merged_logits_max_abs_diff" in res and key == f"lora_b{f.batch_sizes[0]}":
+            notes += (f"; merged export in the release's code: max |logit diff| {res['merged_logits_max_abs_diff']:.3g}"
+                      f" (max |logit| {res['merged_logits_max_abs']:.3g})")  # fmt: skip
+        why = res["errors"].get(f"peer_{key}") or res["errors"].get("peer")
+        rows.append(Row(section, name, "tokens/s", ours["tokens_per_s"], peer.get("tokens_per_s"),
+                        peer_name if peer else f"peer not run: {why}", target, notes, extra=ours))  # fmt: skip
+    for key, error in res["errors"].items():
+        if key.startswith("ours_"):
+            rows.append(status_row(section, key.removeprefix("ours_"), "tokens/s", error))
+    return rows
+
+
+# ----------------------------------------------------------------------------- (e) data
 
 
 def data_rows(run: Run) -> list[Row]:
@@ -348,6 +389,7 @@ ROWS = {
     "decoder": ("decoder step", "tokens/s", decoder_rows),
     "sam": ("frozen SAM + compressor fwd", "images/s", sam_rows),
     "full": ("full step", "tokens/s", full_rows),
+    "finetune": ("fine-tune step", "tokens/s", finetune_rows),
     "data": ("data loading", "samples/s/core", data_rows),
 }
 

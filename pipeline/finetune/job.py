@@ -147,6 +147,9 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         log.warning("model.freeze / model.freeze_sam are not read by a fine-tune: finetune.train_components "
                     "(and finetune.method) decide what trains, here %s", ft.trained_components or "adapters only")  # fmt: skip
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
+    model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
+    if m.gradient_checkpointing:  # the presets' memory figures assume it (dsocr-bench finetune rows)
+        model.set_gradient_checkpointing(True)
     if kind.derives_from_data:  # row length, eval budget and mode from the data, before any eval
         references = [s.reference for s in (*target_val, *original_val)]
         profiled = loader_config(run.data, data, batch_size=run.parallel.micro_batch, seed=run.train.seed)

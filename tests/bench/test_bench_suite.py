@@ -92,7 +92,7 @@ def test_cli_render_and_bad_arguments(tmp_path, capsys):
     assert "| a | b | tokens/s | 3.00 | 2.00 (p) | 1.50x |" in (tmp_path / "PERFORMANCE.md").read_text()
     for only in ("decoder,nope", "pipeline"):  # the pipeline rows went with bench/pipeline_gpu.sh
         assert bench_main(["--device", "cpu", "--quick", "--only", only, "--out", str(tmp_path)]) == 2
-        assert "--only takes a comma list of decoder,sam,full,data" in capsys.readouterr().err
+        assert "--only takes a comma list of decoder,sam,full,finetune,data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_main(["--profile"])  # removed with bench/profiling.py
     assert "unrecognized arguments: --profile" in capsys.readouterr().err

@@ -103,3 +103,26 @@ def test_sigterm_saves_and_reports_preempted(tmp_path, monkeypatch, keep_threads
     saved = sorted(p.name for p in (tmp_path / "ft" / "checkpoints").glob("step_*"))
     assert saved == [f"step_{result.steps:08d}"]
     assert "target_after" not in result.reports and result.merged_dir is None
+
+
+def test_model_options_reach_the_finetuned_model(tmp_path, monkeypatch, keep_threads):
+    """model.gradient_checkpointing and parallel.loss_chunk_tokens apply to the fine-tuned model (the
+    base is loaded from a checkpoint, not built from model.*): every repeated block recomputes."""
+    from pipeline.finetune import job
+
+    run = demo_run(tmp_path / "ft")
+    run.finetune.demo.base_steps, run.train.max_steps = 2, 1
+    run.model.gradient_checkpointing, run.parallel.loss_chunk_tokens = True, 64
+    seen = {}
+    real_prepare = job.prepare
+
+    def spy(run_, out):
+        prep = real_prepare(run_, out)
+        blocks = [b for unit in prep.model.units for b in unit.blocks(prep.model)]
+        seen["checkpointed"] = bool(blocks) and all(b.gradient_checkpointing for b in blocks)
+        seen["chunk"] = prep.model.loss_chunk_tokens
+        return prep
+
+    monkeypatch.setattr(job, "prepare", spy)
+    job.run_finetune(run)
+    assert seen == {"checkpointed": True, "chunk": 64}
