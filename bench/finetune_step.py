@@ -41,6 +41,8 @@ from pipeline.model import DeepSeekOCR
 from pipeline.train.local_engine import local_trainer
 
 LR = 1e-4
+RELEASE_IMAGE_TOKEN_ID = 128815  # the release's infer() writes this id for `<image>` itself
+PROMPT = "<image>\nFree OCR."
 FULL_COMPONENTS = ["clip", "projector", "embed", "decoder", "lm_head"]  # experiment=finetune_full
 # the release's names of our default LoRA targets: attention, the dense layer-0 MLP, the shared experts
 PEER_LORA_TARGETS = (
@@ -60,6 +62,11 @@ class FinetuneStepSettings:
     full_batch: int = 1  # full fine-tuning: this batch only (0: none)
     steps: int = 4
     warmup: int = 2
+    infer_pages: int = (
+        8  # inference rows: pages decoded, in batches of infer_batch (ours) / one by one (peer)
+    )
+    infer_batch: int = 8
+    infer_tokens: int = 256  # new tokens per page (the random model never emits EOS)
     lora_r: int = 16
     lora_alpha: float = 16.0
     release_code: str = ""  # the released model's directory of *.py (modeling_deepseekocr.py, ...)
@@ -75,32 +82,67 @@ class FinetuneStepSettings:
             )
 
 
-def build_model(s: FinetuneStepSettings, image_token_id: int, device: torch.device) -> DeepSeekOCR:
-    """The same initial weights on every call (seed 0)."""
+def vocab_size(s: FinetuneStepSettings) -> int:
     from decoder import decoder_config
+
+    return s.decoder_overrides.get("vocab_size", decoder_config(s.decoder).vocab_size)
+
+
+def bench_tokenizer(vocab_size: int):
+    """Letters, space and the special tokens, `<image>` at the release's id when the vocabulary
+    reaches it (else the last id), every other id a filler: a tokenizer.json that both our loader
+    and transformers' PreTrainedTokenizerFast read, with the ids the release's infer() assumes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from pipeline.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, UNK_TOKEN, OCRTokenizer
+
+    image_id = RELEASE_IMAGE_TOKEN_ID if vocab_size > RELEASE_IMAGE_TOKEN_ID else vocab_size - 1
+    vocab = {
+        t: i
+        for i, t in enumerate((BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *"abcdefghijklmnopqrstuvwxyz \n."))
+    }
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), image_id)})
+    vocab[IMAGE_TOKEN] = image_id
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return OCRTokenizer(tokenizer)
+
+
+def build_model(s: FinetuneStepSettings, image_token_id: int, device: torch.device) -> DeepSeekOCR:
+    """The same initial weights on every call (seed 0). The EOS row of the lm_head is zero, so
+    greedy decoding of the random model never stops early (its top logit is positive): the
+    inference rows time a fixed number of new tokens on both sides."""
     from pipeline.model import build_model as build
 
     torch.manual_seed(0)
+    overrides = {k: v for k, v in s.decoder_overrides.items() if k != "vocab_size"}
     with torch.device("meta"):
-        overrides = dict(s.decoder_overrides)
-        vocab = overrides.pop("vocab_size", decoder_config(s.decoder).vocab_size)
-        model = build(s.encoder, s.decoder, vocab, image_token_id=image_token_id, **overrides)
+        model = build(s.encoder, s.decoder, vocab_size(s), image_token_id=image_token_id, **overrides)
     model.to_empty(device=device)
     model.init_weights()
+    with torch.no_grad():
+        model.decoder.lm_head.weight[1].zero_()  # EOS = id 1 in every tokenizer here
     return model
 
 
-def build_docs(s: FinetuneStepSettings, vocab: int, image_token_id: int) -> list[Example]:
+def render_pages(s: FinetuneStepSettings, count: int) -> list:
+    """`count` rendered text pages (PIL, `s.page` px): the same pages on every call."""
     import random
 
     from bench.bench_data import render_page
-    from bench.step_data import make_documents
     from data_tools.images import load_rgb
-    from pipeline.processing import process_image
 
     rng = random.Random(0)
-    pages = [load_rgb(render_page(rng, s.page[0])[0]).resize(s.page) for _ in range(4)]
-    views = [process_image(p, s.mode) for p in pages]
+    return [load_rgb(render_page(rng, s.page[0])[0]).resize(s.page) for _ in range(count)]
+
+
+def build_docs(s: FinetuneStepSettings, vocab: int, image_token_id: int) -> list[Example]:
+    from bench.step_data import make_documents
+    from pipeline.processing import process_image
+
+    views = [process_image(p, s.mode) for p in render_pages(s, 4)]
     return make_documents(views, 2 * max(s.batch_sizes), text_range=s.text_range, vocab_size=vocab,
                           image_token_id=image_token_id)  # fmt: skip
 
@@ -140,6 +182,30 @@ def measure_ours(model: DeepSeekOCR, batches: list[PackedBatch], s: FinetuneStep
             "peak_gib": peak_memory_gib(device), "tokens_per_step": tokens}  # fmt: skip
 
 
+def measure_ours_infer(pngs: list[Path], tok, s: FinetuneStepSettings, device: torch.device) -> dict:
+    """`dsocr-infer`'s path on the page files: decode + Gundam views + batched greedy `generate`
+    (no-repeat rule on), the model in bf16 on CUDA (fp32 on CPU)."""
+    from data_tools.images import load_rgb
+    from pipeline.generation import generate
+    from pipeline.processing import process_image
+
+    model = build_model(s, tok.image_id, device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    reset_peak_memory(device)
+    sync(device)
+    start, lengths = time.perf_counter(), []
+    for i in range(0, len(pngs), s.infer_batch):
+        chunk = pngs[i : i + s.infer_batch]
+        images = [[process_image(load_rgb(p), s.mode)] for p in chunk]
+        out = generate(model, tok, images, [PROMPT] * len(chunk), max_new_tokens=s.infer_tokens)
+        lengths += [len(r.token_ids) for r in out]
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"pages_per_s": len(pngs) / elapsed, "new_tokens_per_page": sum(lengths) / len(lengths),
+            "peak_gib": peak_memory_gib(device), "batch": s.infer_batch}  # fmt: skip
+
+
 def run_peer(job: dict, s: FinetuneStepSettings, tmp: Path) -> dict:
     (tmp / "job.json").write_text(json.dumps(job))
     env = {
@@ -157,11 +223,10 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
     """Ours (LoRA at every batch size, full at `full_batch`), then the peer process on the same
     batches, then the merged-export logits check; errors are reported per variant."""
     from pipeline.checkpoint_io import export_release
-    from pipeline.tokenizer import build_char_tokenizer
 
-    tok = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz ")
+    vocab = vocab_size(s)
+    tok = bench_tokenizer(vocab)
     model = build_model(s, tok.image_id, device)
-    vocab = model.decoder.config.vocab_size
     docs = build_docs(s, vocab, tok.image_id)
     sizes = {f"lora_b{b}": b for b in s.batch_sizes}
     if s.full_batch:
@@ -201,6 +266,15 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
                 result["errors"][f"ours_{key}"] = error_text(error)
             model = peft_model = merged = None
             free(device)
+        pngs = []
+        for i, page in enumerate(render_pages(s, s.infer_pages)):
+            pngs.append(tmp / f"page{i:03d}.png")
+            page.save(pngs[-1])
+        try:
+            result["ours"]["infer"] = measure_ours_infer(pngs, tok, s, device)
+        except Exception as error:
+            result["errors"]["ours_infer"] = error_text(error)
+        free(device)
         if not peer_ready:
             result["errors"]["peer"] = "no --release-code (the released model's modeling files)"
             return result
@@ -216,11 +290,15 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
         if "_ours_logits" in result:
             logits = {"model": str(tmp / "merged"), "batch": "one", "out": str(tmp / "peer_logits.pt"),
                       "positions": list(range(0, one.input_ids.shape[1], 16))}  # fmt: skip
+        infer = {"pages": [str(p) for p in pngs], "prompt": PROMPT, "max_new_tokens": s.infer_tokens,
+                 "output_path": str(tmp / "infer_out")}  # fmt: skip
         job = {"model": str(tmp / "base"), "batches": str(tmp / "batches.pt"), "out": str(tmp / "peer.json"),
-               "runs": runs, "logits": logits}  # fmt: skip
+               "runs": runs, "logits": logits, "infer": infer}  # fmt: skip
         try:
             peer = run_peer(job, s, tmp)
             result["peer"] = {r["name"]: r for r in peer["runs"]}
+            if peer.get("infer"):
+                result["peer"]["infer"] = peer["infer"]
             result["errors"].update({f"peer_{k}": v for k, v in peer["errors"].items()})
             result["peer_transformers"] = peer["transformers"]
             ours_logits = result.pop("_ours_logits", None)

@@ -5,14 +5,15 @@ this repository, so its package path can hold that transformers without touching
 
     PYTHONPATH=<site with transformers 4.46.3 + peft>:<repo> python -m bench.release_peer JOB.json
 
-JOB.json: {"model": dir, "batches": file.pt, "out": file.json, "runs": [{"name", "method" (lora |
-full), "batch" (index into the file's batch lists), "warmup", "steps", "lr", "lora": {"r", "alpha",
-"targets" (regex)}}], "logits": {"model": dir (fp32), "batch": key, "positions": [...], "out": file.pt}
-or null}. Each run loads the model afresh (bf16 weights, as the release's README loads them; eager
-attention: flash-attn is not on the image), trains with torch AdamW and grad clip 1.0 (the HF
-Trainer's default), and records tokens/s, samples/s, peak memory and the first step's loss.
-Without CUDA (a check of the harness only, no figure to quote) the release's one `.cuda()` call in
-its forward is made a no-op.
+JOB.json: {"model": dir (+ tokenizer files), "batches": file.pt, "out": file.json, "runs": [{"name",
+"method" (lora | full), "batch" (key of the file's batch lists), "warmup", "steps", "lr", "lora":
+{"r", "alpha", "targets" (regex)}}], "logits": {"model": dir (fp32), "batch": key, "positions":
+[...], "out": file.pt} or null, "infer": {"pages": [png, ...], "prompt", "max_new_tokens",
+"output_path"} or null}. Each run loads the model afresh (bf16 weights, as the release's README
+loads them; eager attention: flash-attn is not on the image), trains with torch AdamW and grad
+clip 1.0 (the HF Trainer's default), and records tokens/s, samples/s, peak memory and the first
+step's loss; `infer` times the release's own infer() loop. Without CUDA (a check of the harness
+only, no figure to quote) the release's `.cuda()` calls are made no-ops.
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def logits_run(spec: dict, batches: dict, device: torch.device) -> None:
     torch.save(logits[0, spec["positions"]].float().cpu(), spec["out"])
 
 
+def infer_run(spec: dict, job: dict, device: torch.device) -> dict:
+    """The release's own `infer()` (its preprocessing, Gundam crops, bf16 autocast, HF generate with
+    its no-repeat rule), one page per call as its README runs it; `generate` is held to
+    spec["max_new_tokens"] new tokens (the release asks for 8192)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(job["model"])
+    model = load(job["model"], device).eval()  # bf16: infer() casts its views to bf16 itself
+    generate, lengths = model.generate, []
+
+    def held(input_ids, *args, **kwargs):  # N new tokens, counted from generate's own output
+        out = generate(input_ids, *args, **{**kwargs, "max_new_tokens": spec["max_new_tokens"]})
+        lengths.append(out.shape[-1] - input_ids.shape[-1])
+        return out
+
+    model.generate = held
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for page in spec["pages"]:
+        model.infer(tokenizer, prompt=spec["prompt"], image_file=page, output_path=spec["output_path"],
+                    base_size=1024, image_size=640, crop_mode=True, eval_mode=True)  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"pages_per_s": len(spec["pages"]) / elapsed, "new_tokens_per_page": sum(lengths) / len(lengths),
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, "batch": 1}  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         job = json.load(f)
@@ -132,9 +163,15 @@ def main(argv: list[str]) -> int:
             logits_run(job["logits"], batches, device)
         except Exception as error:
             errors["logits"] = f"{type(error).__name__}: {error}"[:500]
+    infer = None
+    if job.get("infer"):
+        try:
+            infer = infer_run(job["infer"], job, device)
+        except Exception as error:
+            errors["infer"] = f"{type(error).__name__}: {error}"[:500]
     import transformers
 
-    out = {"runs": results, "errors": errors, "transformers": transformers.__version__}
+    out = {"runs": results, "infer": infer, "errors": errors, "transformers": transformers.__version__}
     with open(job["out"], "w") as f:
         json.dump(out, f, indent=2)
     return 0

@@ -104,7 +104,8 @@ class BenchSettings:
                                          text_range=(20, 60), rows=2, steps=2, warmup=2,
                                          compile_backend=self.compile_backend)  # fmt: skip
         sizes = {} if not self.quick else dict(encoder="debug", decoder="debug", mode="debug-gundam", page=(128, 181),
-                                               text_range=(20, 40), batch_sizes=(1, 2), steps=1, warmup=1)  # fmt: skip
+                                               text_range=(20, 40), batch_sizes=(1, 2), steps=1, warmup=1,
+                                               infer_pages=3, infer_batch=2, infer_tokens=5)  # fmt: skip
         self.finetune = FinetuneStepSettings(
             release_code=self.release_code, peer_path=self.peer_path, **sizes
         )
@@ -303,6 +304,8 @@ def finetune_rows(run: Run) -> list[Row]:
     peer_name = f"release code + peft (transformers {res.get('peer_transformers', '?')})"
     rows = []
     for key, ours in res["ours"].items():
+        if key == "infer":
+            continue
         lora = key.startswith("lora")
         name = f"{'LoRA r' + str(f.lora_r) if lora else 'full'}, batch {key.split('_b')[1]}"
         target = Target("ratio", 2.0, "vs peer; peak <= 0.5x") if lora and not run.s.quick else Target()
@@ -318,6 +321,15 @@ def finetune_rows(run: Run) -> list[Row]:
         why = res["errors"].get(f"peer_{key}") or res["errors"].get("peer")
         rows.append(Row(section, name, "tokens/s", ours["tokens_per_s"], peer.get("tokens_per_s"),
                         peer_name if peer else f"peer not run: {why}", target, notes, extra=ours))  # fmt: skip
+    ours, peer = res["ours"].get("infer"), res["peer"].get("infer", {})
+    if ours:
+        why = res["errors"].get("peer_infer") or res["errors"].get("peer")
+        notes = join_notes(with_peer("new tokens/page", ours["new_tokens_per_page"], peer.get("new_tokens_per_page"), ".0f"),
+                           with_peer("peak", ours["peak_gib"], peer.get("peak_gib"), ".1f", " GiB"))  # fmt: skip
+        rows.append(Row(f"inference ({f.mode} pages, {f.infer_tokens} new tokens each, greedy + no-repeat)",
+                        f"generate, batch {ours['batch']}", "pages/s", ours["pages_per_s"], peer.get("pages_per_s"),
+                        "release infer(), one page a call" if peer else f"peer not run: {why}", Target(), notes,
+                        extra=ours))  # fmt: skip
     for key, error in res["errors"].items():
         if key.startswith("ours_"):
             rows.append(status_row(section, key.removeprefix("ours_"), "tokens/s", error))

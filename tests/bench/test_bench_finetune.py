@@ -16,7 +16,7 @@ from pipeline.finetune.config import LoraSpec
 from pipeline.finetune.lora import apply_lora, trainable_summary
 
 QUICK = dict(encoder="debug", decoder="debug", mode="debug-gundam", page=(128, 181), text_range=(20, 40),
-             batch_sizes=(1, 2), steps=1, warmup=1)  # fmt: skip
+             batch_sizes=(1, 2), steps=1, warmup=1, infer_pages=3, infer_batch=2, infer_tokens=5)  # fmt: skip
 
 
 @pytest.mark.unit
@@ -38,9 +38,11 @@ def test_peer_lora_pattern_matches_our_adapted_modules():
 @pytest.mark.slow
 def test_lora_and_full_train_through_the_trainer_without_the_peer():
     res = measure_finetune(FinetuneStepSettings(**QUICK), torch.device("cpu"))
-    assert set(res["ours"]) == {"lora_b1", "lora_b2", "full_b1"}
+    assert set(res["ours"]) == {"lora_b1", "lora_b2", "full_b1", "infer"}
     assert res["errors"] == {"peer": "no --release-code (the released model's modeling files)"}
     ours = res["ours"]
+    infer = ours.pop("infer")  # the lm_head's EOS row is zero: every page gets all its new tokens
+    assert infer["pages_per_s"] > 0 and infer["new_tokens_per_page"] == 5 and infer["batch"] == 2
     for key, v in ours.items():
         assert v["tokens_per_s"] > 0 and v["samples_per_s"] > 0 and math.isfinite(v["last_loss"]), key
         assert v["peak_gib"] is None, key  # CUDA memory only
