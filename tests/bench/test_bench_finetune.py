@@ -50,3 +50,26 @@ def test_lora_and_full_train_through_the_trainer_without_the_peer():
     # same initial weights and first batch; LoRA's B starts at zero, so the first losses are equal
     assert ours["lora_b1"]["first_loss"] == pytest.approx(ours["full_b1"]["first_loss"], abs=1e-5)
     assert ours["lora_b2"]["tokens_per_step"] > ours["lora_b1"]["tokens_per_step"]
+
+
+@pytest.mark.slow
+def test_quick_finetune_rows_through_the_cli(tmp_path):
+    from bench.cli import main as bench_main
+    from bench.report import load_result
+
+    assert bench_main(["--device", "cpu", "--quick", "--only", "finetune", "--out", str(tmp_path)]) == 0
+    result = load_result(tmp_path / "bench_results.json")
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"LoRA r16, batch 1", "LoRA r16, batch 2", "full, batch 1", "generate, batch 2"}
+    ours = result["details"]["finetune"]["ours"]
+    for name, key in (
+        ("LoRA r16, batch 1", "lora_b1"),
+        ("full, batch 1", "full_b1"),
+        ("generate, batch 2", "infer"),
+    ):
+        row = rows[name]
+        assert row["status"] == "ok" and row["peer"] is None and row["ratio"] is None
+        assert row["peer_name"] == "peer not run: no --release-code (the released model's modeling files)"
+        assert row["ours"] == ours[key]["tokens_per_s" if key != "infer" else "pages_per_s"] > 0
+    assert rows["generate, batch 2"]["unit"] == "pages/s" and rows["full, batch 1"]["unit"] == "tokens/s"
+    assert f"first loss {ours['lora_b1']['first_loss']:.4f}" in rows["LoRA r16, batch 1"]["notes"]
