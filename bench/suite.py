@@ -63,6 +63,11 @@ FOOTNOTES = [
     "counts real tokens; 'syncs' = synchronising CUDA calls in one step (where: the JSON's details); 'SAM "
     "calls' = SAM forwards per step vs view-size groups; 'peak' = peak memory of the timed steps (chunked "
     "loss head), 'full logits' = one more eager step with loss_chunk_tokens=0.",
+    "Fine-tune step: ours = peft LoRA (r16/alpha16, decoder q,k,v,o,gate,up,down; routed experts out) or full "
+    "(SAM frozen) on DeepSeekOCR with activation checkpointing, in the Trainer; peer = the released model's own "
+    "Hugging Face code + peft (transformers 4.46.x, its own process, bf16 weights, eager attention), from a "
+    "release-layout export of the same weights, same LoRA modules (equal trainable counts); one Gundam page per "
+    "row. Inference: generate (batch 8, no-repeat) vs the release's infer() loop, same new tokens per page.",
     "Data: samples/s on one core (torch threads 1) through the real StreamingLoader (decode, mode transform "
     "to uint8 views, tokenize, pack) on rendered 1024 px text pages; peer = PNG decode + transformers "
     "DeepseekOcr2ImageProcessor with the same view sizes (images only, normalised float32 views).",
