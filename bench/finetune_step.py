@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.full_step import RELEASE_IMAGE_TOKEN_ID
 from bench.measure import free, peak_memory_gib, reset_peak_memory, sync
 from bench.report import error_text
 from pipeline.batch import Example, PackedBatch
@@ -38,11 +39,11 @@ from pipeline.data.packing import collate_unpacked
 from pipeline.finetune.config import LoraSpec
 from pipeline.finetune.lora import apply_lora, set_trainable, trainable_summary
 from pipeline.model import DeepSeekOCR
+from pipeline.prompts import PROMPTS
 from pipeline.train.local_engine import local_trainer
 
 LR = 1e-4
-RELEASE_IMAGE_TOKEN_ID = 128815  # the release's infer() writes this id for `<image>` itself
-PROMPT = "<image>\nFree OCR."
+PROMPT = PROMPTS["free_ocr"]  # the prompt the release's README fine-tunes and reads with
 FULL_COMPONENTS = ["clip", "projector", "embed", "decoder", "lm_head"]  # experiment=finetune_full
 # the release's names of our default LoRA targets: attention, the dense layer-0 MLP, the shared experts
 PEER_LORA_TARGETS = (
@@ -62,9 +63,7 @@ class FinetuneStepSettings:
     full_batch: int = 1  # full fine-tuning: this batch only (0: none)
     steps: int = 4
     warmup: int = 2
-    infer_pages: int = (
-        8  # inference rows: pages decoded, in batches of infer_batch (ours) / one by one (peer)
-    )
+    infer_pages: int = 8  # inference: pages decoded in batches of infer_batch (ours), one by one (peer)
     infer_batch: int = 8
     infer_tokens: int = 256  # new tokens per page (the random model never emits EOS)
     lora_r: int = 16
@@ -89,7 +88,8 @@ def vocab_size(s: FinetuneStepSettings) -> int:
 
 
 def bench_tokenizer(vocab_size: int):
-    """Letters, space and the special tokens, `<image>` at the release's id when the vocabulary
+    """Letters, space and the special tokens, `<image>` at the release's id (its infer() writes
+    that id itself) when the vocabulary
     reaches it (else the last id), every other id a filler: a tokenizer.json that both our loader
     and transformers' PreTrainedTokenizerFast read, with the ids the release's infer() assumes."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -226,7 +226,6 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
 
     vocab = vocab_size(s)
     tok = bench_tokenizer(vocab)
-    model = build_model(s, tok.image_id, device)
     docs = build_docs(s, vocab, tok.image_id)
     sizes = {f"lora_b{b}": b for b in s.batch_sizes}
     if s.full_batch:
@@ -235,14 +234,20 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
     batches = {
         k: [collate_unpacked(g, tok.pad_id, tok.image_id) for g in groups] for k, groups in grouped.items()
     }
+    checked = f"lora_b{s.batch_sizes[0]}"  # its merged export is the one the release's code loads
+    one_docs = grouped[checked][0][:1]
+    one = collate_unpacked(one_docs, tok.pad_id, tok.image_id)  # the page of the logits check
+    positions = list(range(0, one.input_ids.shape[1], 16))
     result: dict = {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__}, "ours": {}, "peer": {},
                     "errors": {}, "tokens_per_row": sum(len(d) for d in docs) / len(docs)}  # fmt: skip
+    ours_logits = None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         peer_ready = bool(s.release_code)
         if peer_ready:
-            export_release(model, tok, tmp / "base", dtype=torch.bfloat16, modeling_from=s.release_code)
-        del model
+            export_release(build_model(s, tok.image_id, device), tok, tmp / "base", dtype=torch.bfloat16,
+                           modeling_from=s.release_code)  # fmt: skip
+            free(device)
         for key in sizes:
             try:
                 model = build_model(s, tok.image_id, device)
@@ -251,17 +256,15 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
                 else:
                     set_trainable(model, FULL_COMPONENTS)
                 result["ours"][key] = measure_ours(model, batches[key], s, device)
-                if key == f"lora_b{s.batch_sizes[0]}" and peer_ready:
+                if key == checked and peer_ready:
                     # the merged export for the logits check, in fp32: exact, not bf16-close
                     merged = peft_model.merge_and_unload().float().eval()
                     export_release(
                         merged, tok, tmp / "merged", dtype=torch.float32, modeling_from=s.release_code
                     )
-                    one = collate_unpacked(grouped[key][0][:1], tok.pad_id, tok.image_id).to(device)
                     with torch.no_grad():
-                        ours_logits = merged(one, return_logits=True).logits[0].float()
-                    positions = list(range(0, one.input_ids.shape[1], 16))
-                    result["_ours_logits"] = ours_logits[positions].cpu()
+                        logits = merged(one.to(device), return_logits=True).logits[0].float()
+                    ours_logits = logits[positions].cpu()
             except Exception as error:
                 result["errors"][f"ours_{key}"] = error_text(error)
             model = peft_model = merged = None
@@ -280,16 +283,15 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
             return result
         payload = {k: [peer_batch(g, b, tok.image_id) for g, b in zip(grouped[k], batches[k], strict=True)]
                    for k in sizes}  # fmt: skip
-        one = collate_unpacked(grouped[f"lora_b{s.batch_sizes[0]}"][0][:1], tok.pad_id, tok.image_id)
-        payload["one"] = [peer_batch(grouped[f"lora_b{s.batch_sizes[0]}"][0][:1], one, tok.image_id)]
+        payload["one"] = [peer_batch(one_docs, one, tok.image_id)]
         torch.save(payload, tmp / "batches.pt")
         lora = {"r": s.lora_r, "alpha": s.lora_alpha, "targets": PEER_LORA_TARGETS}
         runs = [{"name": k, "method": k.split("_")[0], "batch": k, "warmup": s.warmup, "steps": s.steps, "lr": LR,
                  "lora": lora} for k in sizes]  # fmt: skip
         logits = None
-        if "_ours_logits" in result:
+        if ours_logits is not None:
             logits = {"model": str(tmp / "merged"), "batch": "one", "out": str(tmp / "peer_logits.pt"),
-                      "positions": list(range(0, one.input_ids.shape[1], 16))}  # fmt: skip
+                      "positions": positions}  # fmt: skip
         infer = {"pages": [str(p) for p in pngs], "prompt": PROMPT, "max_new_tokens": s.infer_tokens,
                  "output_path": str(tmp / "infer_out")}  # fmt: skip
         job = {"model": str(tmp / "base"), "batches": str(tmp / "batches.pt"), "out": str(tmp / "peer.json"),
@@ -301,12 +303,10 @@ def measure_finetune(s: FinetuneStepSettings, device: torch.device) -> dict:
                 result["peer"]["infer"] = peer["infer"]
             result["errors"].update({f"peer_{k}": v for k, v in peer["errors"].items()})
             result["peer_transformers"] = peer["transformers"]
-            ours_logits = result.pop("_ours_logits", None)
             if ours_logits is not None and (tmp / "peer_logits.pt").is_file():
                 theirs = torch.load(tmp / "peer_logits.pt")
                 result["merged_logits_max_abs_diff"] = float((theirs - ours_logits).abs().max())
                 result["merged_logits_max_abs"] = float(ours_logits.abs().max())
         except Exception as error:
             result["errors"]["peer"] = error_text(error)
-    result.pop("_ours_logits", None)
     return result

@@ -43,7 +43,7 @@ from pipeline.model import DeepSeekOCR
 from pipeline.threads import set_torch_threads
 from pipeline.tokenizer import OCRTokenizer
 from pipeline.train.data_kinds import data_kind
-from pipeline.train.job import eval_config, resolve_device, run_eval
+from pipeline.train.job import eval_config, resolve_device, run_eval, set_step_options
 from pipeline.train.local_engine import local_trainer
 from pipeline.train.logging import RunLogger
 from pipeline.train.run_dir import first_logged_loss, record_config
@@ -147,9 +147,7 @@ def prepare(run: RunConfig, out: Path) -> Prepared:
         log.warning("model.freeze / model.freeze_sam are not read by a fine-tune: finetune.train_components "
                     "(and finetune.method) decide what trains, here %s", ft.trained_components or "adapters only")  # fmt: skip
     model, peft_model, tokenizer, added = prepare_model(model, tokenizer, ft, texts)
-    model.loss_chunk_tokens = run.parallel.loss_chunk_tokens
-    if m.gradient_checkpointing:  # the presets' memory figures assume it (dsocr-bench finetune rows)
-        model.set_gradient_checkpointing(True)
+    set_step_options(model, m, run.parallel.loss_chunk_tokens)
     if kind.derives_from_data:  # row length, eval budget and mode from the data, before any eval
         references = [s.reference for s in (*target_val, *original_val)]
         profiled = loader_config(run.data, data, batch_size=run.parallel.micro_batch, seed=run.train.seed)

@@ -93,12 +93,18 @@ def build_run_model(m: ModelConfig, tokenizer: OCRTokenizer, *, loss_chunk_token
             m, tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id
         )
         model = DeepSeekOCR(DeepEncoder(enc), DecoderModel(dec), tokenizer.image_id, loss_chunk_tokens)
-    model.loss_chunk_tokens = loss_chunk_tokens
     applied = apply_model_options(model, m)  # encoder_init / sam_init / clip_init, freezing
     print(f"[job] {applied.summary()}", flush=True)
+    set_step_options(model, m, loss_chunk_tokens)
+    return model
+
+
+def set_step_options(model: DeepSeekOCR, m: ModelConfig, loss_chunk_tokens: int) -> None:
+    """The loss head's chunk (`parallel.loss_chunk_tokens`) and `model.gradient_checkpointing`: every
+    training path's model gets them, also one loaded from a checkpoint (a fine-tune's base)."""
+    model.loss_chunk_tokens = loss_chunk_tokens
     if m.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
-    return model
 
 
 # ----------------------------------------------------------------------------- eval
